@@ -1,0 +1,130 @@
+"""Gradient clipping by value and by norm, in any norm type, that keeps the per-parameter norms it computes.
+
+`clip_gradients` gives the same gradients as `torch.nn.utils.clip_grad_value_` followed by
+`torch.nn.utils.clip_grad_norm_`, and returns what a logger or a snapshot needs: the norm of each gradient and
+the total norm before and after clipping. The per-parameter norms come from one fused `torch._foreach_norm` call
+per device and dtype, the same kernels `clip_grad_norm_` runs, so keeping them costs nothing extra.
+
+Order, when both are set: each element is first clamped to `[-clip_value, clip_value]`, then the whole
+gradient is rescaled to a total norm of at most `max_norm`. Clamping first keeps one outlier element from
+shrinking every other gradient; either order leaves both bounds satisfied.
+
+Example:
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 1)
+    >>> layer.weight.grad, layer.bias.grad = torch.tensor([[3.0, 4.0]]), torch.tensor([0.0])
+    >>> result = clip_gradients(layer.parameters(), max_norm=1.0, norm_type=2.0)
+    >>> round(result.total_norm.item(), 4), round(result.total_norm_post_clip.item(), 4)
+    (5.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+# `torch.nn.utils.clip_grad_norm_` adds this to the total norm before dividing; kept identical so results match.
+_EPS = 1e-6
+
+
+@dataclass
+class ClipResult:
+    """What `clip_gradients` measured. All tensors stay on the device: reading them is the caller's host sync.
+
+    Attributes:
+        param_norms: 1-D tensor, the norm of each gradient before any clipping, in the order given.
+        total_norm: the norm of all gradients as one vector, before any clipping.
+        total_norm_post_clip: the same norm after clipping.
+    """
+
+    param_norms: torch.Tensor
+    total_norm: torch.Tensor
+    total_norm_post_clip: torch.Tensor
+
+
+def check_norm_type(norm_type: float | str, field: str = "norm_type") -> float:
+    """Return `norm_type` as a float, or raise a `ValueError` naming `field` if it is not positive or inf."""
+    value = norm_type
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        raise ValueError(f"`{field}` must be a positive number or 'inf' (infinity norm), got {norm_type!r}.")
+    return float(value)
+
+
+def _grouped(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, tensor in enumerate(tensors):
+        groups[(tensor.device, tensor.dtype)].append(i)
+    return groups
+
+
+def grad_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """Norm of each tensor in `grads` as one float32 1-D tensor on the first tensor's device (fused per group)."""
+    if not grads:
+        return torch.zeros(0)
+    device = grads[0].device
+    norms = torch.empty(len(grads), device=device, dtype=torch.float32)
+    for (group_device, _), indices in _grouped(grads).items():
+        group = [grads[i] for i in indices]
+        if group_device.type in ("cpu", "cuda", "xpu", "mps"):
+            values = torch._foreach_norm(group, norm_type)
+        else:
+            values = [torch.linalg.vector_norm(g, norm_type) for g in group]
+        norms[torch.tensor(indices, device=device)] = torch.stack(values).to(device, torch.float32)
+    return norms
+
+
+def total_norm(param_norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
+    """Combine per-tensor norms into the norm of all tensors taken as one vector."""
+    if param_norms.numel() == 0:
+        return torch.zeros((), device=param_norms.device)
+    return torch.linalg.vector_norm(param_norms, norm_type)
+
+
+def _scale_(grads: list[torch.Tensor], factor: torch.Tensor) -> None:
+    for (device, _), indices in _grouped(grads).items():
+        group = [grads[i] for i in indices]
+        torch._foreach_mul_(group, factor.to(device))
+
+
+def clip_gradients(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    clip_value: float | None = None,
+) -> ClipResult:
+    """Clip the `.grad` of `parameters` in place and report the norms.
+
+    Args:
+        parameters: tensors whose `.grad` to clip; those without a gradient are skipped, as in torch.
+        max_norm: rescale so the total `norm_type` norm is at most this; `None` or 0 skips norm clipping.
+        norm_type: any positive float, or `float("inf")`.
+        clip_value: clamp every element to `[-clip_value, clip_value]` first; `None` skips value clipping.
+
+    Returns:
+        `ClipResult` with the norms before (per parameter and total) and after (total) clipping.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    norm_type = check_norm_type(norm_type)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    param_norms = grad_norms(grads, norm_type)
+    pre_clip = total_norm(param_norms, norm_type)
+    post_clip = pre_clip
+    if clip_value is not None:
+        for grad in grads:
+            grad.clamp_(-clip_value, clip_value)
+        post_clip = total_norm(grad_norms(grads, norm_type), norm_type)
+    if max_norm:
+        coef = torch.clamp(max_norm / (post_clip + _EPS), max=1.0)
+        _scale_(grads, coef)
+        post_clip = post_clip * coef
+    return ClipResult(param_norms=param_norms, total_norm=pre_clip, total_norm_post_clip=post_clip)

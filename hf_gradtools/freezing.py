@@ -1,0 +1,116 @@
+"""Freeze and unfreeze parameters of any transformer model, without a Trainer.
+
+Every function that changes `requires_grad` returns the names of the parameters it changed, in
+`named_parameters()` order, so calling it twice returns `[]` the second time.
+
+Example:
+    >>> from transformers import BertConfig, BertModel
+    >>> model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+    ...     intermediate_size=32, vocab_size=100))
+    >>> len(freeze_embeddings(model)), len(freeze_first_n_layers(model, 2))
+    (5, 32)
+    >>> get_frozen_parameters(model)[0]
+    'embeddings.word_embeddings.weight'
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+from torch import nn
+
+from .layout import find_input_embeddings, find_layer_stack
+
+ModuleOrModules = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter]
+
+
+def _as_module(module_or_modules: ModuleOrModules) -> nn.Module:
+    if isinstance(module_or_modules, nn.Module):
+        return module_or_modules
+    if isinstance(module_or_modules, nn.Parameter):
+        holder = nn.Module()
+        holder.register_parameter("weight", module_or_modules)
+        return holder
+    items = list(module_or_modules)
+    holder = nn.ModuleList()
+    for item in items:
+        holder.append(_as_module(item))
+    return holder
+
+
+def _set_requires_grad(module: nn.Module, flag: bool, root: nn.Module | None = None) -> list[str]:
+    """Set `requires_grad=flag` on every parameter of `module`; return the changed names (qualified in `root`)."""
+    changed = {id(p) for p in module.parameters() if p.requires_grad != flag}
+    for param in module.parameters():
+        param.requires_grad_(flag)
+    return [name for name, p in (root or module).named_parameters() if id(p) in changed]
+
+
+def freeze(module_or_modules: ModuleOrModules) -> list[str]:
+    """Set `requires_grad=False` on every parameter of a module, a parameter, or an iterable of them.
+
+    Returns the names of the parameters it froze, relative to the module (for an iterable, prefixed with
+    the item's index, as an `nn.ModuleList` names them).
+
+    Example:
+        >>> freeze(model.encoder.layer[:2])  # doctest: +SKIP
+        ['0.attention.self.query.weight', ...]
+    """
+    return _set_requires_grad(_as_module(module_or_modules), False)
+
+
+def unfreeze(module_or_modules: ModuleOrModules) -> list[str]:
+    """Set `requires_grad=True` on every parameter; the inverse of `freeze`, with the same return value."""
+    return _set_requires_grad(_as_module(module_or_modules), True)
+
+
+def get_frozen_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters of `module` with `requires_grad=False`, in `named_parameters()` order."""
+    return [name for name, param in module.named_parameters() if not param.requires_grad]
+
+
+def get_trainable_parameters(module: nn.Module) -> list[str]:
+    """Names of the parameters of `module` with `requires_grad=True`, in `named_parameters()` order."""
+    return [name for name, param in module.named_parameters() if param.requires_grad]
+
+
+def freeze_embeddings(model: nn.Module) -> list[str]:
+    """Freeze the model's input embedding block (see `layout.find_input_embeddings`); return the names frozen.
+
+    With tied input and output embeddings (GPT-2, T5) the output head's weight is the same tensor and is frozen too.
+    """
+    modules = [module for _, module in find_input_embeddings(model)]
+    return _set_requires_grad(nn.ModuleList(modules), False, root=model)
+
+
+def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
+    """Freeze the first `n` blocks of the model's main layer stack; return the names frozen.
+
+    Encoder-decoder models (T5, BART): the first `n` encoder blocks; the decoder stays trainable.
+    ALBERT: its layers share `num_hidden_groups` blocks (one by default), so freezing any layer freezes the
+    shared block and with it every layer that runs it; a warning says so.
+
+    Raises:
+        ValueError: `n` is negative or larger than the number of layers (the message gives that number).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"`freeze_first_n_layers` must be a non-negative integer, got {n!r}.")
+    if n == 0:
+        return []
+    stack = find_layer_stack(model)
+    if n > stack.num_layers:
+        raise ValueError(
+            f"`freeze_first_n_layers`={n} but {type(model).__name__} has only {stack.num_layers} layers "
+            f"(in `{stack.name}`). Allowed: 0 to {stack.num_layers}."
+        )
+    indices = stack.blocks_of_first(n)
+    if stack.shares_blocks:
+        runs = sum(1 for layer in range(stack.num_layers) if stack.block_index(layer) in indices)
+        warnings.warn(
+            f"{type(model).__name__} shares {len(stack.blocks)} block(s) across its {stack.num_layers} layers: "
+            f"freezing the first {n} layer(s) freezes block(s) {indices} of `{stack.name}`, which {runs} "
+            "layer(s) run, so all of them stop training.",
+            stacklevel=2,
+        )
+    return _set_requires_grad(nn.ModuleList(stack.blocks[i] for i in indices), False, root=model)

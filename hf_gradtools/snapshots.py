@@ -1,0 +1,185 @@
+"""Record which parameters are frozen and what their gradients looked like, to files in `output_dir`.
+
+On disk, in the run's `output_dir`:
+
+- `frozen_parameters.json`: `{"frozen": [names], "trainable": [names], "num_frozen": elements,
+  "num_trainable": elements, "layer_stack": module name or null, "embeddings": [module names]}`.
+- `grad_snapshots/step-00000010.json`, one file per snapshot: `{"step", "norm_type", "total_norm_pre_clip",
+  "total_norm_post_clip", "norms": {parameter name: norm}}`. `step` is the `global_step` that optimizer step
+  produced; norms are of the accumulated gradient before clipping, in the norm type used for clipping.
+
+Every file is written atomically (temporary file, then rename), by the main process only.
+
+Example:
+    >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[GradSnapshotCallback(every_n_steps=10)])
+    ... # doctest: +SKIP
+    >>> snapshots = load_grad_snapshots(args.output_dir)  # doctest: +SKIP
+    >>> snapshots[0]["step"], snapshots[0]["total_norm_pre_clip"]  # doctest: +SKIP
+    (10, 0.83)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .atomic import write_json_atomic
+from .clipping import ClipResult, grad_norms, total_norm
+from .errors import LayerStackNotFoundError
+from .layout import find_input_embeddings, find_layer_stack
+
+logger = logging.getLogger(__name__)
+
+FROZEN_PARAMETERS_FILE = "frozen_parameters.json"
+SNAPSHOT_DIR = "grad_snapshots"
+
+
+def _json_float(value: float) -> float | str:
+    return "inf" if math.isinf(value) and value > 0 else value
+
+
+def describe_parameters(model: nn.Module) -> dict:
+    """The content of `frozen_parameters.json` for `model`."""
+    frozen, trainable, num_frozen, num_trainable = [], [], 0, 0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            trainable.append(name)
+            num_trainable += param.numel()
+        else:
+            frozen.append(name)
+            num_frozen += param.numel()
+    try:
+        stack = find_layer_stack(model).name
+    except LayerStackNotFoundError:
+        stack = None
+    try:
+        embeddings = [name for name, _ in find_input_embeddings(model)]
+    except LayerStackNotFoundError:
+        embeddings = []
+    return {
+        "frozen": frozen,
+        "trainable": trainable,
+        "num_frozen": num_frozen,
+        "num_trainable": num_trainable,
+        "layer_stack": stack,
+        "embeddings": embeddings,
+    }
+
+
+def summary_line(description: dict) -> str:
+    """One line: how many tensors and elements are frozen and trainable."""
+    total = description["num_frozen"] + description["num_trainable"]
+    share = 100.0 * description["num_trainable"] / total if total else 0.0
+    return (
+        f"frozen: {len(description['frozen'])} tensors, {description['num_frozen']:,} elements; "
+        f"trainable: {len(description['trainable'])} tensors, {description['num_trainable']:,} elements "
+        f"({share:.1f}% of {total:,})"
+    )
+
+
+class GradSnapshotCallback(TrainerCallback):
+    """Writes `frozen_parameters.json` at train begin and a gradient snapshot every `every_n_steps` steps.
+
+    `GradTrainer` adds it by itself and hands it the norms it computes while clipping (no extra work). On a plain
+    `Trainer` it measures the accumulated gradient with post-accumulate-grad hooks, registered only for the
+    steps it records. Hooks see each process's local gradient, so under DDP, or with fp16 loss scaling, on a plain
+    `Trainer`, use `GradTrainer` to record the reduced, unscaled gradient.
+
+    Args:
+        every_n_steps: snapshot period in optimizer steps; default `args.grad_snapshot_steps` (0: none).
+        norm_type: norm of the snapshots; default `args.clip_norm_type`, else 2.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, norm_type: float | None = None):
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 0):
+            raise ValueError(f"`every_n_steps` must be a non-negative integer or None, got {every_n_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.norm_type = norm_type
+        # Set by GradTrainer, which then calls `record` from its clipping step.
+        self.fed_by_trainer = False
+        self._hooks: list = []
+        self._hook_norms: dict[int, torch.Tensor] = {}
+
+    def period(self, args) -> int:
+        return self.every_n_steps if self.every_n_steps is not None else getattr(args, "grad_snapshot_steps", 0)
+
+    def norm(self, args) -> float:
+        return float(self.norm_type if self.norm_type is not None else getattr(args, "clip_norm_type", 2.0))
+
+    def is_due(self, args, state) -> bool:
+        """Whether the optimizer step now in progress (producing `global_step + 1`) is recorded."""
+        period = self.period(args)
+        return period > 0 and (state.global_step + 1) % period == 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None or not state.is_world_process_zero:
+            return
+        description = describe_parameters(model)
+        write_json_atomic(os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE), description)
+        logger.info("hf_gradtools %s", summary_line(description))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.fed_by_trainer or model is None or not self.is_due(args, state):
+            return
+        norm_type = self.norm(args)
+
+        def remember(param: torch.Tensor) -> None:
+            self._hook_norms[id(param)] = torch.linalg.vector_norm(param.grad.detach(), norm_type)
+
+        self._hooks = [p.register_post_accumulate_grad_hook(remember) for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self._hooks:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in self._hook_norms]
+        norm_type = self.norm(args)
+        pre = torch.stack([self._hook_norms[id(p)].float() for _, p in named]) if named else torch.zeros(0)
+        post = total_norm(grad_norms([p.grad for _, p in named], norm_type), norm_type)
+        self._hook_norms = {}
+        self.record(args, state, [n for n, _ in named], ClipResult(pre, total_norm(pre, norm_type), post))
+
+    def record(self, args, state, names: list[str], result: ClipResult) -> None:
+        """Write the snapshot of the optimizer step now in progress (one host sync)."""
+        if not state.is_world_process_zero:
+            return
+        values = torch.cat(
+            [result.param_norms.float().flatten(), torch.stack([result.total_norm, result.total_norm_post_clip]).float()]
+        ).tolist()
+        *norms, pre, post = values
+        step = state.global_step + 1
+        snapshot = {
+            "step": step,
+            "norm_type": _json_float(self.norm(args)),
+            "total_norm_pre_clip": pre,
+            "total_norm_post_clip": post,
+            "norms": dict(zip(names, norms, strict=True)),
+        }
+        write_json_atomic(os.path.join(args.output_dir, SNAPSHOT_DIR, f"step-{step:08d}.json"), snapshot)
+
+
+def load_grad_snapshots(path: str | os.PathLike) -> list[dict]:
+    """Load the snapshots of a run, in step order, from its `output_dir` or its `grad_snapshots` folder.
+
+    Each is a dict with `step`, `norm_type`, `norms` (`{parameter name: float}`), `total_norm_pre_clip` and
+    `total_norm_post_clip`. Raises `FileNotFoundError` when the folder does not exist.
+    """
+    folder = os.fspath(path)
+    if os.path.isdir(os.path.join(folder, SNAPSHOT_DIR)):
+        folder = os.path.join(folder, SNAPSHOT_DIR)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"No gradient snapshot folder at {folder!r} (expected `{SNAPSHOT_DIR}/` inside it).")
+    snapshots = []
+    for file in glob.glob(os.path.join(folder, "step-*.json")):
+        with open(file, encoding="utf-8") as f:
+            snapshots.append(json.load(f))
+    return sorted(snapshots, key=lambda s: s["step"])
