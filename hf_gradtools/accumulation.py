@@ -17,11 +17,36 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+@functools.cache
+def _causal_lm_class_names() -> frozenset[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def loss_shifts_labels(model: torch.nn.Module) -> bool:
+    """Whether the model's loss predicts token i+1 from token i (a decoder-only causal LM, PEFT-wrapped or not).
+
+    Decided from the model class as well as its `loss_type`: GPT-2's `GPT2LMHeadModel` has no `loss_type`, yet
+    shifts its labels.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    if type(base).__name__ in _causal_lm_class_names():
+        return True
+    return LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss
 
 
 def _rows(batch: Mapping) -> int:

@@ -17,7 +17,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .accumulation import micro_batch_loss_weights
+from .accumulation import loss_shifts_labels, micro_batch_loss_weights
 from .clipping import ClipResult, clip_gradients, grad_norms, total_norm
 from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
@@ -26,17 +26,27 @@ from .training_args import GradTrainingArguments
 
 
 def apply_freezing(model: nn.Module, args: GradTrainingArguments) -> list[str]:
-    """Freeze what `args` asks for; return the names frozen. Raises if no trainable parameter is left."""
-    frozen = []
-    if args.freeze_embeddings:
-        frozen += freeze_embeddings(model)
-    frozen += freeze_first_n_layers(model, args.freeze_first_n_layers)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise NoTrainableParametersError(
-            f"No trainable parameter is left in {type(model).__name__} after freezing (`freeze_embeddings`="
-            f"{args.freeze_embeddings}, `freeze_first_n_layers`={args.freeze_first_n_layers}). "
-            "Freeze fewer layers, or unfreeze a head."
-        )
+    """Freeze what `args` asks for; return the names frozen.
+
+    All or nothing: on an error (too many layers, no layer stack, nothing left to train) every `requires_grad`
+    flag is restored before the error propagates.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        frozen = []
+        if args.freeze_embeddings:
+            frozen += freeze_embeddings(model)
+        frozen += freeze_first_n_layers(model, args.freeze_first_n_layers)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise NoTrainableParametersError(
+                f"No trainable parameter is left in {type(model).__name__} after freezing (`freeze_embeddings`="
+                f"{args.freeze_embeddings}, `freeze_first_n_layers`={args.freeze_first_n_layers}). "
+                "Freeze fewer layers, or unfreeze a head."
+            )
+    except Exception:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
     return frozen
 
 
@@ -62,10 +72,11 @@ class GradTrainer(Trainer):
         args = GradTrainingArguments.from_training_arguments(args)
         self._pending_loss_weights: deque[float] = deque()
         self._loss_weight: float | None = None
+        if model is not None:
+            # Before `Trainer.__init__`, which creates `output_dir`: a bad setting must leave nothing behind.
+            apply_freezing(model, args)
         super().__init__(model, args, *pargs, **kwargs)
         self._check_supported()
-        if self.model is not None and self.model_init is None:
-            apply_freezing(self.model, self.args)
         if not any(isinstance(cb, GradSnapshotCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(GradSnapshotCallback())
         for callback in self.callback_handler.callbacks:
@@ -103,7 +114,7 @@ class GradTrainer(Trainer):
             world_size = self.accelerator.num_processes
             weights = micro_batch_loss_weights(
                 batch_samples,
-                shifts_labels=self._loss_shifts_labels,
+                shifts_labels=self._loss_shifts_labels or loss_shifts_labels(self.model),
                 world_size=world_size,
                 gather_sum=lambda t: self.accelerator.gather(t.reshape(1)).sum(),
             )

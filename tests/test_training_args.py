@@ -1,0 +1,103 @@
+"""GradTrainingArguments: command line, JSON, and every bad value rejected with the field named."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import classification_data, tiny_classifier
+from transformers import HfArgumentParser
+
+from hf_gradtools import GradTrainer, GradTrainingArguments, NoTrainableParametersError, freeze, get_frozen_parameters
+
+
+def test_command_line_round_trip(tmp_path):
+    parser = HfArgumentParser(GradTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--freeze_embeddings", "--freeze_first_n_layers", "2",
+        "--clip_norm_type", "inf", "--clip_grad_value", "0.5", "--grad_snapshot_steps", "10",
+        "--max_grad_norm", "1.0", "--report_to", "none",
+    ])
+    assert args.freeze_embeddings is True and args.freeze_first_n_layers == 2
+    assert args.clip_norm_type == math.inf and args.clip_grad_value == 0.5 and args.grad_snapshot_steps == 10
+    (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
+    assert (default.freeze_embeddings, default.freeze_first_n_layers, default.clip_norm_type,
+            default.clip_grad_value, default.grad_snapshot_steps) == (False, 0, 2.0, None, 0)
+
+
+def test_json_round_trip(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "clip_norm_type": "inf", "freeze_first_n_layers": 3,
+                                "report_to": "none"}))
+    (args,) = HfArgumentParser(GradTrainingArguments).parse_json_file(str(path))
+    assert args.clip_norm_type == math.inf and args.freeze_first_n_layers == 3
+    dumped = json.loads(args.to_json_string())  # strict JSON: inf written as "inf"
+    assert dumped["clip_norm_type"] == "inf"
+    again = GradTrainingArguments(**{k: v for k, v in args.to_dict().items() if k in ("output_dir", "clip_norm_type")})
+    assert again.clip_norm_type == math.inf
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("freeze_first_n_layers", -1, "`freeze_first_n_layers` must be a non-negative integer, got -1"),
+        ("freeze_first_n_layers", 1.5, "`freeze_first_n_layers` must be a non-negative integer, got 1.5"),
+        ("grad_snapshot_steps", -3, "`grad_snapshot_steps` must be a non-negative integer, got -3"),
+        ("clip_norm_type", 0, "`clip_norm_type` must be a positive number or 'inf'.*got 0"),
+        ("clip_norm_type", -2.0, "`clip_norm_type` must be a positive number or 'inf'.*got -2.0"),
+        ("clip_norm_type", "fro", "`clip_norm_type` must be a positive number or 'inf'.*got 'fro'"),
+        ("clip_grad_value", 0.0, "`clip_grad_value` must be a positive finite number or None.*got 0.0"),
+        ("clip_grad_value", -1.0, "`clip_grad_value` must be a positive finite number or None.*got -1.0"),
+        ("clip_grad_value", math.inf, "`clip_grad_value` must be a positive finite number or None.*got inf"),
+        ("freeze_embeddings", "yes", "`freeze_embeddings` must be True or False, got 'yes'"),
+        ("max_grad_norm", -1.0, "`max_grad_norm` must be >= 0.*got -1.0"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GradTrainingArguments(output_dir=str(tmp_path / "out"), **{field: value})
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_too_many_layers_fails_before_training_and_writes_nothing(args_factory, tmp_path):
+    model = tiny_classifier()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    args = args_factory(freeze_embeddings=True, freeze_first_n_layers=5)
+    with pytest.raises(ValueError, match=r"`freeze_first_n_layers`=5 but BertForSequenceClassification has only 3 layers"):
+        GradTrainer(model=model, args=args, train_dataset=classification_data(4))
+    assert not os.path.exists(args.output_dir)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert get_frozen_parameters(model) == []
+
+
+def test_nothing_left_to_train_fails_before_training(args_factory):
+    model = tiny_classifier()
+    freeze([model.classifier, model.bert.pooler])
+    args = args_factory(freeze_embeddings=True, freeze_first_n_layers=3)
+    with pytest.raises(NoTrainableParametersError, match="No trainable parameter is left in BertForSequenceClassification"):
+        GradTrainer(model=model, args=args, train_dataset=classification_data(4))
+    assert not os.path.exists(args.output_dir)
+
+
+def test_unknown_architecture_fails_before_training(args_factory):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x, labels=None):
+            return {"loss": self.linear(x).sum()}
+
+    with pytest.raises(ValueError, match="Could not find the transformer layer stack of Tiny"):
+        GradTrainer(model=Tiny(), args=args_factory(freeze_first_n_layers=1))
+
+
+def test_model_init_is_frozen_too(args_factory):
+    args = args_factory(freeze_embeddings=True, freeze_first_n_layers=1, max_steps=1)
+    trainer = GradTrainer(model_init=lambda: tiny_classifier(), args=args, train_dataset=classification_data(4))
+    assert get_frozen_parameters(trainer.model)[0] == "bert.embeddings.word_embeddings.weight"
+    trainer.train()  # train() calls model_init again: the new model is frozen the same way
+    assert "bert.encoder.layer.0.output.dense.weight" in get_frozen_parameters(trainer.model)
