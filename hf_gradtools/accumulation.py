@@ -11,7 +11,7 @@ processes and the weight is multiplied by the world size, because DDP averages t
 Example:
     >>> import torch
     >>> batches = [{"labels": torch.tensor([0, 1, 1])}, {"labels": torch.tensor([1])}]
-    >>> micro_batch_loss_weights(batches)
+    >>> micro_batch_loss_weights(batches).tolist()
     [0.75, 0.25]
 """
 
@@ -74,7 +74,7 @@ def micro_batch_loss_weights(
     shifts_labels: bool = False,
     world_size: int = 1,
     gather_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> list[float]:
+) -> torch.Tensor:
     """The weight of each micro-batch's mean loss so that their sum is the mean over all items of the window.
 
     Args:
@@ -84,10 +84,11 @@ def micro_batch_loss_weights(
         gather_sum: sums a 0-d tensor over the processes; required when `world_size > 1`.
 
     Returns:
-        One float per micro-batch (a single host sync for the whole window).
+        A float32 tensor of one weight per micro-batch, on the batches' device. Nothing is read back to the host,
+        so a GPU never waits for it. A window without any item gets weights 0.
     """
     if not batches:
-        return []
+        return torch.zeros(0)
     counts = [torch.as_tensor(count_loss_items(b, shifts_labels)) for b in batches]
     device = next((c.device for c in counts if c.device.type != "cpu"), counts[0].device)
     counts_t = torch.stack([c.to(device=device, dtype=torch.float64) for c in counts])
@@ -96,8 +97,4 @@ def micro_batch_loss_weights(
         if gather_sum is None:
             raise ValueError("`gather_sum` is required when `world_size` > 1.")
         window = gather_sum(window)
-    values = torch.cat([counts_t, window.reshape(1)]).tolist()
-    *counts_f, total = values
-    if total == 0:
-        return [0.0] * len(counts_f)
-    return [count * world_size / total for count in counts_f]
+    return (counts_t * world_size / window.clamp_min(1)).float()

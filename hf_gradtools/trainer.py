@@ -70,8 +70,8 @@ class GradTrainer(Trainer):
         if args is None:
             args = GradTrainingArguments(output_dir="tmp_trainer")
         args = GradTrainingArguments.from_training_arguments(args)
-        self._pending_loss_weights: deque[float] = deque()
-        self._loss_weight: float | None = None
+        self._pending_loss_weights: deque[torch.Tensor] = deque()
+        self._loss_weight: torch.Tensor | None = None
         if model is not None:
             # Before `Trainer.__init__`, which creates `output_dir`: a bad setting must leave nothing behind.
             apply_freezing(model, args)
@@ -118,7 +118,7 @@ class GradTrainer(Trainer):
                 world_size=world_size,
                 gather_sum=lambda t: self.accelerator.gather(t.reshape(1)).sum(),
             )
-            self._pending_loss_weights = deque(weights)
+            self._pending_loss_weights = deque(weights.unbind())
             # The model must return its plain mean; the weights do the normalisation.
             num_items_in_batch = None
         return batch_samples, num_items_in_batch
@@ -139,8 +139,9 @@ class GradTrainer(Trainer):
         if weight is None:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        # A micro-batch with no item (every label -100) has a NaN mean; it must add nothing, not NaN.
-        loss = torch.nan_to_num(loss, nan=0.0) * 0.0 if weight == 0 else loss * weight
+        weight = weight.to(loss.device, loss.dtype)
+        # A micro-batch with no item (every label -100) has a NaN mean and weight 0: it adds 0, not NaN.
+        loss = torch.where(weight > 0, loss * weight, torch.zeros_like(loss))
         return (loss, outputs) if return_outputs else loss
 
     # ---- clipping and snapshots, once per optimizer step ----
