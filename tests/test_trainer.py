@@ -106,3 +106,31 @@ def test_plain_training_arguments_are_converted(tmp_path):
     assert isinstance(trainer.args, GradTrainingArguments)
     assert trainer.args.learning_rate == 3e-4 and trainer.args.freeze_first_n_layers == 0
     assert trainer.args.clip_norm_type == 2.0
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    """Stop after 2 of 4 steps mid-epoch, resume from the checkpoint: same weights, same snapshots."""
+    from conftest import grad_args
+
+    from hf_gradtools import load_grad_snapshots
+
+    data = classification_data(24)
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, grad_snapshot_steps=1,
+                  max_grad_norm=0.05, freeze_embeddings=True, freeze_first_n_layers=1, lr_scheduler_type="linear")
+    full = GradTrainer(model=tiny_classifier(), args=grad_args(tmp_path / "full", **common), train_dataset=data)
+    full.train()
+
+    first = GradTrainer(model=tiny_classifier(), train_dataset=data,
+                        args=grad_args(tmp_path / "parts", save_strategy="steps", save_steps=2, **common))
+    first.train()  # trains to step 4 too; the checkpoint at step 2 is what we resume from
+    resumed_args = grad_args(tmp_path / "resumed", **common)
+    resumed = GradTrainer(model=tiny_classifier(seed=5), args=resumed_args, train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "parts" / "out" / "checkpoint-2"))
+
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    whole = {s["step"]: s for s in load_grad_snapshots(tmp_path / "full" / "out")}
+    after = load_grad_snapshots(tmp_path / "resumed" / "out")
+    assert [s["step"] for s in after] == [3, 4]
+    for snapshot in after:
+        assert snapshot["total_norm_pre_clip"] == pytest.approx(whole[snapshot["step"]]["total_norm_pre_clip"], rel=1e-5)
