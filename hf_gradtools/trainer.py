@@ -79,13 +79,15 @@ class GradTrainer(Trainer):
         self._check_supported()
         if not any(isinstance(cb, GradSnapshotCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(GradSnapshotCallback())
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, GradSnapshotCallback):
-                callback.fed_by_trainer = True
+        self._feed_snapshot_callbacks()
+
+    def _engine_clips(self) -> bool:
+        """DeepSpeed, FSDP and XLA clip inside their own engines: the Trainer's clipping is used unchanged."""
+        return self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA, DistributedType.FSDP)
 
     def _check_supported(self) -> None:
         custom = self.args.clip_norm_type != 2.0 or self.args.clip_grad_value is not None
-        if not self._uses_own_clipping() and (custom or self.args.grad_snapshot_steps):
+        if self._engine_clips() and (custom or self.args.grad_snapshot_steps):
             raise ValueError(
                 f"`clip_norm_type`, `clip_grad_value` and `grad_snapshot_steps` are not supported with "
                 f"{self.accelerator.distributed_type.value}, which clips inside its own engine. Keep their defaults "
@@ -94,9 +96,13 @@ class GradTrainer(Trainer):
 
     def add_callback(self, callback) -> None:
         super().add_callback(callback)
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, GradSnapshotCallback):
-                cb.fed_by_trainer = True
+        self._feed_snapshot_callbacks()
+
+    def _feed_snapshot_callbacks(self) -> None:
+        """Snapshot callbacks get their norms from `_clip_and_record` instead of measuring with hooks."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, GradSnapshotCallback):
+                callback.fed_by_trainer = True
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
@@ -173,11 +179,8 @@ class GradTrainer(Trainer):
         return result.total_norm
 
     def _uses_own_clipping(self) -> bool:
-        return self.accelerator.distributed_type not in (
-            DistributedType.DEEPSPEED,
-            DistributedType.XLA,
-            DistributedType.FSDP,
-        ) and not self._has_mixed_mesh_grads(self.model)
+        # Only called once gradients exist: the Trainer caches `_has_mixed_mesh_grads` on its first call.
+        return not self._engine_clips() and not self._has_mixed_mesh_grads(self.model)
 
     def _clip_grad_norm(self, model):
         if not self._uses_own_clipping():
