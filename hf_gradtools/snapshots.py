@@ -8,7 +8,9 @@ On disk, in the run's `output_dir`:
   "total_norm_post_clip", "norms": {parameter name: norm}}`. `step` is the `global_step` that optimizer step
   produced; norms are of the accumulated gradient before clipping, in the norm type used for clipping.
 
-Every file is written atomically (temporary file, then rename), by the main process only.
+Every file is written atomically (temporary file, then rename), by the main process only, on a background
+thread: reading the norms back from the device and writing them never holds up the training step. Pending writes
+are finished at each checkpoint save and at the end of training.
 
 Example:
     >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[GradSnapshotCallback(every_n_steps=10)])
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 import logging
 import math
 import os
@@ -106,6 +109,8 @@ class GradSnapshotCallback(TrainerCallback):
         self.fed_by_trainer = False
         self._hooks: list = []
         self._hook_norms: dict[int, torch.Tensor] = {}
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def period(self, args) -> int:
         return self.every_n_steps if self.every_n_steps is not None else getattr(args, "grad_snapshot_steps", 0)
@@ -149,22 +154,51 @@ class GradSnapshotCallback(TrainerCallback):
         self.record(args, state, [n for n, _ in named], ClipResult(pre, total_norm(pre, norm_type), post))
 
     def record(self, args, state, names: list[str], result: ClipResult) -> None:
-        """Write the snapshot of the optimizer step now in progress (one host sync)."""
+        """Queue the snapshot of the optimizer step now in progress; a background thread reads and writes it.
+
+        `result` must hold tensors that nothing modifies later (`clip_gradients` returns fresh ones).
+        """
         if not state.is_world_process_zero:
             return
-        values = torch.cat(
-            [result.param_norms.float().flatten(), torch.stack([result.total_norm, result.total_norm_post_clip]).float()]
-        ).tolist()
-        *norms, pre, post = values
+        self._raise_failed_writes()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-snapshots")
         step = state.global_step + 1
-        snapshot = {
-            "step": step,
-            "norm_type": _json_float(self.norm(args)),
-            "total_norm_pre_clip": pre,
-            "total_norm_post_clip": post,
-            "norms": dict(zip(names, norms, strict=True)),
-        }
-        write_json_atomic(os.path.join(args.output_dir, SNAPSHOT_DIR, f"step-{step:08d}.json"), snapshot)
+        path = os.path.join(args.output_dir, SNAPSHOT_DIR, f"step-{step:08d}.json")
+        self._pending.append(self._writer.submit(_write_snapshot, path, step, self.norm(args), names, result))
+
+    def flush(self) -> None:
+        """Wait for every queued snapshot to be written; re-raise the first error of the writer thread."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _raise_failed_writes(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+
+def _write_snapshot(path: str, step: int, norm_type: float, names: list[str], result: ClipResult) -> None:
+    values = torch.cat(
+        [result.param_norms.float().flatten(), torch.stack([result.total_norm, result.total_norm_post_clip]).float()]
+    ).tolist()
+    *norms, pre, post = values
+    snapshot = {
+        "step": step,
+        "norm_type": _json_float(norm_type),
+        "total_norm_pre_clip": pre,
+        "total_norm_post_clip": post,
+        "norms": dict(zip(names, norms, strict=True)),
+    }
+    write_json_atomic(path, snapshot)
 
 
 def load_grad_snapshots(path: str | os.PathLike) -> list[dict]:

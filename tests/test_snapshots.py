@@ -116,3 +116,14 @@ def test_callback_with_its_own_norm_type(args_factory):
     expected = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], 1.0).item()
     assert snapshot["norm_type"] == 1.0
     assert snapshot["total_norm_pre_clip"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_write_errors_surface(args_factory):
+    """Snapshots are written on a background thread; a failed write still fails the run, by the end of train()."""
+    args = args_factory(per_device_train_batch_size=4, max_steps=2, grad_snapshot_steps=1)
+    os.makedirs(args.output_dir)
+    with open(os.path.join(args.output_dir, "grad_snapshots"), "w") as f:
+        f.write("a file where the snapshot folder should be")
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(8))
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        trainer.train()
