@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import threading
 from typing import Any
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same folder and `os.replace`.
+    """Write `data` as JSON to `path` through a temporary file in the same folder, `fsync` and `os.replace`.
+
+    The file gets the usual permissions (0666 less the umask), as `open` would give it.
 
     Example:
         >>> write_json_atomic("out/frozen_parameters.json", {"frozen": []})  # doctest: +SKIP
@@ -17,9 +19,9 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
