@@ -124,7 +124,7 @@ def mixed_precision_checks(out: str, data, precisions=("fp32", "fp16", "bf16")) 
     for precision in precisions:
         ours, plain, snaps, trainer = runs[precision]
         finite = [n for n in ours if math.isfinite(n)]
-        plain_finite = [(a, b) for a, b in zip(ours, plain) if math.isfinite(a) and math.isfinite(b)]
+        plain_finite = [(a, b) for a, b in zip(ours, plain, strict=True) if math.isfinite(a) and math.isfinite(b)]
         check(
             f"{precision}: grad_norm equals the plain Trainer's (L2, accumulation 1)",
             all(math.isclose(a, b, rel_tol=2e-2) for a, b in plain_finite) and len(plain_finite) >= 3,
@@ -143,7 +143,7 @@ def mixed_precision_checks(out: str, data, precisions=("fp32", "fp16", "bf16")) 
                 or (
                     math.isclose(s["total_norm_pre_clip"], g, rel_tol=1e-5) and s["total_norm_post_clip"] <= 0.5 + 1e-3
                 )
-                for s, g in zip(snaps, ours)
+                for s, g in zip(snaps, ours, strict=True)
             ),
             f"pre={[round(s['total_norm_pre_clip'], 4) for s in snaps]} "
             f"post={[round(s['total_norm_post_clip'], 4) for s in snaps]}",
@@ -253,7 +253,8 @@ def timing(out: str, data, rounds: int, steps: int) -> None:
         }
         print(
             f"TIME {name}: A {statistics.median(a_times) * 1e3:.2f} ms, B {statistics.median(b_times) * 1e3:.2f} ms "
-            f"per optimizer step (batch 32 x 4, seq 128, bf16); ratio {ratio:.3f} (rounds {[round(r, 3) for r in ratios]})",
+            f"per optimizer step (batch 32 x 4, seq 128, bf16); ratio {ratio:.3f} "
+            f"(rounds {[round(r, 3) for r in ratios]})",
             flush=True,
         )
 

@@ -1,3 +1,8 @@
+"""hf_gradtools: layer freezing, clipping in any norm, exact gradient accumulation and gradient snapshots for the
+Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`."""
+
+from .accumulation import count_loss_items, micro_batch_loss_weights
+from .clipping import ClipResult, clip_gradients
 from .errors import GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
     freeze,
@@ -8,10 +13,31 @@ from .freezing import (
     unfreeze,
 )
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
-from .accumulation import count_loss_items, micro_batch_loss_weights
-from .clipping import ClipResult, clip_gradients
 from .snapshots import GradSnapshotCallback, load_grad_snapshots
 from .trainer import GradTrainer
 from .training_args import GradTrainingArguments
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ClipResult",
+    "GradSnapshotCallback",
+    "GradToolsError",
+    "GradTrainer",
+    "GradTrainingArguments",
+    "LayerStack",
+    "LayerStackNotFoundError",
+    "NoTrainableParametersError",
+    "clip_gradients",
+    "count_loss_items",
+    "find_input_embeddings",
+    "find_layer_stack",
+    "freeze",
+    "freeze_embeddings",
+    "freeze_first_n_layers",
+    "get_frozen_parameters",
+    "get_trainable_parameters",
+    "load_grad_snapshots",
+    "micro_batch_loss_weights",
+    "unfreeze",
+]

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import glob
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 import logging
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn

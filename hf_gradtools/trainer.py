@@ -83,7 +83,11 @@ class GradTrainer(Trainer):
 
     def _engine_clips(self) -> bool:
         """DeepSpeed, FSDP and XLA clip inside their own engines: the Trainer's clipping is used unchanged."""
-        return self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA, DistributedType.FSDP)
+        return self.accelerator.distributed_type in (
+            DistributedType.DEEPSPEED,
+            DistributedType.XLA,
+            DistributedType.FSDP,
+        )
 
     def _check_supported(self) -> None:
         custom = self.args.clip_norm_type != 2.0 or self.args.clip_grad_value is not None
@@ -140,7 +144,9 @@ class GradTrainer(Trainer):
             self._loss_weight = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         weight = self._loss_weight
         if weight is None:
             return result
@@ -166,7 +172,10 @@ class GradTrainer(Trainer):
         # A callback given its own norm type measures before clipping, in that norm.
         other_norms = {id(cb): grad_norms(grads, cb.norm(args)) for cb in due if cb.norm(args) != args.clip_norm_type}
         result = clip_gradients(
-            [p for _, p in named], max_norm=args.max_grad_norm, norm_type=args.clip_norm_type, clip_value=args.clip_grad_value
+            [p for _, p in named],
+            max_norm=args.max_grad_norm,
+            norm_type=args.clip_norm_type,
+            clip_value=args.clip_grad_value,
         )
         names = [n for n, _ in named]
         for callback in due:

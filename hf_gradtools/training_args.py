@@ -46,7 +46,9 @@ class GradTrainingArguments(TrainingArguments):
     )
     clip_norm_type: float = field(
         default=2.0,
-        metadata={"help": "Norm type for `max_grad_norm` clipping and the logged `grad_norm`: a positive number or inf."},
+        metadata={
+            "help": "Norm type for `max_grad_norm` clipping and the logged `grad_norm`: a positive number or inf."
+        },
     )
     clip_grad_value: float | None = field(
         default=None,

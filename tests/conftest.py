@@ -23,42 +23,120 @@ NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 def tiny_config(arch: str) -> T.PretrainedConfig:
     """A config of 3 layers, hidden size 16, for each architecture the freezing functions cover."""
-    bert_like = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64, **NO_DROPOUT)
+    bert_like = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        **NO_DROPOUT,
+    )
     configs = {
         "bert": lambda: T.BertConfig(**bert_like),
         "roberta": lambda: T.RobertaConfig(**{**bert_like, "max_position_embeddings": 70}),
         # Shaped like microsoft/deberta-v3-base: relative attention, no absolute positions, no token types.
         "deberta-v2": lambda: T.DebertaV2Config(
-            **bert_like, relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
-            norm_rel_ebd="layer_norm", share_att_key=True, position_buckets=16, type_vocab_size=0,
+            **bert_like,
+            relative_attention=True,
+            position_biased_input=False,
+            pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_buckets=16,
+            type_vocab_size=0,
         ),
-        "distilbert": lambda: T.DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=3, n_heads=2, hidden_dim=32,
-                                                 max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-                                                 seq_classif_dropout=0.0),
+        "distilbert": lambda: T.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=16,
+            n_layers=3,
+            n_heads=2,
+            hidden_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+        ),
         "electra": lambda: T.ElectraConfig(**bert_like, embedding_size=8),
         "albert": lambda: T.AlbertConfig(**bert_like, embedding_size=8, classifier_dropout_prob=0.0),
-        "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=3, n_head=2, n_positions=64,
-                                     pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-        "llama": lambda: T.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                                       num_attention_heads=2, num_key_value_heads=1, pad_token_id=0,
-                                       max_position_embeddings=64),
-        "modernbert": lambda: T.ModernBertConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
-                                                 num_hidden_layers=3, num_attention_heads=2, pad_token_id=0,
-                                                 max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-                                                 cls_token_id=1, sep_token_id=2),
-        "t5": lambda: T.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=3, num_heads=2,
-                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0),
-        "bart": lambda: T.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=3, decoder_layers=3,
-                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                     decoder_ffn_dim=32, max_position_embeddings=64, dropout=0.0,
-                                     pad_token_id=1, eos_token_id=2, bos_token_id=0),
+        "gpt2": lambda: T.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=3,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+        "llama": lambda: T.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=0,
+            max_position_embeddings=64,
+        ),
+        "modernbert": lambda: T.ModernBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            pad_token_id=0,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+        "t5": lambda: T.T5Config(
+            vocab_size=VOCAB,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=3,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.0,
+        ),
+        "bart": lambda: T.BartConfig(
+            vocab_size=VOCAB,
+            d_model=16,
+            encoder_layers=3,
+            decoder_layers=3,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            pad_token_id=1,
+            eos_token_id=2,
+            bos_token_id=0,
+        ),
     }
     return configs[arch]()
 
 
-ARCHS = ["bert", "roberta", "deberta-v2", "distilbert", "electra", "albert", "gpt2", "llama", "modernbert", "t5",
-         "bart"]
+ARCHS = [
+    "bert",
+    "roberta",
+    "deberta-v2",
+    "distilbert",
+    "electra",
+    "albert",
+    "gpt2",
+    "llama",
+    "modernbert",
+    "t5",
+    "bart",
+]
 
 
 def tiny_classifier(arch: str = "bert", seed: int = 0, num_labels: int = 2) -> T.PreTrainedModel:
@@ -92,9 +170,17 @@ def grad_args(tmp_path, **overrides):
     from hf_gradtools import GradTrainingArguments
 
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
-        report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
-        train_sampling_strategy="sequential", seed=0,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        seed=0,
     )
     defaults.update(overrides)
     return GradTrainingArguments(**defaults)

@@ -25,7 +25,9 @@ def run(trainer_cls, model, data, args_factory, **kw):
     capture = GradCapture()
     args = args_factory(max_grad_norm=0.0, learning_rate=0.0, num_train_epochs=1, max_steps=-1, **kw)
     if trainer_cls is T.Trainer:
-        args = T.TrainingArguments(**{k: v for k, v in args.to_dict().items() if k in T.TrainingArguments.__dataclass_fields__})
+        args = T.TrainingArguments(
+            **{k: v for k, v in args.to_dict().items() if k in T.TrainingArguments.__dataclass_fields__}
+        )
     trainer = trainer_cls(model=model, args=args, train_dataset=data, callbacks=[capture])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -76,15 +78,27 @@ def test_issue_numbers_equal_for_all_splits(args_factory):
 def test_unequal_micro_batches_and_short_last_window(args_factory):
     data = classification_data(10, seed=3)
     # 10 rows, batch 4, accumulation 3: one window of micro-batches 4, 4, 2.
-    grads, losses, _ = run(GradTrainer, tiny_classifier(), data, args_factory,
-                           per_device_train_batch_size=4, gradient_accumulation_steps=3)
+    grads, losses, _ = run(
+        GradTrainer,
+        tiny_classifier(),
+        data,
+        args_factory,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=3,
+    )
     expected, expected_loss = reference_grads(tiny_classifier(), [as_batch(data, slice(0, 10))])
     assert len(grads) == 1
     assert_grads_close(grads[0], expected)
     assert losses[0] == pytest.approx(expected_loss, rel=1e-5)
     # 10 rows, batch 2, accumulation 4: windows of 8 rows, then a shorter one of 2 rows.
-    grads, losses, _ = run(GradTrainer, tiny_classifier(), data, args_factory,
-                           per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    grads, losses, _ = run(
+        GradTrainer,
+        tiny_classifier(),
+        data,
+        args_factory,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+    )
     assert len(grads) == 2
     model = tiny_classifier()
     assert_grads_close(grads[0], reference_grads(model, [as_batch(data, slice(0, 8))])[0])
@@ -95,11 +109,14 @@ def test_unequal_micro_batches_and_short_last_window(args_factory):
 
 def test_regression_head(args_factory):
     g = torch.Generator().manual_seed(5)
-    data = Dataset.from_dict({"input_ids": classification_data(6)["input_ids"], "labels": torch.randn(6, generator=g).tolist()})
+    data = Dataset.from_dict(
+        {"input_ids": classification_data(6)["input_ids"], "labels": torch.randn(6, generator=g).tolist()}
+    )
     model_fn = lambda: tiny_classifier(num_labels=1)  # noqa: E731
     one, _, _ = run(GradTrainer, model_fn(), data, args_factory, per_device_train_batch_size=6)
-    split, _, _ = run(GradTrainer, model_fn(), data, args_factory, per_device_train_batch_size=2,
-                      gradient_accumulation_steps=3)
+    split, _, _ = run(
+        GradTrainer, model_fn(), data, args_factory, per_device_train_batch_size=2, gradient_accumulation_steps=3
+    )
     assert_grads_close(one[0], split[0])
 
 
@@ -149,5 +166,7 @@ def test_weights_by_hand():
     rows = [{"input_ids": torch.zeros(3, 4), "start_positions": torch.zeros(3)}, {"input_ids": torch.zeros(1, 4)}]
     assert micro_batch_loss_weights(rows).tolist() == pytest.approx([0.75, 0.25])
     # Two processes, this one holds 4 of the 10 items of the window: DDP averages, so the weights sum to 0.8.
-    assert micro_batch_loss_weights(floats, world_size=2, gather_sum=lambda t: t * 2.5).tolist() == pytest.approx([0.6, 0.2])
+    assert micro_batch_loss_weights(floats, world_size=2, gather_sum=lambda t: t * 2.5).tolist() == pytest.approx(
+        [0.6, 0.2]
+    )
     assert micro_batch_loss_weights([{"labels": torch.tensor([-100])}]).tolist() == [0.0]

@@ -57,7 +57,7 @@ def test_matches_torch_clip_grad_norm(norm_type, max_norm):
     result = clip_gradients(ours, max_norm=max_norm, norm_type=norm_type)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type)
     assert result.total_norm.item() == pytest.approx(ref_norm.item(), rel=1e-6)
-    for p, q in zip(ours, ref):
+    for p, q in zip(ours, ref, strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
     expected_post = torch.nn.utils.get_total_norm([p.grad for p in ours], norm_type)
     assert result.total_norm_post_clip.item() == pytest.approx(expected_post.item(), rel=1e-5)
@@ -70,7 +70,7 @@ def test_value_then_norm_matches_torch(norm_type):
     result = clip_gradients(ours, max_norm=2.0, norm_type=norm_type, clip_value=0.5)
     torch.nn.utils.clip_grad_value_(ref, 0.5)
     torch.nn.utils.clip_grad_norm_(ref, 2.0, norm_type)
-    for p, q in zip(ours, ref):
+    for p, q in zip(ours, ref, strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
     assert result.total_norm.item() == pytest.approx(pre.item(), rel=1e-6)  # logged: before any clipping
     post = torch.nn.utils.get_total_norm([p.grad for p in ref], norm_type)
@@ -82,7 +82,7 @@ def test_value_only_matches_torch():
     ours, ref = random_grads(2), random_grads(2)
     clip_gradients(ours, clip_value=1.0)
     torch.nn.utils.clip_grad_value_(ref, 1.0)
-    for p, q in zip(ours, ref):
+    for p, q in zip(ours, ref, strict=True):
         assert torch.equal(p.grad, q.grad)
 
 

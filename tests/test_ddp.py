@@ -29,8 +29,24 @@ def run(cmd, tmp_path):
 def test_two_processes_equal_one(tmp_path):
     two, one = str(tmp_path / "two" / "w.pt"), str(tmp_path / "one" / "w.pt")
     # Window: 2 processes x batch 2 x accumulation 2 = 8 rows whose label-token counts differ per process.
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), WORKER, two, "2", "2"], tmp_path)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            WORKER,
+            two,
+            "2",
+            "2",
+        ],
+        tmp_path,
+    )
     run([sys.executable, WORKER, one, "4", "2"], tmp_path)
     a, b = torch.load(two), torch.load(one)
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-6)

@@ -32,8 +32,13 @@ EXPECTED = {
     "modernbert": (["model.embeddings."], "model.layers.", "model."),
     "t5": (["transformer.shared."], "transformer.encoder.block.", "transformer."),
     "bart": (
-        ["model.shared.", "model.encoder.embed_positions.", "model.encoder.layernorm_embedding.",
-         "model.decoder.embed_positions.", "model.decoder.layernorm_embedding."],
+        [
+            "model.shared.",
+            "model.encoder.embed_positions.",
+            "model.encoder.layernorm_embedding.",
+            "model.decoder.embed_positions.",
+            "model.decoder.layernorm_embedding.",
+        ],
         "model.encoder.layers.",
         "model.",
     ),
@@ -41,9 +46,16 @@ EXPECTED = {
 
 
 LORA_TARGETS = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "electra": ["query", "value"],
-    "albert": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "modernbert": ["Wqkv"], "t5": ["q", "v"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "modernbert": ["Wqkv"],
+    "t5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
 }
 
@@ -85,7 +97,7 @@ def test_bare_model_freezes_expected_names(arch):
     torch.manual_seed(0)
     model = T.AutoModel.from_config(tiny_config(arch))
     embeddings, stack, base = EXPECTED[arch]
-    strip = lambda p: p[len(base):]  # noqa: E731
+    strip = lambda p: p[len(base) :]  # noqa: E731
     expected = expected_frozen(model, [strip(p) for p in embeddings], strip(stack), arch)
     assert expected, "the expectation must name parameters"
     assert get_frozen_parameters(model) == []
@@ -109,8 +121,10 @@ def test_peft_wrapped_model(arch):
     assert frozen and all("lora_" in n for n in frozen)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in scope)
     if arch != "albert":  # ALBERT's only block is frozen
-        assert any(n.startswith(prefix + stack + "2.") and "lora_" in n and p.requires_grad
-                   for n, p in model.named_parameters())
+        assert any(
+            n.startswith(prefix + stack + "2.") and "lora_" in n and p.requires_grad
+            for n, p in model.named_parameters()
+        )
 
 
 def test_deberta_v3_classic_case():
@@ -122,11 +136,18 @@ def test_deberta_v3_classic_case():
         "deberta.embeddings.word_embeddings.weight",
         "deberta.embeddings.LayerNorm.weight",
         "deberta.embeddings.LayerNorm.bias",
-        *[n for n, _ in model.named_parameters() if n.startswith(("deberta.encoder.layer.0.", "deberta.encoder.layer.1."))],
+        *[
+            n
+            for n, _ in model.named_parameters()
+            if n.startswith(("deberta.encoder.layer.0.", "deberta.encoder.layer.1."))
+        ],
     ]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"deberta.encoder.rel_embeddings.weight", "deberta.encoder.LayerNorm.weight",
-            "deberta.encoder.LayerNorm.bias"} <= trainable
+    assert {
+        "deberta.encoder.rel_embeddings.weight",
+        "deberta.encoder.LayerNorm.weight",
+        "deberta.encoder.LayerNorm.bias",
+    } <= trainable
     assert any(n.startswith("deberta.encoder.layer.2.") for n in trainable)
 
 

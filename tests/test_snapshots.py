@@ -15,21 +15,31 @@ from hf_gradtools import GradSnapshotCallback, GradTrainer, load_grad_snapshots
 
 
 def hand_norms(data, rows, norm_type):
-    """Per-parameter norms of the gradient of the mean loss over `rows`, at the initial weights, frozen as in the run."""
+    """Per-parameter norms of the mean-loss gradient over `rows`, at the initial weights, frozen as in the run."""
     model = tiny_classifier()
     model.bert.embeddings.requires_grad_(False)
     model.bert.encoder.layer[0].requires_grad_(False)
     batch = {k: torch.tensor(data[rows][k]) for k in data.column_names}
     model(**batch).loss.backward()
-    return {n: torch.linalg.vector_norm(p.grad, norm_type).item() for n, p in model.named_parameters() if p.grad is not None}
+    return {
+        n: torch.linalg.vector_norm(p.grad, norm_type).item()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_snapshot_equals_hand_computed_gradients(args_factory, norm_type):
     data = classification_data(16)
     args = args_factory(
-        per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=2, grad_snapshot_steps=1,
-        max_grad_norm=0.01, clip_norm_type=norm_type, freeze_embeddings=True, freeze_first_n_layers=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=2,
+        grad_snapshot_steps=1,
+        max_grad_norm=0.01,
+        clip_norm_type=norm_type,
+        freeze_embeddings=True,
+        freeze_first_n_layers=1,
     )
     model = tiny_classifier()
     trainer = GradTrainer(model=model, args=args, train_dataset=data)
@@ -49,7 +59,9 @@ def test_snapshot_equals_hand_computed_gradients(args_factory, norm_type):
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert [s["total_norm_pre_clip"] for s in snapshots] == pytest.approx(logged, rel=1e-6)
     assert sorted(os.listdir(os.path.join(args.output_dir, "grad_snapshots"))) == [
-        "step-00000001.json", "step-00000002.json"]  # no temporary file left behind
+        "step-00000001.json",
+        "step-00000002.json",
+    ]  # no temporary file left behind
 
 
 def test_snapshot_period_and_folder_argument(args_factory):
@@ -68,7 +80,9 @@ def test_frozen_parameters_file(args_factory):
     with open(os.path.join(args.output_dir, "frozen_parameters.json")) as f:
         content = json.load(f)
     params = dict(model.named_parameters())
-    frozen = [n for n in params if n.startswith(("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1."))]
+    frozen = [
+        n for n in params if n.startswith(("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1."))
+    ]
     trainable = [n for n in params if n not in frozen]
     assert content["frozen"] == frozen
     assert content["trainable"] == trainable
@@ -83,19 +97,29 @@ def test_frozen_parameters_file(args_factory):
 def test_callback_on_plain_trainer_matches_grad_trainer(tmp_path):
     """On a plain Trainer the callback measures through gradient hooks; same numbers as GradTrainer's."""
     data = classification_data(8)
-    common = dict(per_device_train_batch_size=4, max_steps=2, report_to="none", save_strategy="no", use_cpu=True,
-                  train_sampling_strategy="sequential", max_grad_norm=0.01, disable_tqdm=True)
+    common = dict(
+        per_device_train_batch_size=4,
+        max_steps=2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        max_grad_norm=0.01,
+        disable_tqdm=True,
+    )
     plain_args = T.TrainingArguments(output_dir=str(tmp_path / "plain"), **common)
     model = tiny_classifier()
-    T.Trainer(model=model, args=plain_args, train_dataset=data,
-              callbacks=[GradSnapshotCallback(every_n_steps=1)]).train()
+    T.Trainer(
+        model=model, args=plain_args, train_dataset=data, callbacks=[GradSnapshotCallback(every_n_steps=1)]
+    ).train()
     ours_args = T.TrainingArguments(output_dir=str(tmp_path / "ours"), **common)
-    trainer = GradTrainer(model=tiny_classifier(), args=ours_args, train_dataset=data,
-                          callbacks=[GradSnapshotCallback(every_n_steps=1)])
+    trainer = GradTrainer(
+        model=tiny_classifier(), args=ours_args, train_dataset=data, callbacks=[GradSnapshotCallback(every_n_steps=1)]
+    )
     trainer.train()
     plain, ours = load_grad_snapshots(tmp_path / "plain"), load_grad_snapshots(tmp_path / "ours")
     assert [s["step"] for s in plain] == [1, 2]
-    for a, b in zip(plain, ours):
+    for a, b in zip(plain, ours, strict=True):
         assert a["norms"].keys() == b["norms"].keys()
         for name in a["norms"]:
             assert a["norms"][name] == pytest.approx(b["norms"][name], rel=1e-5)
@@ -108,8 +132,12 @@ def test_callback_on_plain_trainer_matches_grad_trainer(tmp_path):
 def test_callback_with_its_own_norm_type(args_factory):
     data = classification_data(4)
     args = args_factory(per_device_train_batch_size=4, max_steps=1, max_grad_norm=1e-3, clip_norm_type=2.0)
-    GradTrainer(model=tiny_classifier(), args=args, train_dataset=data,
-                callbacks=[GradSnapshotCallback(every_n_steps=1, norm_type=1.0)]).train()
+    GradTrainer(
+        model=tiny_classifier(),
+        args=args,
+        train_dataset=data,
+        callbacks=[GradSnapshotCallback(every_n_steps=1, norm_type=1.0)],
+    ).train()
     (snapshot,) = load_grad_snapshots(args.output_dir)
     reference = tiny_classifier()
     reference(**{k: torch.tensor(data[0:4][k]) for k in data.column_names}).loss.backward()

@@ -27,7 +27,7 @@ def hand_written_loop(model, data, *, batch, accumulation, steps, lr, weight_dec
     for step in range(steps):
         for micro in range(accumulation):
             start = (step * accumulation + micro) * batch
-            inputs = {k: torch.tensor(data[start:start + batch][k]) for k in data.column_names}
+            inputs = {k: torch.tensor(data[start : start + batch][k]) for k in data.column_names}
             (model(**inputs).loss / accumulation).backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], max_norm, norm_type)
         optimizer.step()
@@ -42,16 +42,24 @@ def test_matches_hand_written_loop(args_factory, norm_type):
     expected = hand_written_loop(tiny_classifier(), data, **settings)
     model = tiny_classifier()
     args = args_factory(
-        per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2,
-        weight_decay=0.1, max_grad_norm=0.05, clip_norm_type=norm_type, lr_scheduler_type="constant",
-        optim="adamw_torch", freeze_embeddings=True, freeze_first_n_layers=1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        max_grad_norm=0.05,
+        clip_norm_type=norm_type,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        freeze_embeddings=True,
+        freeze_first_n_layers=1,
     )
     trainer = GradTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert len(norms) == 3 and all(n > 0.05 for n in norms), "clipping must be active in this test"
     assert get_frozen_parameters(model) == get_frozen_parameters(expected)
-    for (name, p), q in zip(model.named_parameters(), expected.parameters()):
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
 
 
@@ -86,8 +94,14 @@ def test_value_clipping_without_norm_clipping(args_factory):
 
 def test_evaluation_never_clips_and_leaves_no_grad(args_factory, monkeypatch):
     data = classification_data(8)
-    args = args_factory(per_device_train_batch_size=4, max_steps=2, max_grad_norm=0.5, eval_strategy="steps",
-                        eval_steps=1, per_device_eval_batch_size=4)
+    args = args_factory(
+        per_device_train_batch_size=4,
+        max_steps=2,
+        max_grad_norm=0.5,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=4,
+    )
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=data, eval_dataset=data)
     calls = []
     original = trainer._clip_and_record
@@ -115,22 +129,35 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     from hf_gradtools import load_grad_snapshots
 
     data = classification_data(24)
-    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, grad_snapshot_steps=1,
-                  max_grad_norm=0.05, freeze_embeddings=True, freeze_first_n_layers=1, lr_scheduler_type="linear")
+    common = dict(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        grad_snapshot_steps=1,
+        max_grad_norm=0.05,
+        freeze_embeddings=True,
+        freeze_first_n_layers=1,
+        lr_scheduler_type="linear",
+    )
     full = GradTrainer(model=tiny_classifier(), args=grad_args(tmp_path / "full", **common), train_dataset=data)
     full.train()
 
-    first = GradTrainer(model=tiny_classifier(), train_dataset=data,
-                        args=grad_args(tmp_path / "parts", save_strategy="steps", save_steps=2, **common))
+    first = GradTrainer(
+        model=tiny_classifier(),
+        train_dataset=data,
+        args=grad_args(tmp_path / "parts", save_strategy="steps", save_steps=2, **common),
+    )
     first.train()  # trains to step 4 too; the checkpoint at step 2 is what we resume from
     resumed_args = grad_args(tmp_path / "resumed", **common)
     resumed = GradTrainer(model=tiny_classifier(seed=5), args=resumed_args, train_dataset=data)
     resumed.train(resume_from_checkpoint=str(tmp_path / "parts" / "out" / "checkpoint-2"))
 
-    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
     whole = {s["step"]: s for s in load_grad_snapshots(tmp_path / "full" / "out")}
     after = load_grad_snapshots(tmp_path / "resumed" / "out")
     assert [s["step"] for s in after] == [3, 4]
     for snapshot in after:
-        assert snapshot["total_norm_pre_clip"] == pytest.approx(whole[snapshot["step"]]["total_norm_pre_clip"], rel=1e-5)
+        assert snapshot["total_norm_pre_clip"] == pytest.approx(
+            whole[snapshot["step"]]["total_norm_pre_clip"], rel=1e-5
+        )

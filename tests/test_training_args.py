@@ -16,22 +16,44 @@ from hf_gradtools import GradTrainer, GradTrainingArguments, NoTrainableParamete
 
 def test_command_line_round_trip(tmp_path):
     parser = HfArgumentParser(GradTrainingArguments)
-    (args,) = parser.parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--freeze_embeddings", "--freeze_first_n_layers", "2",
-        "--clip_norm_type", "inf", "--clip_grad_value", "0.5", "--grad_snapshot_steps", "10",
-        "--max_grad_norm", "1.0", "--report_to", "none",
-    ])
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--freeze_embeddings",
+            "--freeze_first_n_layers",
+            "2",
+            "--clip_norm_type",
+            "inf",
+            "--clip_grad_value",
+            "0.5",
+            "--grad_snapshot_steps",
+            "10",
+            "--max_grad_norm",
+            "1.0",
+            "--report_to",
+            "none",
+        ]
+    )
     assert args.freeze_embeddings is True and args.freeze_first_n_layers == 2
     assert args.clip_norm_type == math.inf and args.clip_grad_value == 0.5 and args.grad_snapshot_steps == 10
     (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
-    assert (default.freeze_embeddings, default.freeze_first_n_layers, default.clip_norm_type,
-            default.clip_grad_value, default.grad_snapshot_steps) == (False, 0, 2.0, None, 0)
+    assert (
+        default.freeze_embeddings,
+        default.freeze_first_n_layers,
+        default.clip_norm_type,
+        default.clip_grad_value,
+        default.grad_snapshot_steps,
+    ) == (False, 0, 2.0, None, 0)
 
 
 def test_json_round_trip(tmp_path):
     path = tmp_path / "args.json"
-    path.write_text(json.dumps({"output_dir": str(tmp_path), "clip_norm_type": "inf", "freeze_first_n_layers": 3,
-                                "report_to": "none"}))
+    path.write_text(
+        json.dumps(
+            {"output_dir": str(tmp_path), "clip_norm_type": "inf", "freeze_first_n_layers": 3, "report_to": "none"}
+        )
+    )
     (args,) = HfArgumentParser(GradTrainingArguments).parse_json_file(str(path))
     assert args.clip_norm_type == math.inf and args.freeze_first_n_layers == 3
     dumped = json.loads(args.to_json_string())  # strict JSON: inf written as "inf"
@@ -66,7 +88,9 @@ def test_too_many_layers_fails_before_training_and_writes_nothing(args_factory, 
     model = tiny_classifier()
     before = {n: p.clone() for n, p in model.named_parameters()}
     args = args_factory(freeze_embeddings=True, freeze_first_n_layers=5)
-    with pytest.raises(ValueError, match=r"`freeze_first_n_layers`=5 but BertForSequenceClassification has only 3 layers"):
+    with pytest.raises(
+        ValueError, match=r"`freeze_first_n_layers`=5 but BertForSequenceClassification has only 3 layers"
+    ):
         GradTrainer(model=model, args=args, train_dataset=classification_data(4))
     assert not os.path.exists(args.output_dir)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -77,7 +101,9 @@ def test_nothing_left_to_train_fails_before_training(args_factory):
     model = tiny_classifier()
     freeze([model.classifier, model.bert.pooler])
     args = args_factory(freeze_embeddings=True, freeze_first_n_layers=3)
-    with pytest.raises(NoTrainableParametersError, match="No trainable parameter is left in BertForSequenceClassification"):
+    with pytest.raises(
+        NoTrainableParametersError, match="No trainable parameter is left in BertForSequenceClassification"
+    ):
         GradTrainer(model=model, args=args, train_dataset=classification_data(4))
     assert not os.path.exists(args.output_dir)
 

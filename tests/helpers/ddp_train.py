@@ -35,11 +35,23 @@ def main(out_file: str, batch: int, accumulation: int) -> None:
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(tiny_config("gpt2"))
     args = GradTrainingArguments(
-        output_dir=os.path.dirname(out_file), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=0.5, optim="sgd", max_grad_norm=0.0,
-        clip_norm_type=float("inf"), freeze_first_n_layers=1, report_to="none", save_strategy="no", use_cpu=True,
-        train_sampling_strategy="sequential", disable_tqdm=True,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None, seed=0, logging_steps=1,
+        output_dir=os.path.dirname(out_file),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        max_grad_norm=0.0,
+        clip_norm_type=float("inf"),
+        freeze_first_n_layers=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        disable_tqdm=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        seed=0,
+        logging_steps=1,
         dataloader_num_workers=0,
     )
     trainer = GradTrainer(model=model, args=args, train_dataset=lm_rows())

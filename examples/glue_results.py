@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Fine-tune every (task, setup) pair with `run_glue.py` and tabulate metric, time, throughput and memory.
+
+    python examples/glue_results.py                          # SST-2, MRPC, CoLA x full, frozen 2, frozen 4, LoRA
+    python examples/glue_results.py --tasks sst2 --setups full lora --max_train_samples 500
+    python examples/glue_results.py --dry_run                # print the commands only
+
+Each run is a fresh `python examples/run_glue.py ...` process, so that its peak memory is its own: the table's
+"peak RSS" is the `ru_maxrss` that `os.wait4` reports for that process (the whole process: Python, torch, model,
+data, optimizer state; the same measure as `resource.getrusage`). Training time and samples/s are the Trainer's
+`train_runtime` and `train_samples_per_second`; trainable parameters come from `frozen_parameters.json`.
+
+Writes `<output_dir>/results.md` (the table) and `<output_dir>/results.json`, and every run's folder
+`<output_dir>/<task>-<setup>/` with its `run.log`, metrics, snapshots and `grad_norms.png`. Rerunning some
+(task, setup) pairs replaces their rows and keeps the others of the same budget (`--fresh`: a new table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+TASKS = ("sst2", "mrpc", "cola")
+SETUPS = {
+    "full": ("full fine-tune", []),
+    "frozen2": ("frozen emb + layers 0-1", ["--freeze_embeddings", "--freeze_first_n_layers", "2"]),
+    "frozen4": ("frozen emb + layers 0-3", ["--freeze_embeddings", "--freeze_first_n_layers", "4"]),
+    "lora": ("LoRA r=8 (query, value)", ["--use_lora"]),
+}
+METRIC_NAMES = {"accuracy": "acc", "f1": "F1", "matthews_correlation": "MCC", "pearson": "Pearson",
+                "spearmanr": "Spearman"}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=["cola", "sst2", "mrpc", "qqp", "stsb",
+                        "mnli", "qnli", "rte", "wnli"], help="GLUE tasks (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS),
+                        help="what to train (default: all)")  # fmt: skip
+    parser.add_argument("--dataset_name", default="../shared/glue", help="GLUE data (default: %(default)s)")
+    parser.add_argument("--model_name_or_path", default=None, help="default: run_glue.py's (all-MiniLM-L6-v2)")
+    parser.add_argument("--max_train_samples", type=int, default=4000, help="training rows per task (default: 4000)")
+    parser.add_argument("--num_train_epochs", type=float, default=1.0)
+    parser.add_argument("--seq_len", type=int, default=64, help="max_seq_length, except sentence pairs")
+    parser.add_argument("--pair_seq_len", type=int, default=128, help="max_seq_length of MRPC, RTE, ... pairs")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="full and frozen setups")
+    parser.add_argument("--lora_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--output_dir", default="outputs/glue_results")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new table; by default the new rows replace their (task, setup) in the existing "
+        "results.json, whose other rows are kept if they share the budget",
+    )
+    return parser
+
+
+def run_command(args: argparse.Namespace, task: str, setup: str, out: str) -> list[str]:
+    """The `run_glue.py` command line of one (task, setup) pair."""
+    single = task in ("cola", "sst2")
+    lr = args.lora_learning_rate if setup == "lora" else args.learning_rate
+    command = [
+        sys.executable, os.path.join(HERE, "run_glue.py"),
+        "--task_name", task, "--dataset_name", args.dataset_name, "--do_train", "--do_eval",
+        "--max_train_samples", str(args.max_train_samples), "--num_train_epochs", str(args.num_train_epochs),
+        "--max_seq_length", str(args.seq_len if single else args.pair_seq_len),
+        "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "64",
+        "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
+        "--learning_rate", str(lr), "--warmup_steps", "0.1", "--max_grad_norm", "1.0", "--clip_norm_type", "2",
+        "--grad_snapshot_steps", "10", "--logging_steps", "20", "--save_strategy", "no", "--seed", "42",
+        "--disable_tqdm", "true", "--output_dir", out, "--overwrite_output_dir",
+    ]  # fmt: skip
+    if args.model_name_or_path:
+        command += ["--model_name_or_path", args.model_name_or_path]
+    return command + SETUPS[setup][1]
+
+
+def run_and_measure(command: list[str], log_path: str) -> tuple[int, float, float]:
+    """Run `command` with its output in `log_path`; return exit status, wall seconds and peak RSS in MiB."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        # wait4 reaps this child and returns its own resource usage (ru_maxrss in KiB on Linux).
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def collect(task: str, setup: str, out: str, wall: float, peak_mib: float, args: argparse.Namespace) -> dict:
+    """One row of results from a finished run's `all_results.json` and `frozen_parameters.json`."""
+    from hf_gradtools.glue_metrics import glue_metric_names
+
+    with open(os.path.join(out, "all_results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    with open(os.path.join(out, "frozen_parameters.json"), encoding="utf-8") as f:
+        frozen = json.load(f)
+    total = frozen["num_trainable"] + frozen["num_frozen"]
+    return {
+        "task": task,
+        "setup": setup,
+        "metrics": {name: results[f"eval_{name}"] for name in glue_metric_names(task)},
+        "train_runtime_s": results["train_runtime"],
+        "train_samples_per_second": results["train_samples_per_second"],
+        "train_samples": results["train_samples"],
+        "eval_samples": results["eval_samples"],
+        "trainable_params": frozen["num_trainable"],
+        "total_params": total,
+        "peak_rss_mib": peak_mib,
+        "wall_s": wall,
+        "learning_rate": args.lora_learning_rate if setup == "lora" else args.learning_rate,
+        "budget": budget_key(args),
+    }
+
+
+def budget_key(args: argparse.Namespace) -> dict:
+    """The settings every row of one table must share (the learning rate is a column of its own)."""
+    keys = ("dataset_name", "model_name_or_path", "max_train_samples", "num_train_epochs", "seq_len", "pair_seq_len",
+            "batch_size", "gradient_accumulation_steps")  # fmt: skip
+    return {key: getattr(args, key) for key in keys}
+
+
+def merge(previous: list[dict], new: list[dict], budget: dict) -> list[dict]:
+    """`new` rows, plus the `previous` rows of the same budget that `new` does not redo, in table order."""
+    redone = {(row["task"], row["setup"]) for row in new}
+    kept = [r for r in previous if r.get("budget") == budget and (r["task"], r["setup"]) not in redone]
+    order = {task: i for i, task in enumerate(TASKS)}
+    setups = {setup: i for i, setup in enumerate(SETUPS)}
+    return sorted(kept + new, key=lambda r: (order.get(r["task"], len(order)), r["task"], setups[r["setup"]]))
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results as a markdown table.
+
+    Example:
+        >>> print(format_table([{"task": "sst2", "setup": "full", "metrics": {"accuracy": 0.8612},
+        ...     "train_runtime_s": 61.2, "train_samples_per_second": 32.7, "trainable_params": 22713986,
+        ...     "total_params": 22713986, "peak_rss_mib": 1510.4, "learning_rate": 1e-4}]).splitlines()[2])
+        | SST-2 | full fine-tune | 0.0001 | acc 0.861 | 61 | 32.7 | 22.71M (100%) | 1510 |
+    """
+    names = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
+             "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}  # fmt: skip
+    lines = [
+        "| task | setup | learning rate | validation metric | train time (s) | samples/s | trainable params "
+        "| peak RSS (MiB) |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        metric = ", ".join(f"{METRIC_NAMES.get(k, k)} {v:.3f}" for k, v in row["metrics"].items())
+        share = 100 * row["trainable_params"] / row["total_params"]
+        task = names.get(row["task"], row["task"])
+        lines.append(
+            f"| {task} | {SETUPS[row['setup']][0]} | {row['learning_rate']:g} | {metric} "
+            f"| {row['train_runtime_s']:.0f} | {row['train_samples_per_second']:.1f} "
+            f"| {row['trainable_params'] / 1e6:.2f}M ({share:.{0 if share >= 10 else 1}f}%) "
+            f"| {row['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def budget_line(args: argparse.Namespace) -> str:
+    return (
+        f"Budget per run: the first {args.max_train_samples} training rows (all of them if fewer), "
+        f"{args.num_train_epochs:g} epoch, batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation "
+        f"steps, max_seq_length {args.seq_len} (sentence pairs {args.pair_seq_len}), AdamW with the learning rate "
+        "of the table, 10% warmup then linear decay, L2 clipping at 1.0, seed 42; full validation split. "
+        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch CPU."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows, failed = [], []
+    for task in args.tasks:
+        for setup in args.setups:
+            out = os.path.join(args.output_dir, f"{task}-{setup}")
+            command = run_command(args, task, setup, out)
+            if args.dry_run:
+                print(" ".join(command))
+                continue
+            os.makedirs(out, exist_ok=True)
+            print(f"[{task} / {setup}] running ...", flush=True)
+            status, wall, peak = run_and_measure(command, os.path.join(out, "run.log"))
+            if status != 0:
+                print(f"[{task} / {setup}] FAILED with status {status}; see {out}/run.log", flush=True)
+                failed.append(f"{task}-{setup}")
+                continue
+            rows.append(collect(task, setup, out, wall, peak, args))
+            subprocess.run([sys.executable, "-m", "hf_gradtools", "plot", out], cwd=ROOT, check=False,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in rows[-1]["metrics"].items())
+            print(f"[{task} / {setup}] {metrics}; {wall:.0f} s wall, peak RSS {peak:.0f} MiB", flush=True)
+    if args.dry_run:
+        return 0
+    results_file = os.path.join(args.output_dir, "results.json")
+    if os.path.isfile(results_file) and not args.fresh:
+        with open(results_file, encoding="utf-8") as f:
+            rows = merge(json.load(f).get("runs", []), rows, budget_key(args))
+    table = format_table(rows)
+    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n\n" + budget_line(args) + "\n")
+    with open(results_file, "w", encoding="utf-8") as f:
+        json.dump({"budget": budget_line(args), "runs": rows}, f, indent=1)
+    print(table)
+    print(budget_line(args))
+    if failed:
+        print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

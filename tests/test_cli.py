@@ -1,0 +1,170 @@
+"""`hf-gradtools plot` and `summary` on the snapshot folder of a real (tiny) GradTrainer run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import BertConfig, BertForSequenceClassification
+
+from hf_gradtools import GradTrainer, GradTrainingArguments, load_grad_snapshots
+from hf_gradtools.cli import main
+from hf_gradtools.plotting import combine_norms, group_norm_series, group_norms, parameter_group
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class _Batches(Dataset):
+    def __init__(self, n: int, vocab: int, length: int = 8):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(5, vocab, (n, length), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> str:
+    """Four optimizer steps of a 3-layer BERT, embeddings and layer 0 frozen, a snapshot every step."""
+    out = str(tmp_path_factory.mktemp("run"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    args = GradTrainingArguments(
+        out, freeze_embeddings=True, freeze_first_n_layers=1, grad_snapshot_steps=1, max_steps=4,
+        per_device_train_batch_size=4, max_grad_norm=1.0, save_strategy="no", report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    GradTrainer(model=BertForSequenceClassification(config), args=args, train_dataset=_Batches(16, 40)).train()
+    return out
+
+
+def _description(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "frozen_parameters.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_groups_follow_the_layer_stack_and_skip_frozen_groups(run_dir):
+    description = _description(run_dir)
+    snapshots = load_grad_snapshots(run_dir)
+    groups = group_norms(snapshots[-1], description)
+    # Embeddings and layer 0 are frozen: no gradient, no group.
+    assert list(groups) == ["layer 1", "layer 2", "head"]
+    norms = snapshots[-1]["norms"]
+    layer1 = [v for name, v in norms.items() if name.startswith("bert.encoder.layer.1.")]
+    assert len(layer1) == 16
+    assert groups["layer 1"] == pytest.approx(math.sqrt(sum(v * v for v in layer1)))
+    head = [v for name, v in norms.items() if name.startswith(("bert.pooler.", "classifier."))]
+    assert groups["head"] == pytest.approx(math.sqrt(sum(v * v for v in head)))
+    # The groups partition the parameters, so they combine into the snapshot's total.
+    assert combine_norms(groups.values(), 2) == pytest.approx(snapshots[-1]["total_norm_pre_clip"], rel=1e-5)
+
+    steps, series = group_norm_series(snapshots, description)
+    assert steps == [1, 2, 3, 4] and all(len(v) == 4 for v in series.values())
+
+
+def test_parameter_group_and_norm_types():
+    embeddings = ["bert.embeddings"]
+    assert parameter_group("bert.embeddings.word_embeddings.weight", "bert.encoder.layer", embeddings) == "embeddings"
+    assert parameter_group("bert.encoder.layer.11.output.dense.bias", "bert.encoder.layer", embeddings) == "layer 11"
+    assert parameter_group("bert.encoder.layer_norm.weight", "bert.encoder.layer", embeddings) == "head"
+    assert parameter_group("classifier.weight", None, []) == "head"
+    # 1-norm: 1 + 2 + 2 = 5; 3-norm: (1 + 8 + 8) ** (1/3); inf: the largest.
+    assert combine_norms([1.0, 2.0, 2.0], 1) == pytest.approx(5.0)
+    assert combine_norms([1.0, 2.0, 2.0], 3.0) == pytest.approx(17 ** (1 / 3))
+    assert combine_norms([1.0, 2.0, 2.0], "inf") == 2.0
+    snapshot = {"step": 1, "norm_type": "inf", "norms": {"m.layers.0.w": 3.0, "m.layers.0.b": 7.0, "head.w": 1.0}}
+    assert group_norms(snapshot, {"layer_stack": "m.layers", "embeddings": []}) == {"layer 0": 7.0, "head": 1.0}
+
+
+def test_plot_writes_a_png(run_dir, capsys):
+    assert main(["plot", run_dir]) == 0
+    path = os.path.join(run_dir, "grad_norms.png")
+    assert capsys.readouterr().out.strip() == f"wrote {path}"
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] >= 300 and image.shape[1] >= 600
+    # Not blank: the lines put many distinct colours on the canvas.
+    assert len({tuple(px) for px in image.reshape(-1, image.shape[2])[::37].tolist()}) > 20
+
+
+def test_plot_to_another_file_and_from_the_snapshot_folder(run_dir, tmp_path):
+    target = tmp_path / "plots" / "norms.png"
+    assert main(["plot", os.path.join(run_dir, "grad_snapshots"), "--output", str(target)]) == 0
+    assert target.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_summary_prints_counts_and_largest_norms(run_dir, capsys):
+    assert main(["summary", run_dir, "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    description = _description(run_dir)
+    assert lines[0].startswith(
+        f"frozen: {len(description['frozen'])} tensors, {description['num_frozen']:,} elements; "
+        f"trainable: {len(description['trainable'])} tensors, {description['num_trainable']:,} elements"
+    )
+    assert "fully frozen groups: embeddings, layer 0" in lines[1]
+    assert "snapshots: 4 (steps 1 to 4), norm type 2" in lines[2]
+    assert (
+        lines[4] == f"largest gradient norms in the last snapshot (step 4), top 3 of {len(description['trainable'])}:"
+    )
+    last = load_grad_snapshots(run_dir)[-1]["norms"]
+    top = sorted(last.items(), key=lambda item: item[1], reverse=True)[:3]
+    listed = [line.split() for line in lines[5:]]
+    assert [row[2] for row in listed] == [name for name, _ in top]
+    assert [float(row[1]) for row in listed] == pytest.approx([v for _, v in top], rel=1e-3)
+
+
+def test_summary_mean_over_snapshots(run_dir, capsys):
+    assert main(["summary", run_dir, "--top", "1", "--mean"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[4].startswith("largest gradient norms, averaged over all 4 snapshots, top 1 of")
+    snapshots = load_grad_snapshots(run_dir)
+    names = snapshots[0]["norms"]
+    means = {n: sum(s["norms"][n] for s in snapshots) / 4 for n in names}
+    name, value = max(means.items(), key=lambda item: item[1])
+    assert out[5].split()[2] == name and float(out[5].split()[1]) == pytest.approx(value, rel=1e-3)
+
+
+@pytest.mark.parametrize("command", ["plot", "summary"])
+def test_a_folder_without_a_run_is_one_line_and_exit_1(tmp_path, capsys, command):
+    assert main([command, str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-gradtools: error: No frozen_parameters.json in")
+
+    (tmp_path / "frozen_parameters.json").write_text(json.dumps({"frozen": [], "trainable": []}))
+    assert main([command, str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No gradient snapshot" in err[0] and "--grad_snapshot_steps" in err[0]
+
+    assert main([command, str(tmp_path / "missing")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_2(run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", run_dir, "--top", "0"])
+    assert exit_info.value.code == 2
+    assert "must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_python_dash_m(run_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_gradtools", "summary", run_dir, "--top", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("frozen: ") and "top 2 of" in result.stdout

@@ -1,0 +1,424 @@
+"""Smoke runs of `examples/run_glue.py` on a tiny BERT and a few dozen rows the tests write, and its setup errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer  # noqa: E402
+
+from hf_gradtools import load_grad_snapshots  # noqa: E402
+from hf_gradtools.glue_metrics import compute_glue_metrics  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "run_glue.py")
+WORDS = "the a movie film plot actor is was not very good great fun bad awful boring and or".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+NUM_LAYERS = 3
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("run_glue", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_glue"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+run_glue = _load_script()
+
+
+def _tiny_config(**kwargs) -> BertConfig:
+    return BertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        **kwargs,
+    )
+
+
+def _save_tokenizer(folder: str) -> None:
+    BertTokenizer(vocab={token: i for i, token in enumerate(SPECIAL + WORDS)}).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> str:
+    """A bare tiny BERT encoder and its tokenizer: the classifier head is new, sized from the data."""
+    folder = str(tmp_path_factory.mktemp("tiny-bert"))
+    BertModel(_tiny_config()).save_pretrained(folder)
+    _save_tokenizer(folder)
+    return folder
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choices(WORDS, k=rng.randint(3, 9)))
+
+
+def _write(path: str, rows: list[dict]) -> str:
+    if path.endswith(".csv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def _rows(kind: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    if kind == "single":
+        return [{"sentence": _sentence(rng), "label": rng.randint(0, 1), "idx": i} for i in range(n)]
+    if kind == "pair":
+        return [
+            {"sentence1": _sentence(rng), "sentence2": _sentence(rng), "label": rng.randint(0, 1)} for _ in range(n)
+        ]
+    return [
+        {"sentence1": _sentence(rng), "sentence2": _sentence(rng), "label": round(rng.uniform(0, 5), 2)}
+        for _ in range(n)
+    ]
+
+
+def _common(model: str, out: str) -> list[str]:
+    return [
+        "--model_name_or_path", model,
+        "--output_dir", out,
+        "--max_seq_length", "24",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8",
+        "--learning_rate", "1e-3",
+        "--save_strategy", "no",
+        "--disable_tqdm", "true",
+        "--log_level", "error",
+    ]  # fmt: skip
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_predictions(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "index\tprediction"
+    return [line.split("\t")[1] for line in lines[1:]]
+
+
+def _numel(folder: str, prefixes: tuple[str, ...]) -> int:
+    model = BertForSequenceClassification.from_pretrained(folder)
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefixes))
+
+
+def _check_snapshots(out: str, steps: list[int], trainable: list[str], norm_type: float, max_norm: float):
+    snapshots = load_grad_snapshots(out)
+    assert [s["step"] for s in snapshots] == steps
+    for snapshot in snapshots:
+        assert snapshot["norm_type"] == ("inf" if math.isinf(norm_type) else norm_type)
+        assert list(snapshot["norms"]) == trainable
+        norms = np.array(list(snapshot["norms"].values()))
+        assert np.all(np.isfinite(norms)) and np.all(norms >= 0) and norms.max() > 0
+        # The total is the norm of the per-parameter norms, and clipping brings it under `max_grad_norm`.
+        expected = norms.max() if math.isinf(norm_type) else (norms**norm_type).sum() ** (1 / norm_type)
+        assert snapshot["total_norm_pre_clip"] == pytest.approx(expected, rel=1e-4)
+        assert snapshot["total_norm_post_clip"] <= min(max_norm, snapshot["total_norm_pre_clip"]) * (1 + 1e-4)
+
+
+def test_single_sentence_task_trains_evaluates_predicts(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 48, seed=0))
+    dev_rows = _rows("single", 20, seed=1)
+    dev = _write(str(tmp_path / "dev.json"), dev_rows)
+    test = _write(str(tmp_path / "test.csv"), [{"sentence": r["sentence"]} for r in dev_rows])  # no labels
+    out = str(tmp_path / "out")
+    # 48 rows / batch 4 = 12 micro-batches, accumulated by 2: 6 optimizer steps; a snapshot every 2 steps.
+    args = _common(encoder, out) + [
+        "--task_name", "sst2", "--train_file", train, "--validation_file", dev, "--test_file", test,
+        "--do_train", "--do_eval", "--do_predict", "--num_train_epochs", "1", "--gradient_accumulation_steps", "2",
+        "--freeze_embeddings", "--freeze_first_n_layers", "1", "--max_grad_norm", "0.5", "--clip_norm_type", "2",
+        "--grad_snapshot_steps", "2",
+    ]  # fmt: skip
+    results = run_glue.main(args)
+
+    assert results["train_samples"] == 48 and results["eval_samples"] == 20
+    eval_results = _read_json(os.path.join(out, "eval_results.json"))
+    assert 0.0 <= eval_results["eval_accuracy"] <= 1.0 and math.isfinite(eval_results["eval_loss"])
+    # The test rows are the validation rows without labels: their predictions reproduce the validation accuracy.
+    predictions = [int(p) for p in _read_predictions(os.path.join(out, "predict_results_sst2.txt"))]
+    assert len(predictions) == 20 and set(predictions) <= {0, 1}
+    expected = compute_glue_metrics("sst2", predictions, [r["label"] for r in dev_rows])["accuracy"]
+    assert eval_results["eval_accuracy"] == pytest.approx(expected)
+    assert "predict_accuracy" not in results  # no labels, no test metrics
+
+    frozen = _read_json(os.path.join(out, "frozen_parameters.json"))
+    assert frozen["layer_stack"] == "bert.encoder.layer" and frozen["embeddings"] == ["bert.embeddings"]
+    assert all(n.startswith(("bert.embeddings.", "bert.encoder.layer.0.")) for n in frozen["frozen"])
+    assert frozen["num_frozen"] == _numel(out, ("bert.embeddings.", "bert.encoder.layer.0."))
+    assert frozen["num_trainable"] == _numel(
+        out, ("bert.encoder.layer.1.", "bert.encoder.layer.2.", "bert.pooler.", "classifier.")
+    )
+    assert frozen["trainable"][-2:] == ["classifier.weight", "classifier.bias"]
+    _check_snapshots(out, [2, 4, 6], frozen["trainable"], norm_type=2.0, max_norm=0.5)
+
+    config = _read_json(os.path.join(out, "config.json"))
+    assert config["id2label"] == {"0": "0", "1": "1"} and config["finetuning_task"] == "sst2"
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert not any(name.startswith("checkpoint-") for name in os.listdir(out))
+
+
+def test_sentence_pair_task_with_inf_norm_and_a_json_config(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.json"), _rows("pair", 40, seed=2))
+    dev_rows = _rows("pair", 24, seed=3)
+    dev = _write(str(tmp_path / "dev.csv"), dev_rows)
+    out = str(tmp_path / "out")
+    # All flags in a JSON config file: `python run_glue.py config.json`.
+    config = {
+        "model_name_or_path": encoder, "output_dir": out, "task_name": "mrpc", "train_file": train,
+        "validation_file": dev, "test_file": dev, "do_train": True, "do_eval": True, "do_predict": True,
+        "max_seq_length": 24, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_steps": 4,
+        "clip_norm_type": "inf", "max_grad_norm": 0.01, "grad_snapshot_steps": 1, "save_strategy": "no",
+        "disable_tqdm": True, "log_level": "error",
+    }  # fmt: skip
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config))
+    results = run_glue.main([str(config_file)])
+
+    # Test file = validation file, with labels: the test metrics equal the validation metrics.
+    assert results["eval_accuracy"] == pytest.approx(results["predict_accuracy"])
+    assert results["eval_f1"] == pytest.approx(results["predict_f1"])
+    predictions = [int(p) for p in _read_predictions(os.path.join(out, "predict_results_mrpc.txt"))]
+    expected = compute_glue_metrics("mrpc", predictions, [r["label"] for r in dev_rows])
+    assert results["eval_accuracy"] == pytest.approx(expected["accuracy"])
+    assert results["eval_f1"] == pytest.approx(expected["f1"])
+
+    frozen = _read_json(os.path.join(out, "frozen_parameters.json"))
+    assert frozen["frozen"] == [] and frozen["num_frozen"] == 0
+    _check_snapshots(out, [1, 2, 3, 4], frozen["trainable"], norm_type=math.inf, max_norm=0.01)
+
+
+def test_regression_task(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("regression", 32, seed=4))
+    dev_rows = _rows("regression", 16, seed=5)
+    dev = _write(str(tmp_path / "dev.csv"), dev_rows)
+    out = str(tmp_path / "out")
+    args = _common(encoder, out) + [
+        "--task_name", "stsb", "--train_file", train, "--validation_file", dev, "--test_file", dev,
+        "--do_train", "--do_eval", "--do_predict", "--num_train_epochs", "1", "--freeze_first_n_layers", "3",
+        "--freeze_embeddings",
+        "--grad_snapshot_steps", "4", "--clip_norm_type", "1",
+    ]  # fmt: skip
+    results = run_glue.main(args)
+
+    for key in ("eval_pearson", "eval_spearmanr"):
+        assert -1.0 <= results[key] <= 1.0
+    scores = [float(p) for p in _read_predictions(os.path.join(out, "predict_results_stsb.txt"))]
+    labels = [r["label"] for r in dev_rows]
+    # Scores are written in full float32 precision; the frozen tiny model's scores are nearly constant, so their
+    # correlation is sensitive to the last bits of the evaluation and prediction passes.
+    assert results["eval_pearson"] == pytest.approx(np.corrcoef(scores, labels)[0, 1], abs=1e-3)
+    assert _read_json(os.path.join(out, "config.json"))["problem_type"] == "regression"
+
+    frozen = _read_json(os.path.join(out, "frozen_parameters.json"))
+    # Every layer frozen: only the pooler and the one-output head train. 32 rows / 4 = 8 steps.
+    assert frozen["trainable"] == ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                                   "classifier.bias"]  # fmt: skip
+    assert _read_json(os.path.join(out, "train_results.json"))["train_samples"] == 32
+    _check_snapshots(out, [4, 8], frozen["trainable"], norm_type=1.0, max_norm=1.0)
+
+
+def test_lora_keeps_freezing_and_snapshots(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 16, seed=6))
+    out = str(tmp_path / "out")
+    args = _common(encoder, out) + [
+        "--task_name", "cola", "--train_file", train, "--validation_file", train, "--do_train", "--do_eval",
+        "--max_steps", "2", "--use_lora", "--lora_target_modules", "query", "value", "--freeze_first_n_layers", "1",
+        "--grad_snapshot_steps", "1",
+    ]  # fmt: skip
+    results = run_glue.main(args)
+    assert -1.0 <= results["eval_matthews_correlation"] <= 1.0
+
+    frozen = _read_json(os.path.join(out, "frozen_parameters.json"))
+    assert frozen["layer_stack"] == "base_model.model.bert.encoder.layer"
+    trainable = frozen["trainable"]
+    lora = [n for n in trainable if ".lora_" in n]
+    # query and value of layers 1 and 2 (layer 0 frozen), A and B each.
+    assert len(lora) == 8 and not any(".layer.0." in n for n in lora)
+    assert [n for n in trainable if n not in lora] == [
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+    ]
+    assert list(load_grad_snapshots(out)[-1]["norms"]) == trainable
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+# ---- errors before training ----
+
+
+def _assert_setup_error(args: list[str], out: str, match: str) -> None:
+    with pytest.raises(run_glue.GlueSetupError, match=match):
+        run_glue.main(args)
+    assert not os.path.exists(out), "a setup error must leave the output folder unwritten"
+
+
+def test_bad_task_name(encoder, tmp_path):
+    out = str(tmp_path / "out")
+    _assert_setup_error(
+        _common(encoder, out) + ["--task_name", "sst5", "--do_train"],
+        out,
+        r"`task_name` must be one of cola, .*got 'sst5'",
+    )
+
+
+def test_missing_column(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=7))
+    out = str(tmp_path / "out")
+    _assert_setup_error(
+        _common(encoder, out) + ["--task_name", "mrpc", "--train_file", train, "--do_train"],
+        out,
+        r"`train_file` '.*train.csv' has no column 'sentence1', 'sentence2' for task 'mrpc'; its columns are",
+    )
+    no_label = _write(str(tmp_path / "nolabel.csv"), [{"sentence": "the movie"}, {"sentence": "a plot"}])
+    _assert_setup_error(
+        _common(encoder, out)
+        + [
+            "--task_name",
+            "sst2",
+            "--train_file",
+            train,
+            "--validation_file",
+            no_label,
+            "--do_train",
+            "--do_eval",
+        ],  # fmt: skip
+        out,
+        r"`validation_file` .* has no column 'label'",
+    )
+
+
+def test_label_count_mismatch(tmp_path):
+    folder = str(tmp_path / "three-way")
+    BertForSequenceClassification(_tiny_config(num_labels=3)).save_pretrained(folder)
+    _save_tokenizer(folder)
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=8))
+    out = str(tmp_path / "out")
+    args = _common(folder, out) + ["--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "1"]
+    _assert_setup_error(
+        args,
+        out,
+        r"sequence-classification checkpoint with num_labels=3 .* but the data has 2 labels .*"
+        r"--ignore_mismatched_sizes",
+    )
+    # Asked for explicitly, a new two-way head replaces the three-way one.
+    run_glue.main(args + ["--ignore_mismatched_sizes"])
+    assert _read_json(os.path.join(out, "config.json"))["id2label"] == {"0": "0", "1": "1"}
+
+
+def test_unreadable_files(encoder, tmp_path):
+    out = str(tmp_path / "out")
+    missing = str(tmp_path / "nope.csv")
+    _assert_setup_error(
+        _common(encoder, out) + ["--task_name", "sst2", "--train_file", missing, "--do_train"],
+        out,
+        r"`train_file` '.*nope.csv' does not exist",
+    )
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"sentence": "the movie", "label": 1}\n{"sentence": ')
+    _assert_setup_error(
+        _common(encoder, out) + ["--task_name", "sst2", "--train_file", str(broken), "--do_train"],
+        out,
+        r"`train_file` '.*broken.json' could not be read as json",
+    )
+    _assert_setup_error(
+        _common(encoder, out) + ["--task_name", "sst2", "--train_file", str(tmp_path / "data.parquet"), "--do_train"],
+        out,
+        r"`train_file` must be a .csv, .json or .jsonl file, got '.*data.parquet'",
+    )
+
+
+def test_freezing_too_many_layers_and_missing_split(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=9))
+    out = str(tmp_path / "out")
+    base = _common(encoder, out) + ["--task_name", "sst2", "--train_file", train]
+    _assert_setup_error(base + ["--do_train", "--freeze_first_n_layers", "4"], out, r"has only 3 layers")
+    _assert_setup_error(base + ["--do_train", "--do_eval"], out, r"--do_eval needs `--validation_file`")
+
+
+def test_existing_run_needs_overwrite_and_loses_its_old_snapshots(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=10))
+    out = tmp_path / "out"
+    stale = out / "grad_snapshots" / "step-00000099.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    args = _common(encoder, str(out)) + [
+        "--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "2", "--grad_snapshot_steps", "1",
+    ]  # fmt: skip
+    with pytest.raises(
+        run_glue.GlueSetupError, match=r"already holds a run \(grad_snapshots\).*--overwrite_output_dir"
+    ):
+        run_glue.main(args)
+    assert stale.exists()
+    run_glue.main(args + ["--overwrite_output_dir"])
+    assert sorted(os.listdir(out / "grad_snapshots")) == ["step-00000001.json", "step-00000002.json"]
+
+
+def test_cli_prints_one_line_and_exits_2(encoder, tmp_path, capsys):
+    assert run_glue.cli(_common(encoder, str(tmp_path / "o")) + ["--task_name", "qqp2", "--do_train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("run_glue.py: error: `task_name` must be one of")
+
+
+def test_every_glue_task_is_known():
+    assert list(run_glue.GLUE_TASKS) == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
+    assert run_glue.GLUE_TASKS["stsb"].is_regression and run_glue.GLUE_TASKS["mnli"].num_labels == 3
+    assert run_glue.GLUE_TASKS["mnli"].eval_splits == ("validation_matched", "validation_mismatched")
+    # Task names are matched loosely, as GLUE writes them.
+    assert run_glue.DataTrainingArguments(task_name="SST-2").task_name == "sst2"
+
+
+def test_checkpoint_with_the_same_labels_in_another_order_keeps_its_order(tmp_path):
+    folder = str(tmp_path / "reversed")
+    config = _tiny_config(num_labels=2, id2label={0: "positive", 1: "negative"})
+    BertForSequenceClassification(config).save_pretrained(folder)
+    _save_tokenizer(folder)
+    model_args = run_glue.ModelArguments(model_name_or_path=folder)
+    data_args = run_glue.DataTrainingArguments(task_name="sst2")
+    task = run_glue.TaskData(("sentence",), False, ["negative", "positive"], None, "train", [], [])
+    config, _, model = run_glue.load_model_and_tokenizer(model_args, data_args, task)
+    # Data id 0 ("negative") is the checkpoint's output 1, and the other way round.
+    assert task.label_to_id == {0: 1, 1: 0}
+    assert config.id2label == {0: "positive", 1: "negative"} and model.config.num_labels == 2
+
+
+def test_mnli_from_a_local_folder_laid_out_like_the_hub(encoder, tmp_path):
+    from datasets import Dataset
+
+    root = tmp_path / "glue"
+    rng = random.Random(11)
+    splits = {"train": 24, "validation_matched": 8, "validation_mismatched": 12}
+    for split, n in splits.items():
+        rows = [{"premise": _sentence(rng), "hypothesis": _sentence(rng), "label": i % 3, "idx": i} for i in range(n)]
+        (root / "mnli").mkdir(parents=True, exist_ok=True)
+        Dataset.from_list(rows).to_parquet(str(root / "mnli" / f"{split}-00000-of-00001.parquet"))
+    files = "".join(f"  - split: {split}\n    path: mnli/{split}-*\n" for split in splits)
+    (root / "README.md").write_text(f"---\nconfigs:\n- config_name: mnli\n  data_files:\n{files}---\n")
+    out = str(tmp_path / "out")
+    flags = ["--task_name", "mnli", "--dataset_name", str(root), "--do_train", "--do_eval", "--max_steps", "2"]
+    results = run_glue.main(_common(encoder, out) + flags + ["--max_eval_samples", "10"])
+    assert results["eval_matched_samples"] == 8 and results["eval_mismatched_samples"] == 10
+    for key in ("eval_matched_accuracy", "eval_mismatched_accuracy"):
+        assert 0.0 <= results[key] <= 1.0
+    # Three classes: a three-way head, named by the dataset's (here unnamed) class ids.
+    assert _read_json(os.path.join(out, "config.json"))["id2label"] == {"0": "0", "1": "1", "2": "2"}
