@@ -89,9 +89,17 @@ def micro_batch_loss_weights(
     """
     if not batches:
         return torch.zeros(0)
-    counts = [torch.as_tensor(count_loss_items(b, shifts_labels)) for b in batches]
-    device = next((c.device for c in counts if c.device.type != "cpu"), counts[0].device)
-    counts_t = torch.stack([c.to(device=device, dtype=torch.float64) for c in counts])
+    device = next((v.device for v in batches[0].values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    counts = [count_loss_items(b, shifts_labels) for b in batches]
+    # Python counts become device scalars through a fill kernel rather than a blocking host-to-device copy.
+    counts_t = torch.stack(
+        [
+            c.to(device=device, dtype=torch.float64)
+            if isinstance(c, torch.Tensor)
+            else torch.full((), c, device=device, dtype=torch.float64)
+            for c in counts
+        ]
+    )
     window = counts_t.sum()
     if world_size > 1:
         if gather_sum is None:

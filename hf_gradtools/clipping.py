@@ -67,19 +67,23 @@ def _grouped(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtyp
 
 
 def grad_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """Norm of each tensor in `grads` as one float32 1-D tensor on the first tensor's device (fused per group)."""
+    """Norm of each tensor in `grads` as one float32 1-D tensor on the first tensor's device (fused per group).
+
+    No index tensor is copied from the host: only kernels are queued.
+    """
     if not grads:
         return torch.zeros(0)
     device = grads[0].device
-    norms = torch.empty(len(grads), device=device, dtype=torch.float32)
+    norms: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
     for (group_device, _), indices in _grouped(grads).items():
         group = [grads[i] for i in indices]
         if group_device.type in ("cpu", "cuda", "xpu", "mps"):
             values = torch._foreach_norm(group, norm_type)
         else:
             values = [torch.linalg.vector_norm(g, norm_type) for g in group]
-        norms[torch.tensor(indices, device=device)] = torch.stack(values).to(device, torch.float32)
-    return norms
+        for i, value in zip(indices, values, strict=True):
+            norms[i] = value
+    return torch.stack([n.to(device, torch.float32) for n in norms])
 
 
 def total_norm(param_norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:

@@ -162,8 +162,8 @@ class GradTrainer(Trainer):
         """Clip the accumulated gradients, feed due snapshots, and return the total norm before clipping."""
         self.accelerator.unscale_gradients()
         args = self.args
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
-        grads = [p.grad for _, p in named]
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
         due = [
             cb
             for cb in self.callback_handler.callbacks
@@ -172,12 +172,10 @@ class GradTrainer(Trainer):
         # A callback given its own norm type measures before clipping, in that norm.
         other_norms = {id(cb): grad_norms(grads, cb.norm(args)) for cb in due if cb.norm(args) != args.clip_norm_type}
         result = clip_gradients(
-            [p for _, p in named],
-            max_norm=args.max_grad_norm,
-            norm_type=args.clip_norm_type,
-            clip_value=args.clip_grad_value,
+            params, max_norm=args.max_grad_norm, norm_type=args.clip_norm_type, clip_value=args.clip_grad_value
         )
-        names = [n for n, _ in named]
+        # Names only on snapshot steps; `named_parameters()` walks the parameters in `parameters()` order.
+        names = [n for n, p in self.model.named_parameters() if p.grad is not None] if due else []
         for callback in due:
             if id(callback) in other_norms:
                 norm_type, norms = callback.norm(args), other_norms[id(callback)]
