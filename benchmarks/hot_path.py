@@ -74,9 +74,7 @@ def main() -> None:
             snapshot.flush()
             end_to_end.append(time.perf_counter() - start)
         rows.append(("snapshot step: clip + hand-off (training thread)", statistics.median(handoff) * 1e3))
-        rows.append(
-            ("snapshot step: ... + background read-back and write", statistics.median(end_to_end) * 1e3)
-        )
+        rows.append(("snapshot step: ... + background read-back and write", statistics.median(end_to_end) * 1e3))
     print("| work per optimizer step | ms (median) |\n|---|---:|")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} |")

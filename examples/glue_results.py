@@ -26,6 +26,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from hf_gradtools.atomic import write_json_atomic, write_text_atomic
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -210,10 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(results_file, encoding="utf-8") as f:
             rows = merge(json.load(f).get("runs", []), rows, budget_key(args))
     table = format_table(rows)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n\n" + budget_line(args) + "\n")
-    with open(results_file, "w", encoding="utf-8") as f:
-        json.dump({"budget": budget_line(args), "runs": rows}, f, indent=1)
+    write_text_atomic(os.path.join(args.output_dir, "results.md"), table + "\n\n" + budget_line(args) + "\n")
+    write_json_atomic(results_file, {"budget": budget_line(args), "runs": rows})
     print(table)
     print(budget_line(args))
     if failed:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import transformers
 from transformers import (
     AutoConfig,
@@ -40,6 +41,7 @@ from transformers import (
 )
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
+from hf_gradtools.atomic import write_text_atomic
 from hf_gradtools.glue_metrics import compute_glue_metrics
 from hf_gradtools.snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, describe_parameters, summary_line
 from hf_gradtools.trainer import apply_freezing
@@ -670,9 +672,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             path = os.path.join(
                 training_args.output_dir, f"predict_results_{name}{'' if prefix == 'predict' else '_' + split}.txt"
             )
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("index\tprediction\n")
-                f.writelines(f"{i}\t{value}\n" for i, value in enumerate(values))
+            write_text_atomic(path, "index\tprediction\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
             logger.info("Wrote %d predictions to %s", len(values), path)
         if prediction.metrics:
             trainer.log_metrics(prefix, prediction.metrics)
@@ -694,6 +694,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except GlueSetupError as error:
         print(f"run_glue.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # under torchrun: a clean exit on every rank
     return 0
 
 

@@ -8,13 +8,13 @@ import threading
 from typing import Any
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same folder, `fsync` and `os.replace`.
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, `fsync` and `os.replace`.
 
     The file gets the usual permissions (0666 less the umask), as `open` would give it.
 
     Example:
-        >>> write_json_atomic("out/frozen_parameters.json", {"frozen": []})  # doctest: +SKIP
+        >>> write_text_atomic("out/predict_results_sst2.txt", "index\\tprediction\\n")  # doctest: +SKIP
     """
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
@@ -22,7 +22,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,3 +30,12 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON to `path` atomically (see `write_text_atomic`).
+
+    Example:
+        >>> write_json_atomic("out/frozen_parameters.json", {"frozen": []})  # doctest: +SKIP
+    """
+    write_text_atomic(path, json.dumps(data, indent=1))

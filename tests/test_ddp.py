@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,12 +10,6 @@ import pytest
 import torch
 
 WORKER = os.path.join(os.path.dirname(__file__), "helpers", "ddp_train.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, tmp_path):
@@ -34,12 +27,9 @@ def test_two_processes_equal_one(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # rendezvous on a free local port that torchrun picks itself
             "--nproc_per_node",
             "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
             WORKER,
             two,
             "2",

@@ -59,6 +59,11 @@ def main(out_file: str, batch: int, accumulation: int) -> None:
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         torch.save({"state": model.state_dict(), "losses": losses}, out_file)
+    if torch.distributed.is_initialized():
+        # Tear the gloo group down on every rank before exit; left to interpreter shutdown, a rank that ends
+        # first can abort in C++ ("terminate called without an active exception") while its peer still runs.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
