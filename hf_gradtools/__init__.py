@@ -1,7 +1,7 @@
 """hf_gradtools: layer freezing, clipping in any norm, exact gradient accumulation and gradient snapshots for the
 Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`."""
 
-from .accumulation import count_loss_items, micro_batch_loss_weights
+from .accumulation import ItemRule, count_items, micro_batch_loss_weights
 from .clipping import ClipResult, clip_gradients
 from .errors import GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
@@ -13,14 +13,22 @@ from .freezing import (
     unfreeze,
 )
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
+from .loss_probe import probe_loss_normalization
 from .snapshots import GradSnapshotCallback, load_grad_snapshots
-from .trainer import GradTrainer
-from .training_args import GradTrainingArguments
+from .trainer import GradSeq2SeqTrainer, GradTrainer, GradTrainerMixin
+from .training_args import GradArgumentsMixin, GradSeq2SeqTrainingArguments, GradTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipResult",
+    "GradArgumentsMixin",
+    "GradSeq2SeqTrainer",
+    "GradSeq2SeqTrainingArguments",
+    "GradTrainerMixin",
+    "ItemRule",
+    "count_items",
+    "probe_loss_normalization",
     "GradSnapshotCallback",
     "GradToolsError",
     "GradTrainer",
@@ -29,7 +37,6 @@ __all__ = [
     "LayerStackNotFoundError",
     "NoTrainableParametersError",
     "clip_gradients",
-    "count_loss_items",
     "find_input_embeddings",
     "find_layer_stack",
     "freeze",

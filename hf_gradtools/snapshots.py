@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -58,6 +59,7 @@ def describe_parameters(model: nn.Module) -> dict:
         else:
             frozen.append(name)
             num_frozen += param.numel()
+    tied = tied_parameter_names(model)
     try:
         stack = find_layer_stack(model).name
     except LayerStackNotFoundError:
@@ -73,7 +75,22 @@ def describe_parameters(model: nn.Module) -> dict:
         "num_trainable": num_trainable,
         "layer_stack": stack,
         "embeddings": embeddings,
+        # Tied names (e.g. `lm_head.weight` tied to the input embeddings): the same tensor as the listed name.
+        "tied": tied,
+        "frozen_tied": [alias for alias, name in tied.items() if name in set(frozen)],
     }
+
+
+def tied_parameter_names(model: nn.Module) -> dict[str, str]:
+    """`{alias: name}` for every parameter reachable under a second name (tied weights), in module order."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 def summary_line(description: dict) -> str:
@@ -95,16 +112,27 @@ class GradSnapshotCallback(TrainerCallback):
     steps it records. Hooks see each process's local gradient, so under DDP, or with fp16 loss scaling, on a plain
     `Trainer`, use `GradTrainer` to record the reduced, unscaled gradient.
 
+    Several callbacks on one trainer (say L2 every step and L1 every 2 steps) each need their own `name`: the
+    snapshots of a named callback go to `grad_snapshots_<name>/`. Two callbacks that would write the same folder
+    are refused at train begin, before any step.
+
     Args:
         every_n_steps: snapshot period in optimizer steps; default `args.grad_snapshot_steps` (0: none).
         norm_type: norm of the snapshots; default `args.clip_norm_type`, else 2.
+        name: letters, digits, `-` and `_`; the snapshot folder becomes `grad_snapshots_<name>`.
     """
 
-    def __init__(self, every_n_steps: int | None = None, norm_type: float | None = None):
+    # `(output_dir, folder)` -> `(id of the TrainerState of the run, callback)`: who writes where in a run.
+    _claims: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def __init__(self, every_n_steps: int | None = None, norm_type: float | None = None, name: str | None = None):
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 0):
             raise ValueError(f"`every_n_steps` must be a non-negative integer or None, got {every_n_steps!r}.")
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name)):
+            raise ValueError(f"`name` must be letters, digits, '-' and '_' (or None), got {name!r}.")
         self.every_n_steps = every_n_steps
         self.norm_type = norm_type
+        self.name = name
         # Set by GradTrainer, which then calls `record` from its clipping step.
         self.fed_by_trainer = False
         self._hooks: list = []
@@ -123,7 +151,24 @@ class GradSnapshotCallback(TrainerCallback):
         period = self.period(args)
         return period > 0 and (state.global_step + 1) % period == 0
 
+    @property
+    def folder(self) -> str:
+        """The snapshot folder's name inside `output_dir`."""
+        return SNAPSHOT_DIR if self.name is None else f"{SNAPSHOT_DIR}_{self.name}"
+
+    def _claim_folder(self, args, state) -> None:
+        key = (os.path.abspath(args.output_dir), self.folder)
+        holder = self._claims.get(key)
+        if holder is not None and holder[0] == id(state) and holder[1] != id(self):
+            raise ValueError(
+                f"Two GradSnapshotCallbacks would write the same snapshots to {self.folder!r}. Give each a "
+                "distinct `name`, e.g. GradSnapshotCallback(every_n_steps=2, norm_type=1, name='l1')."
+            )
+        self._claims[key] = (id(state), id(self))
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._remove_hooks()
+        self._claim_folder(args, state)
         if model is None or not state.is_world_process_zero:
             return
         description = describe_parameters(model)
@@ -133,6 +178,7 @@ class GradSnapshotCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.fed_by_trainer or model is None or not self.is_due(args, state):
             return
+        self._remove_hooks()  # left over by a step that raised
         norm_type = self.norm(args)
 
         def remember(param: torch.Tensor) -> None:
@@ -140,12 +186,19 @@ class GradSnapshotCallback(TrainerCallback):
 
         self._hooks = [p.register_post_accumulate_grad_hook(remember) for p in model.parameters() if p.requires_grad]
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not self._hooks:
-            return
+    def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._hook_norms = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self._hooks:
+            return
+        hooks = self._hooks
+        self._hooks = []
+        for hook in hooks:
+            hook.remove()
         named = [(n, p) for n, p in model.named_parameters() if id(p) in self._hook_norms]
         norm_type = self.norm(args)
         pre = torch.stack([self._hook_norms[id(p)].float() for _, p in named]) if named else torch.zeros(0)
@@ -164,7 +217,7 @@ class GradSnapshotCallback(TrainerCallback):
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-snapshots")
         step = state.global_step + 1
-        path = os.path.join(args.output_dir, SNAPSHOT_DIR, f"step-{step:08d}.json")
+        path = os.path.join(args.output_dir, self.folder, f"step-{step:08d}.json")
         self._pending.append(self._writer.submit(_write_snapshot, path, step, self.norm(args), names, result))
 
     def flush(self) -> None:
@@ -179,11 +232,21 @@ class GradSnapshotCallback(TrainerCallback):
         for future in done:
             future.result()
 
+    def close(self) -> None:
+        """Remove any gradient hook, write every queued snapshot and stop the writer thread (errors re-raised)."""
+        self._remove_hooks()
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
     def on_save(self, args, state, control, **kwargs):
         self.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.flush()
+        self.close()
 
 
 def _write_snapshot(path: str, step: int, norm_type: float, names: list[str], result: ClipResult) -> None:
