@@ -17,34 +17,29 @@ import builtins
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from conftest import classification_data, tiny_classifier  # noqa: E402
+from conftest import classification_data, grad_args, tiny_classifier  # noqa: E402
 
-from hf_gradtools import GradTrainer, GradTrainingArguments, atomic  # noqa: E402
+from hf_gradtools import GradTrainer, atomic  # noqa: E402
 
 MAX_STEPS = 8
 HANG_STEP = 6
 
 
 def make_trainer(output_dir: str, trainer_class: type = GradTrainer) -> GradTrainer:
-    args = GradTrainingArguments(
+    args = grad_args(
+        Path(output_dir).parent,
         output_dir=output_dir,
         per_device_train_batch_size=2,
         max_steps=MAX_STEPS,
-        learning_rate=1e-2,
         max_grad_norm=0.5,
         clip_norm_type=1.0,
         grad_snapshot_steps=1,
         save_strategy="steps",
         save_steps=2,
-        report_to="none",
-        logging_steps=1,
-        use_cpu=True,
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
-        seed=0,
         freeze_embeddings=True,
     )
     return trainer_class(model=tiny_classifier(), args=args, train_dataset=classification_data(2 * MAX_STEPS))
