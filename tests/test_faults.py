@@ -55,7 +55,8 @@ def reference(tmp_path_factory):
     return trainer
 
 
-def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference):
+def kill_when_hanging(tmp_path, where: str, waits_for: tuple[str, ...]) -> str:
+    """Run the worker until it hangs where asked, SIGKILL it, and return its output_dir."""
     out, signals = str(tmp_path / "out"), tmp_path / "signals"
     signals.mkdir()
     env = {
@@ -66,7 +67,7 @@ def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference
         "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
     }
     child = subprocess.Popen(
-        [sys.executable, WORKER, out, str(signals)],
+        [sys.executable, WORKER, out, str(signals), where],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
@@ -75,9 +76,9 @@ def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference
     )
     try:
         deadline = time.monotonic() + 240
-        while not ((signals / "snapshot").exists() and (signals / "save").exists()):
+        while not all((signals / name).exists() for name in waits_for):
             assert child.poll() is None, child.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the training process never reached step 6"
+            assert time.monotonic() < deadline, f"the training process never hung at {waits_for}"
             time.sleep(0.05)
         child.send_signal(signal.SIGKILL)
     finally:
@@ -85,7 +86,11 @@ def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference
         child.wait()
         child.stderr.close()
     assert child.returncode == -signal.SIGKILL
+    return out
 
+
+def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference):
+    out = kill_when_hanging(tmp_path, "writes", ("snapshot", "save"))
     # What the kill left: a half-written temporary snapshot file and a checkpoint-6 without its trainer state.
     folder = os.path.join(out, "grad_snapshots")
     (tmp,) = temporary_files(folder)
@@ -99,6 +104,16 @@ def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(out, True))
     assert trainer.state.global_step == 8
     assert checkpoint_problem(os.path.join(out, "checkpoint-6")) is None  # saved again, completely this time
+    assert_same_run(out, reference, trainer.model)
+
+
+def test_sigkill_mid_step_then_resume(tmp_path, reference):
+    out = kill_when_hanging(tmp_path, "step", ("step",))
+    assert temporary_files(out) == []
+    assert [s["step"] for s in load_grad_snapshots(out, strict=True)] == [1, 2, 3, 4, 5, 6]
+    assert last_complete_checkpoint(out) == os.path.join(out, "checkpoint-6")
+    trainer = load_worker().make_trainer(out)
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(out, True))
     assert_same_run(out, reference, trainer.model)
 
 

@@ -1,14 +1,15 @@
 """Train a tiny BERT classifier with GradTrainer (a snapshot every step, a checkpoint every 2), and hang on purpose
-at step 6 so that the test can SIGKILL the process in the middle of two writes:
+so that the test can SIGKILL the process at a known moment. WHERE is one of:
 
-- the background snapshot writer hangs half-way through writing the temporary file of `step-00000006.json`;
-- the checkpoint save of step 6 hangs after the model, optimizer and scheduler are written, before the RNG states
-  and `trainer_state.json`.
+- `writes`: at step 6, in the middle of two writes at once: the background snapshot writer hangs half-way through
+  the temporary file of `step-00000006.json`, and the checkpoint save of step 6 hangs after the model, optimizer
+  and scheduler are written, before the RNG states and `trainer_state.json`;
+- `step`: in the middle of step 7, after the encoder's forward pass and before the classifier's.
 
-Each hang first creates a file in SIGNAL_DIR (`snapshot`, `save`). `make_trainer` is also imported by the test, to
-resume the killed run and to train an uninterrupted reference with the same settings.
+Each hang first creates a file in SIGNAL_DIR (`snapshot`, `save`, `step`). `make_trainer` is also imported by the
+test, to resume the killed run and to train an uninterrupted reference with the same settings.
 
-Usage: python fault_train.py OUTPUT_DIR SIGNAL_DIR
+Usage: python fault_train.py OUTPUT_DIR SIGNAL_DIR WHERE
 """
 
 from __future__ import annotations
@@ -71,23 +72,31 @@ class HalfWrittenFile:
         return len(text)
 
 
-def main(output_dir: str, signal_dir: str) -> None:
+def main(output_dir: str, signal_dir: str, where: str) -> None:
     hang_name = f"step-{HANG_STEP:08d}.json"
 
     def open_that_hangs(path, *args, **kwargs):
         file = builtins.open(path, *args, **kwargs)
         return HalfWrittenFile(file, signal_dir) if hang_name in os.fspath(path) else file
 
-    atomic.open = open_that_hangs  # module global: shadows the builtin inside hf_gradtools.atomic only
-
     class HangingTrainer(GradTrainer):
         def _save_rng_state(self, output_dir):
-            if self.state.global_step == HANG_STEP:
+            if where == "writes" and self.state.global_step == HANG_STEP:
                 hang(signal_dir, "save")
             super()._save_rng_state(output_dir)
 
-    make_trainer(output_dir, HangingTrainer).train()
+    trainer = make_trainer(output_dir, HangingTrainer)
+    if where == "writes":
+        atomic.open = open_that_hangs  # module global: shadows the builtin inside hf_gradtools.atomic only
+    else:
+
+        def hang_in_step(module, inputs):
+            if trainer.state.global_step == HANG_STEP:  # step 7 is running
+                hang(signal_dir, "step")
+
+        trainer.model.classifier.register_forward_pre_hook(hang_in_step)
+    trainer.train()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])
