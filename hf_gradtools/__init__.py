@@ -2,6 +2,7 @@
 Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`."""
 
 from .accumulation import count_loss_items, micro_batch_loss_weights
+from .checkpoints import last_complete_checkpoint, resolve_resume_checkpoint
 from .clipping import ClipResult, clip_gradients
 from .errors import GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
@@ -13,7 +14,7 @@ from .freezing import (
     unfreeze,
 )
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
-from .snapshots import GradSnapshotCallback, load_grad_snapshots
+from .snapshots import DamagedSnapshotError, GradSnapshotCallback, load_grad_snapshots, prune_grad_snapshots
 from .trainer import GradTrainer
 from .training_args import GradTrainingArguments
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipResult",
+    "DamagedSnapshotError",
     "GradSnapshotCallback",
     "GradToolsError",
     "GradTrainer",
@@ -37,7 +39,10 @@ __all__ = [
     "freeze_first_n_layers",
     "get_frozen_parameters",
     "get_trainable_parameters",
+    "last_complete_checkpoint",
     "load_grad_snapshots",
     "micro_batch_loss_weights",
+    "prune_grad_snapshots",
+    "resolve_resume_checkpoint",
     "unfreeze",
 ]
