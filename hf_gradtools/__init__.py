@@ -14,7 +14,13 @@ from .freezing import (
     unfreeze,
 )
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
-from .snapshots import DamagedSnapshotError, GradSnapshotCallback, load_grad_snapshots, prune_grad_snapshots
+from .snapshots import (
+    DamagedSnapshotError,
+    GradSnapshotCallback,
+    discard_grad_snapshots_after,
+    load_grad_snapshots,
+    prune_grad_snapshots,
+)
 from .trainer import GradTrainer
 from .training_args import GradTrainingArguments
 
@@ -32,6 +38,7 @@ __all__ = [
     "NoTrainableParametersError",
     "clip_gradients",
     "count_loss_items",
+    "discard_grad_snapshots_after",
     "find_input_embeddings",
     "find_layer_stack",
     "freeze",

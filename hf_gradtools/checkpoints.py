@@ -58,6 +58,12 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     return "no model weights"
 
 
+def checkpoint_step(folder: str | os.PathLike) -> int:
+    """The `global_step` recorded in the checkpoint's `trainer_state.json`."""
+    with open(os.path.join(os.fspath(folder), TRAINER_STATE_FILE), encoding="utf-8") as f:
+        return int(json.load(f)["global_step"])
+
+
 def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     """Whether `folder` is a checkpoint whose save finished (see `checkpoint_problem`)."""
     return checkpoint_problem(folder) is None

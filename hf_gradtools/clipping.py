@@ -102,8 +102,8 @@ def _reduction_key(grad: torch.Tensor) -> tuple:
 def _sharded_grad_norms(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """`grad_norms` for a list holding DTensors: local norms, then one all-reduce per reduction group."""
     local = _local(grads)
-    device = local[0].device
     nonempty = [i for i, g in enumerate(local) if g.numel() > 0]
+    device = local[nonempty[0] if nonempty else 0].device  # where `grad_norms` puts the local norms
     zero = torch.zeros((), device=device, dtype=torch.float32)  # an empty shard has norm 0
     norms = [zero] * len(grads)
     if nonempty:

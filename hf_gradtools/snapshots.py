@@ -283,7 +283,36 @@ def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSn
 _SNAPSHOT_FILE = re.compile(r"^step-(\d+)(.*)\.(json|safetensors)$")
 
 
-def prune_grad_snapshots(path: str | os.PathLike, keep: int | None) -> list[str]:
+def _snapshot_files(folder: str, variant: str | None) -> list[tuple[int, str, list[str]]]:
+    """`(step, stem, [file names])` of each snapshot in `folder`, oldest first; `[]` when there is no folder."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    stems: dict[str, tuple[int, list[str]]] = {}
+    for name in names:
+        match = _SNAPSHOT_FILE.match(name)
+        if match is None or (variant is not None and match.group(2) != variant):
+            continue
+        stem = name[: -len(match.group(3)) - 1]
+        stems.setdefault(stem, (int(match.group(1)), []))[1].append(name)
+    return sorted((step, stem, sorted(files)) for stem, (step, files) in stems.items())
+
+
+def _remove(folder: str, snapshots: list[tuple[int, str, list[str]]]) -> list[str]:
+    removed = []
+    for _, _, names in snapshots:
+        for name in names:
+            file = os.path.join(folder, name)
+            try:
+                os.remove(file)
+            except FileNotFoundError:  # removed meanwhile by another caller
+                continue
+            removed.append(file)
+    return removed
+
+
+def prune_grad_snapshots(path: str | os.PathLike, keep: int | None, variant: str | None = None) -> list[str]:
     """Delete all but the newest `keep` snapshots of a run; return the paths deleted.
 
     A snapshot is every `step-<N>...json` / `step-<N>...safetensors` file with the same stem (the name without its
@@ -294,6 +323,9 @@ def prune_grad_snapshots(path: str | os.PathLike, keep: int | None) -> list[str]
     Args:
         path: the run's `output_dir`, or its `grad_snapshots` folder.
         keep: how many snapshots to keep, at least 1; `None` keeps all.
+        variant: count only the snapshots whose name has exactly this between the step number and the ending
+            (`""` for `step-00000010.json`), so that snapshot series sharing a folder are pruned one by one;
+            `None`: every snapshot in the folder.
 
     Example:
         >>> prune_grad_snapshots("out", keep=3)  # doctest: +SKIP
@@ -304,26 +336,16 @@ def prune_grad_snapshots(path: str | os.PathLike, keep: int | None) -> list[str]
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"`keep` must be a positive integer or None (keep all), got {keep!r}.")
     folder = snapshot_folder(path)
-    try:
-        names = os.listdir(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    stems: dict[str, list[str]] = {}
-    order: dict[str, tuple[int, str]] = {}
-    for name in names:
-        match = _SNAPSHOT_FILE.match(name)
-        if match is None:
-            continue
-        stem = name[: -len(match.group(3)) - 1]
-        stems.setdefault(stem, []).append(name)
-        order[stem] = (int(match.group(1)), stem)
-    removed = []
-    for stem in sorted(stems, key=order.__getitem__)[: max(len(stems) - keep, 0)]:
-        for name in sorted(stems[stem]):
-            file = os.path.join(folder, name)
-            try:
-                os.remove(file)
-            except FileNotFoundError:
-                continue
-            removed.append(file)
-    return removed
+    snapshots = _snapshot_files(folder, variant)
+    return _remove(folder, snapshots[: max(len(snapshots) - keep, 0)])
+
+
+def discard_grad_snapshots_after(path: str | os.PathLike, step: int, variant: str | None = None) -> list[str]:
+    """Delete the snapshots of steps after `step`; return the paths deleted.
+
+    For a run resumed from the checkpoint of `step`: the snapshots a killed run wrote after its last checkpoint
+    belong to steps the resumed run does again, and would otherwise stay (from the lost run) wherever the resumed
+    run does not write the same name. Files are matched as in `prune_grad_snapshots`.
+    """
+    folder = snapshot_folder(path)
+    return _remove(folder, [s for s in _snapshot_files(folder, variant) if s[0] > step])

@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from hf_gradtools import atomic, load_grad_snapshots
-from hf_gradtools.checkpoints import checkpoint_problem, last_complete_checkpoint, resolve_resume_checkpoint
+from hf_gradtools.checkpoints import (
+    checkpoint_problem,
+    checkpoint_step,
+    last_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
+from hf_gradtools.snapshots import discard_grad_snapshots_after
 
 WORKER = os.path.join(os.path.dirname(__file__), "helpers", "fault_train.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +107,12 @@ def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference
     assert last_complete_checkpoint(out) == os.path.join(out, "checkpoint-4")
 
     trainer = load_worker().make_trainer(out)
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(out, True))
+    checkpoint = resolve_resume_checkpoint(out, True)
+    # Step 5 is done again after resuming: its snapshot from the killed run goes first.
+    assert discard_grad_snapshots_after(out, checkpoint_step(checkpoint)) == [
+        os.path.join(folder, "step-00000005.json")
+    ]
+    trainer.train(resume_from_checkpoint=checkpoint)
     assert trainer.state.global_step == 8
     assert checkpoint_problem(os.path.join(out, "checkpoint-6")) is None  # saved again, completely this time
     assert_same_run(out, reference, trainer.model)

@@ -9,7 +9,12 @@ import os
 import pytest
 
 from hf_gradtools.atomic import write_json_atomic
-from hf_gradtools.snapshots import DamagedSnapshotError, load_grad_snapshots, prune_grad_snapshots
+from hf_gradtools.snapshots import (
+    DamagedSnapshotError,
+    discard_grad_snapshots_after,
+    load_grad_snapshots,
+    prune_grad_snapshots,
+)
 
 
 def snapshot(step: int) -> dict:
@@ -103,3 +108,22 @@ def test_prune_edge_cases(tmp_path, folder):
     for keep in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="`keep` must be a positive integer"):
             prune_grad_snapshots(folder, keep=keep)
+
+
+def test_prune_one_series_of_a_shared_folder(folder):
+    for step in (1, 2, 3):
+        (folder / f"step-{step:08d}.l1.json").write_text(json.dumps(snapshot(step)))
+    removed = prune_grad_snapshots(folder, keep=1, variant=".l1")
+    assert sorted(os.path.basename(f) for f in removed) == ["step-00000001.l1.json", "step-00000002.l1.json"]
+    removed = prune_grad_snapshots(folder, keep=2, variant="")
+    assert [os.path.basename(f) for f in removed] == ["step-00000001.json"]
+    assert sorted(os.listdir(folder)) == ["step-00000002.json", "step-00000003.json", "step-00000003.l1.json"]
+
+
+def test_discard_the_snapshots_of_steps_a_resumed_run_does_again(folder):
+    (folder / "step-00000003.safetensors").write_bytes(b"t")
+    (folder / ".step-00000004.json.1.2.tmp").write_text("{")
+    removed = discard_grad_snapshots_after(folder.parent, 2)
+    assert sorted(os.path.basename(f) for f in removed) == ["step-00000003.json", "step-00000003.safetensors"]
+    assert sorted(os.listdir(folder)) == [".step-00000004.json.1.2.tmp", "step-00000001.json", "step-00000002.json"]
+    assert discard_grad_snapshots_after(folder, 2) == [] and discard_grad_snapshots_after(folder / "x", 0) == []
