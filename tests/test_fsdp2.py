@@ -55,6 +55,9 @@ def test_fully_shard_clipping_equals_one_process(tmp_path, monkeypatch):
     # Norm clipping bounds every step but the one where value clipping (1e-3 per element) already went below.
     post = [s["total_norm_post_clip"] for s in sharded["steps"]]
     assert [post[0], post[1], post[3]] == pytest.approx([0.05] * 3, rel=1e-5) and post[2] < 0.05
+    extras = sharded["extras"]
+    assert extras["mixed_plain"] == pytest.approx(12**0.5) and extras["mixed_rest_equal"]
+    assert "pending reduction" in extras["partial_refused"]
     for name, value in plain["state"].items():
         torch.testing.assert_close(sharded["state"][name], value, rtol=0, atol=1e-5, msg=name)
         trainable = name in sharded["steps"][0]["names"]

@@ -57,6 +57,23 @@ def torch_total_norm(grads: list[torch.Tensor], norm_type: float) -> float | Non
     return (value.full_tensor() if hasattr(value, "full_tensor") else value).item()
 
 
+def mixed_and_partial_checks(grads: list[torch.Tensor], l2: torch.Tensor, world: int) -> dict:
+    """A plain tensor among DTensors keeps its own norm; a gradient with a pending sum is refused on every process."""
+    plain = torch.full((3,), 2.0)
+    mixed = grad_norms([*grads, plain], 2.0)
+    checks = {"mixed_plain": mixed[-1].item(), "mixed_rest_equal": torch.equal(mixed[:-1], l2)}
+    if world > 1:
+        from torch.distributed.tensor import DTensor, Partial
+
+        pending = DTensor.from_local(torch.ones(4), grads[0].device_mesh, [Partial()])
+        try:
+            grad_norms([grads[0], pending], 2.0)
+            checks["partial_refused"] = ""
+        except ValueError as e:
+            checks["partial_refused"] = str(e)
+    return checks
+
+
 def main(out_file: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = build_model()
@@ -85,6 +102,8 @@ def main(out_file: str) -> None:
         grads = [p.grad for _, p in params]
         reference = torch_total_norm(grads, norm_type)
         l2 = grad_norms(grads, 2.0)  # another norm of the same gradients: a second reduction per step
+        if step == 0:
+            extras = mixed_and_partial_checks(grads, l2, world)
         result = clip_gradients(
             [p for _, p in params], max_norm=MAX_NORM, norm_type=norm_type, clip_value=1e-3 if step == 2 else None
         )
@@ -108,7 +127,7 @@ def main(out_file: str) -> None:
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         state[name] = full.detach().clone()
     if rank == 0:
-        torch.save({"steps": record, "state": state, "initial": initial}, out_file)
+        torch.save({"steps": record, "state": state, "initial": initial, "extras": extras}, out_file)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
