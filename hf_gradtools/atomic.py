@@ -11,7 +11,9 @@ from typing import Any
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, `fsync` and `os.replace`.
 
-    The file gets the usual permissions (0666 less the umask), as `open` would give it.
+    The file gets the usual permissions (0666 less the umask), as `open` would give it. When the write fails (a
+    full disk, a folder that cannot be written), the temporary file is removed and the `OSError` is raised again,
+    naming `path` when it named no file.
 
     Example:
         >>> write_text_atomic("out/predict_results_sst2.txt", "index\\tprediction\\n")  # doctest: +SKIP
@@ -26,9 +28,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # `write` and `fsync` errors name no file: "[Errno 28] No space left on device" alone says not where.
+            raise OSError(e.errno, e.strerror, path) from e  # the errno picks the same subclass (PermissionError...)
         raise
 
 

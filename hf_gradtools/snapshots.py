@@ -264,19 +264,150 @@ def _write_snapshot(path: str, step: int, norm_type: float, names: list[str], re
     write_json_atomic(path, snapshot)
 
 
-def load_grad_snapshots(path: str | os.PathLike) -> list[dict]:
+class GradSnapshots(list):
+    """The snapshots `load_grad_snapshots` read, in step order (a plain `list` of dicts), plus what it skipped.
+
+    Attributes:
+        skipped: `{file path: reason}` for each `step-*.json` file that could not be read as a snapshot.
+    """
+
+    def __init__(self, snapshots=(), skipped: dict[str, str] | None = None):
+        super().__init__(snapshots)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+class DamagedSnapshotError(ValueError):
+    """A `step-*.json` file in the snapshot folder is not a readable snapshot (raised with `strict=True`)."""
+
+
+def snapshot_folder(path: str | os.PathLike) -> str:
+    """The snapshot folder of `path`: its `grad_snapshots/` sub-folder when it has one, else `path` itself."""
+    folder = os.fspath(path)
+    inner = os.path.join(folder, SNAPSHOT_DIR)
+    return inner if os.path.isdir(inner) else folder
+
+
+def _read_snapshot(file: str) -> dict:
+    """One snapshot file as a dict; `ValueError` (or `OSError`) saying why when it is not one."""
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError("empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; truncated?)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"not a snapshot: a JSON {type(data).__name__}, not an object")
+    step = data.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"not a snapshot: `step` is {step!r}, not an integer")
+    if not isinstance(data.get("norms"), dict):
+        raise ValueError("not a snapshot: no `norms` object")
+    return data
+
+
+def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSnapshots:
     """Load the snapshots of a run, in step order, from its `output_dir` or its `grad_snapshots` folder.
 
     Each is a dict with `step`, `norm_type`, `norms` (`{parameter name: float}`), `total_norm_pre_clip` and
-    `total_norm_post_clip`. Raises `FileNotFoundError` when the folder does not exist.
+    `total_norm_post_clip`. A `step-*.json` file that is empty, truncated, not JSON or not a snapshot (no integer
+    `step`, no `norms` object) is skipped with one warning that names every such file, and listed in the result's
+    `skipped` attribute (`{path: reason}`); with `strict=True` it raises `DamagedSnapshotError` instead. Temporary
+    files of interrupted writes (`.step-*.tmp`) and other files are not looked at.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        DamagedSnapshotError: with `strict=True`, when a snapshot file cannot be read.
+
+    Example:
+        >>> snapshots = load_grad_snapshots("out")  # doctest: +SKIP
+        >>> [s["step"] for s in snapshots], snapshots.skipped  # doctest: +SKIP
+        ([5, 10], {'out/grad_snapshots/step-00000015.json': 'empty file'})
     """
-    folder = os.fspath(path)
-    if os.path.isdir(os.path.join(folder, SNAPSHOT_DIR)):
-        folder = os.path.join(folder, SNAPSHOT_DIR)
+    folder = snapshot_folder(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No gradient snapshot folder at {folder!r} (expected `{SNAPSHOT_DIR}/` inside it).")
-    snapshots = []
-    for file in glob.glob(os.path.join(folder, "step-*.json")):
-        with open(file, encoding="utf-8") as f:
-            snapshots.append(json.load(f))
-    return sorted(snapshots, key=lambda s: s["step"])
+    snapshots, skipped = [], {}
+    for file in sorted(glob.glob(os.path.join(glob.escape(folder), "step-*.json"))):
+        try:
+            snapshots.append(_read_snapshot(file))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            skipped[file] = str(e) if not isinstance(e, UnicodeDecodeError) else "not UTF-8 text"
+    if skipped:
+        listing = "; ".join(f"{os.path.basename(f)}: {why}" for f, why in skipped.items())
+        if strict:
+            raise DamagedSnapshotError(f"{len(skipped)} unreadable gradient snapshot file(s) in {folder!r}: {listing}")
+        logger.warning("Skipped %d unreadable gradient snapshot file(s) in %r: %s", len(skipped), folder, listing)
+    return GradSnapshots(sorted(snapshots, key=lambda s: s["step"]), skipped)
+
+
+_SNAPSHOT_FILE = re.compile(r"^step-(\d+)(.*)\.(json|safetensors)$")
+
+
+def _snapshot_files(folder: str, variant: str | None) -> list[tuple[int, str, list[str]]]:
+    """`(step, stem, [file names])` of each snapshot in `folder`, oldest first; `[]` when there is no folder."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    stems: dict[str, tuple[int, list[str]]] = {}
+    for name in names:
+        match = _SNAPSHOT_FILE.match(name)
+        if match is None or (variant is not None and match.group(2) != variant):
+            continue
+        stem = name[: -len(match.group(3)) - 1]
+        stems.setdefault(stem, (int(match.group(1)), []))[1].append(name)
+    return sorted((step, stem, sorted(files)) for stem, (step, files) in stems.items())
+
+
+def _remove(folder: str, snapshots: list[tuple[int, str, list[str]]]) -> list[str]:
+    removed = []
+    for _, _, names in snapshots:
+        for name in names:
+            file = os.path.join(folder, name)
+            try:
+                os.remove(file)
+            except FileNotFoundError:  # removed meanwhile by another caller
+                continue
+            removed.append(file)
+    return removed
+
+
+def prune_grad_snapshots(path: str | os.PathLike, keep: int | None, variant: str | None = None) -> list[str]:
+    """Delete all but the newest `keep` snapshots of a run; return the paths deleted.
+
+    A snapshot is every `step-<N>...json` / `step-<N>...safetensors` file with the same stem (the name without its
+    ending), deleted together. Newest means the highest step `N`, then the later name. Nothing else in the folder
+    is touched: not other files, not the temporary files of writes in progress. Safe to call again and again and
+    from several processes at once (a file already gone is passed over); a missing folder deletes nothing.
+
+    Args:
+        path: the run's `output_dir`, or its `grad_snapshots` folder.
+        keep: how many snapshots to keep, at least 1; `None` keeps all.
+        variant: count only the snapshots whose name has exactly this between the step number and the ending
+            (`""` for `step-00000010.json`), so that snapshot series sharing a folder are pruned one by one;
+            `None`: every snapshot in the folder.
+
+    Example:
+        >>> prune_grad_snapshots("out", keep=3)  # doctest: +SKIP
+        ['out/grad_snapshots/step-00000001.json', 'out/grad_snapshots/step-00000001.safetensors']
+    """
+    if keep is None:
+        return []
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"`keep` must be a positive integer or None (keep all), got {keep!r}.")
+    folder = snapshot_folder(path)
+    snapshots = _snapshot_files(folder, variant)
+    return _remove(folder, snapshots[: max(len(snapshots) - keep, 0)])
+
+
+def discard_grad_snapshots_after(path: str | os.PathLike, step: int, variant: str | None = None) -> list[str]:
+    """Delete the snapshots of steps after `step`; return the paths deleted.
+
+    For a run resumed from the checkpoint of `step`: the snapshots a killed run wrote after its last checkpoint
+    belong to steps the resumed run does again, and would otherwise stay (from the lost run) wherever the resumed
+    run does not write the same name. Files are matched as in `prune_grad_snapshots`.
+    """
+    folder = snapshot_folder(path)
+    return _remove(folder, [s for s in _snapshot_files(folder, variant) if s[0] > step])
