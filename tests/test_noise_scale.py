@@ -22,6 +22,8 @@ from hf_gradtools.noise_scale import (
     squared_grad_norm,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 D, SIGMA = 8, 1.0
 
 
