@@ -84,19 +84,20 @@ def test_groups_hold_the_rates_and_the_weight_decay_split(arch, frozen):
 
 
 def test_group_labels_and_order_for_bert():
+    """From the output down: group 0, whose rate the Trainer logs as `learning_rate`, is at the base rate."""
     model = tiny_classifier("bert")
     labels = [g[GROUP_KEY] for g in layerwise_lr_groups(model, LR, DECAY, WD, decay_names(model))]
     assert labels == [
-        "embeddings/decay",
-        "embeddings/no_decay",
-        "layer.0/decay",
-        "layer.0/no_decay",
-        "layer.1/decay",
-        "layer.1/no_decay",
-        "layer.2/decay",
-        "layer.2/no_decay",
         "other/decay",
         "other/no_decay",
+        "layer.2/decay",
+        "layer.2/no_decay",
+        "layer.1/decay",
+        "layer.1/no_decay",
+        "layer.0/decay",
+        "layer.0/no_decay",
+        "embeddings/decay",
+        "embeddings/no_decay",
     ]
 
 

@@ -25,7 +25,7 @@ Example:
     >>> groups = layerwise_lr_groups(model, base_lr=1e-3, decay=0.5, weight_decay=0.01,
     ...     decay_parameter_names=decay_names)
     >>> [(g["hf_gradtools_group"], g["lr"]) for g in groups if g["weight_decay"]]
-    [('embeddings/decay', 0.000125), ('layer.0/decay', 0.00025), ('layer.1/decay', 0.0005), ('layer.2/decay', 0.001), ('other/decay', 0.001)]
+    [('other/decay', 0.001), ('layer.2/decay', 0.001), ('layer.1/decay', 0.0005), ('layer.0/decay', 0.00025), ('embeddings/decay', 0.000125)]
 """  # noqa: E501
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ def layerwise_lr_scales(model: nn.Module, decay: float) -> dict[str, tuple[str, 
 
 
 def _label_order(label: str) -> tuple[int, int]:
+    """From the output down: the rest (base rate) first, then the blocks from the top, the embeddings last."""
     if label == EMBEDDINGS:
-        return (0, 0)
+        return (2, 0)
     if label.startswith("layer."):
-        return (1, int(label.split(".", 1)[1]))
-    return (2, 0)
+        return (1, -int(label.split(".", 1)[1]))
+    return (0, 0)
 
 
 def param_groups_for(
@@ -121,9 +122,10 @@ def param_groups_for(
         layerwise_lr_decay: the decay factor in (0, 1], or `None` for none.
 
     Returns:
-        Groups `{"params", "lr", "weight_decay", "hf_gradtools_group"}`, embeddings first, then blocks from the
-        input up, then the rest, each with weight decay first; no empty group; parameters in `named_parameters()`
-        order within a group.
+        Groups `{"params", "lr", "weight_decay", "hf_gradtools_group"}` from the output down: the rest first (so
+        the first group, whose rate the Trainer logs as `learning_rate`, is at the base rate), then the blocks
+        from the top, the embeddings last, each with weight decay first; no empty group; parameters in
+        `named_parameters()` order within a group.
     """
     base_lr = _check_non_negative(base_lr, "base_lr")
     weight_decay = _check_non_negative(weight_decay, "weight_decay")
