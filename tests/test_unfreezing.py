@@ -118,6 +118,8 @@ def test_a_block_changes_from_its_step_on_with_its_llrd_rate():
         assert holds_layer1 == (step > 2) and changed == (step > 3), step
         events[step] = train_step(model, optimizer, scheduler, unfreezer, step)
     assert events == {1: [], 2: ["layer.1"], 3: [], 4: ["layer.0"], 5: []}
+    blocks = [*model.bert.encoder.layer[1].parameters(), *model.bert.encoder.layer[0].parameters()]
+    assert unfreezer.unfrozen_parameters(model) == blocks  # what DDP would not reduce
     # The added groups have the rate they would have had from the start: LLRD rate times the schedule factor.
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     reference = {

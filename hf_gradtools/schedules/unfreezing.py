@@ -162,6 +162,11 @@ class GradualUnfreezer:
             raise RuntimeError("Call `replay()` after `load_state_dict()`, before the next `apply_due()`.")
         return self._apply(self.due(step), model, optimizer, scheduler)
 
+    def unfrozen_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters of the events applied so far: under DDP, those whose gradients DDP does not reduce."""
+        params = dict(model.named_parameters())
+        return [params[name] for event in self.plan[: self.position] for name in event.parameter_names]
+
     def state_dict(self) -> dict:
         """The position in the plan and what it was checked against, as plain Python values."""
         return {
