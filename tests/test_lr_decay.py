@@ -126,6 +126,19 @@ def test_albert_shared_block_gets_the_rate_of_its_first_layer():
     assert scales["albert.encoder.embedding_hidden_mapping_in.weight"] == ("other", 1.0)
 
 
+def test_peft_lora_model_groups_only_the_lora_matrices_at_their_block_rates():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_classifier("bert"), LoraConfig(r=2, target_modules=["query", "value"]))
+    found = groups_by_name(layerwise_lr_groups(model, LR, DECAY, WD, decay_names(model)), model)
+    lora = [n for n in found if "lora_" in n]
+    assert len(lora) == 3 * 2 * 2  # 3 blocks x (query, value) x (A, B)
+    for name in lora:
+        block = int(name.split(".encoder.layer.")[1].split(".")[0])
+        assert found[name]["lr"] == pytest.approx(LR * DECAY ** (2 - block)), name
+    assert all(found[n]["lr"] == LR for n in found if n not in lora)  # the classifier PEFT keeps trainable
+
+
 def test_decay_one_gives_the_base_rate_everywhere():
     model = tiny_classifier("bert")
     assert {g["lr"] for g in layerwise_lr_groups(model, LR, 1.0, WD, decay_names(model))} == {LR}

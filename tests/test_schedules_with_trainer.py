@@ -61,7 +61,10 @@ class ScheduledTrainer(T.Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.layerwise_lr_decay is not None:
             opt_model = self.model if model is None else model
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if self.optimizer_cls_and_kwargs is not None:  # honoured: its kwargs' lr is each group's default
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             groups = layerwise_lr_groups(
                 opt_model,
                 self.args.learning_rate,

@@ -126,6 +126,10 @@ def param_groups_for(
         the first group, whose rate the Trainer logs as `learning_rate`, is at the base rate), then the blocks
         from the top, the embeddings last, each with weight decay first; no empty group; parameters in
         `named_parameters()` order within a group.
+
+    Raises:
+        LayerStackNotFoundError: the model's layer stack or input embeddings cannot be found (needed for the labels).
+        ValueError: a rate, the decay or a name is invalid; the message names it.
     """
     base_lr = _check_non_negative(base_lr, "base_lr")
     weight_decay = _check_non_negative(weight_decay, "weight_decay")
