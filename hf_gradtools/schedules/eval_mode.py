@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 
@@ -60,9 +62,22 @@ def find_frozen_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+# model -> (its parameters' requires_grad flags, its frozen modules): found again only when a flag changes.
+_found: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[bool, ...], list[tuple[str, nn.Module]]]]
+_found = weakref.WeakKeyDictionary()
+
+
 def set_frozen_eval_mode(model: nn.Module) -> list[str]:
-    """Put the outermost frozen modules of `model` (and so all under them) in eval mode; return their names."""
-    found = find_frozen_modules(model)
-    for _, module in found:
+    """Put the outermost frozen modules of `model` (and so all under them) in eval mode; return their names.
+
+    Cheap enough for every micro-batch: the frozen modules are searched again only when some parameter's
+    `requires_grad` has changed since the last call on this model.
+    """
+    flags = tuple(param.requires_grad for param in model.parameters())
+    cached = _found.get(model)
+    if cached is None or cached[0] != flags:
+        cached = (flags, find_frozen_modules(model))
+        _found[model] = cached
+    for _, module in cached[1]:
         module.eval()
-    return [name for name, _ in found]
+    return [name for name, _ in cached[1]]

@@ -12,7 +12,9 @@ the names `Trainer.get_decay_parameter_names(model)` returns, none on the rest (
   embeddings and embedding LayerNorm (T5 and BART share one token embedding between both stacks).
 - Shared blocks (ALBERT runs `num_hidden_layers` layers through `num_hidden_groups` blocks): a block trains at
   the rate of the first layer that runs it; with one group that is layer 0, `lr * decay**(N - 1)`. Its label is
-  the block's index, `layer.0`.
+  the block's index, `layer.0`. ALBERT's embedding projection (`encoder.embedding_hidden_mapping_in`) is
+  outside both and trains at `lr`.
+- Tied output heads (GPT-2's LM head is its token embedding) are the embedding tensor: they train at its rate.
 
 Every group carries a readable `"hf_gradtools_group"` key such as `"layer.3/decay"` or `"embeddings/no_decay"`;
 torch optimizers keep extra keys and ignore them, and save them in their state dict.

@@ -137,6 +137,8 @@ class GradualUnfreezer:
         return self.plan[self.position : min(step // self.every_n_steps, len(self.plan))]
 
     def _apply(self, events: list[UnfreezeEvent], model: nn.Module, optimizer, scheduler) -> list[UnfreezeEvent]:
+        if not events:
+            return events
         params = dict(model.named_parameters())
         for event in events:
             for name in event.parameter_names:
