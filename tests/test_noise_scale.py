@@ -199,3 +199,20 @@ def test_micro_batch_sq_norm_divides_by_the_loss_weight():
 def test_exact_noise_scale_refuses_a_vector():
     with pytest.raises(ValueError, match="`per_item_grads` must be a 2-D tensor"):
         exact_noise_scale(torch.ones(3))
+
+
+def test_update_never_reads_a_tensor_back_to_the_host():
+    """On the meta device any read-back (`.item()`, `bool()`, `float()`) raises: `update` and the helpers do none."""
+
+    def meta(value):
+        return torch.tensor(value, device="meta")
+
+    noise = GradientNoiseScale()
+    noise.update(meta(2.0), meta(4), meta(1.0), meta(16))
+    noise.update(meta(2.0), 4, meta(1.0), 16)
+    assert noise.value.device.type == "meta"
+    param = torch.nn.Parameter(torch.ones(3, device="meta"))
+    param.grad = torch.ones(3, device="meta")
+    assert micro_batch_sq_norm([param], meta(0.5)).device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):
+        noise.value.item()
