@@ -12,7 +12,6 @@ import torch
 from hf_gradtools.schedules import all_reduce_grads_
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's hf_gradtools, not another
 
 
 def test_single_process_is_a_no_op():
@@ -25,16 +24,21 @@ def test_single_process_is_a_no_op():
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_get_the_full_batch_gradient(tmp_path):
     out = str(tmp_path / "grads")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*cmd, os.path.join(HELPERS, "ddp_unfreeze.py"), out], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = os.path.join(HELPERS, "ddp_unfreeze.py")
+    processes = [
+        subprocess.Popen([sys.executable, worker, out, str(rank), "2"], env=env, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in processes:  # one failed: do not leave the other waiting for it
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
     sys.path.insert(0, HELPERS)
     try:
