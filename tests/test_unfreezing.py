@@ -254,6 +254,16 @@ def test_state_checks():
         unfreezer.load_state_dict(state)
 
 
+def test_an_unsupported_scheduler_is_refused_before_anything_changes():
+    model, optimizer, _, unfreezer = make_run(every_n=1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    groups = len(optimizer.param_groups)
+    with pytest.raises(ValueError, match="Cannot add parameter groups under a ReduceLROnPlateau"):
+        unfreezer.apply_due(1, model, optimizer, plateau)
+    assert unfreezer.position == 0 and len(optimizer.param_groups) == groups
+    assert not any(p.requires_grad for p in model.bert.encoder.layer[1].parameters())
+
+
 @pytest.mark.parametrize("every_n", [0, -2, 1.5, True])
 def test_bad_interval_is_refused(every_n):
     with pytest.raises(ValueError, match="`gradual_unfreeze_steps` must be a positive integer here, got"):

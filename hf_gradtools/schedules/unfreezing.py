@@ -141,8 +141,6 @@ class GradualUnfreezer:
             return events
         params = dict(model.named_parameters())
         for event in events:
-            for name in event.parameter_names:
-                params[name].requires_grad_(True)
             groups = param_groups_for(
                 model,
                 event.parameter_names,
@@ -151,7 +149,9 @@ class GradualUnfreezer:
                 decay_parameter_names=self.decay_parameter_names,
                 layerwise_lr_decay=self.layerwise_lr_decay,
             )
-            add_param_groups(optimizer, groups, scheduler)
+            add_param_groups(optimizer, groups, scheduler)  # refuses an unsupported scheduler before any change
+            for name in event.parameter_names:
+                params[name].requires_grad_(True)
             self.position += 1
         return events
 
