@@ -39,6 +39,8 @@ def decay_names(model) -> list[str]:
 
 def expected_rate(arch: str, name: str) -> float:
     embeddings, layers = LAYOUTS[arch]
+    if "relative_attention_bias" in name:  # T5: in block 0, but every layer uses it, like DeBERTa's rel_embeddings
+        return LR
     if name.startswith(embeddings):
         return LR * DECAY**3
     if name.startswith(layers):

@@ -83,10 +83,12 @@ def layerwise_lr_scales(model: nn.Module, decay: float) -> dict[str, tuple[str, 
     for _, module in find_input_embeddings(model):
         for param in module.parameters():
             label_of.setdefault(id(param), (EMBEDDINGS, decay**depth))
+    shared = stack.shared_parameters()  # T5's relative attention bias: used by every layer, trains at `lr`
     for index, block in enumerate(stack.blocks):
         first_layer = min((layer for layer in range(depth) if stack.block_index(layer) == index), default=index)
         for param in block.parameters():
-            label_of.setdefault(id(param), (block_label(index), decay ** (depth - 1 - first_layer)))
+            if id(param) not in shared:
+                label_of.setdefault(id(param), (block_label(index), decay ** (depth - 1 - first_layer)))
     return {name: label_of.get(id(param), (OTHER, 1.0)) for name, param in model.named_parameters()}
 
 
