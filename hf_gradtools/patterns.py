@@ -26,7 +26,7 @@ _SHOWN = 5
 def compile_patterns(patterns: Iterable[str], field: str) -> list[re.Pattern]:
     """Compile `patterns`, raising a `ValueError` naming `field` for a pattern that is not a valid regex."""
     if isinstance(patterns, str):
-        raise ValueError(f"`{field}` must be a list of name patterns, got the string {patterns!r}; use [{patterns!r}].")
+        raise ValueError(f"`{field}` must be a list of patterns, got the string {patterns!r}: use [{patterns!r}].")
     compiled = []
     for pattern in patterns:
         if not isinstance(pattern, str):

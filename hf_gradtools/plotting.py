@@ -23,15 +23,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Iterable
 
 from .clipping import check_norm_type
+from .monitoring import EMBEDDINGS, HEAD, parameter_group
+from .monitoring import group_order as _group_order
 from .snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, load_grad_snapshots
 
 PLOT_FILE = "grad_norms.png"
-EMBEDDINGS = "embeddings"
-HEAD = "head"
 
 
 def _run_folder(path: str | os.PathLike) -> str:
@@ -71,30 +70,6 @@ def load_run(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
             "(e.g. --grad_snapshot_steps 10) for at least that many optimizer steps."
         )
     return description, snapshots
-
-
-def parameter_group(name: str, layer_stack: str | None, embeddings: Iterable[str]) -> str:
-    """The group of parameter `name`: `"embeddings"`, `"layer <i>"` or `"head"`.
-
-    Example:
-        >>> parameter_group("bert.encoder.layer.3.attention.self.query.weight", "bert.encoder.layer", [])
-        'layer 3'
-    """
-    if any(name.startswith(module + ".") for module in embeddings):
-        return EMBEDDINGS
-    if layer_stack:
-        match = re.match(re.escape(layer_stack) + r"\.(\d+)\.", name)
-        if match:
-            return f"layer {int(match.group(1))}"
-    return HEAD
-
-
-def _group_order(group: str) -> tuple[int, int]:
-    if group == EMBEDDINGS:
-        return (0, 0)
-    if group == HEAD:
-        return (2, 0)
-    return (1, int(group.split()[1]))
 
 
 def combine_norms(norms: Iterable[float], norm_type: float | str) -> float:
