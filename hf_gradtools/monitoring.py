@@ -130,11 +130,11 @@ class LayerNormGrouper:
         peak = empty.scatter_reduce(0, index, norms, "amax", include_self=False)
         if math.isinf(p):
             return peak
-        # Divide by each group's largest norm first, so that large p neither overflows nor underflows.
-        finite = torch.isfinite(peak) & (peak > 0)
-        scale = torch.where(finite, peak, torch.ones_like(peak))
+        # Divide by each group's largest norm first, so that large p neither overflows nor underflows. A group whose
+        # largest norm is 0, Inf or NaN is divided by 1 and comes out 0, Inf or NaN.
+        scale = torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))
         summed = empty.scatter_add(0, index, (norms / scale[index]) ** p)
-        return torch.where(finite, summed ** (1.0 / p) * scale, peak)
+        return summed ** (1.0 / p) * scale
 
     def to_logs(self, group_norms: torch.Tensor) -> dict[str, float]:
         """`{"grad_norm/<group>": float}` from `group_norms(...)` (one host sync)."""
