@@ -195,6 +195,16 @@ def skipped_steps(snapshots: list[dict]) -> list[int]:
     return [int(s["step"]) for s in snapshots if s.get("skipped")]
 
 
+def _pyplot():
+    """matplotlib's pyplot with the file-only `Agg` backend, imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _finite(values: Iterable[float]) -> list[float]:
     return [float(v) if math.isfinite(float(v)) else math.nan for v in values]
 
@@ -212,11 +222,7 @@ def draw_grad_norms(description: dict, snapshots: list[dict], params: Sequence[s
     panel: the total norm before and after clipping, the clip coefficient (after / before) on its right axis, and
     a red vertical line at every skipped step.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     steps = [int(s["step"]) for s in snapshots]
     if params:
         series = param_norm_series(snapshots, params)
@@ -347,15 +353,17 @@ def plot_grad_histogram(
     tensors = load_grad_tensors(folder, step=step)
     if param not in tensors:
         raise ValueError(f"`--param` {param!r} was not saved at step {step}; saved: {example_names(list(tensors))}.")
-    values = tensors[param].detach().float().flatten()
-    finite = values[torch.isfinite(values)]
     output = os.fspath(output) if output is not None else os.path.join(folder, histogram_file(step, param))
+    return _save(draw_grad_histogram(tensors[param], param, step, bins), output)
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_grad_histogram(tensor: torch.Tensor, param: str, step: int, bins: int = 100):
+    """The figure of `plot_grad_histogram`: a log-count histogram of the finite values of `tensor`, titled with
+    the element count, mean, standard deviation, largest magnitude, L2 norm and the count of non-finite values.
+    """
+    plt = _pyplot()
+    values = tensor.detach().float().flatten()
+    finite = values[torch.isfinite(values)]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     ax.hist(finite.numpy(), bins=bins, log=True, color="tab:blue")
     if finite.numel():
@@ -373,4 +381,4 @@ def plot_grad_histogram(
     ax.set_ylabel("count (log scale)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    return _save(fig, output)
+    return fig
