@@ -273,7 +273,7 @@ def draw_grad_norms(description: dict, snapshots: list[dict], params: Sequence[s
         for ax in (top, bottom):
             ax.axvline(step, color="tab:red", linewidth=1.0, alpha=0.7, label="skipped step" if i == 0 else None)
     handles = [h for ax in (bottom, coef_axis) for h in ax.get_legend_handles_labels()[0]]
-    bottom.legend(handles=handles, loc="center left", bbox_to_anchor=(1.08, 0.5), fontsize=7, frameon=False)
+    bottom.legend(handles=handles, loc="center left", bbox_to_anchor=(1.12, 0.5), fontsize=7, frameon=False)
     bottom.set_xlabel("optimizer step")
     for ax in (top, bottom):
         ax.grid(True, which="both", alpha=0.3)
