@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from .clipping import _scale_, grad_norms, total_norm
-from .errors import LayerStackNotFoundError
-from .layout import find_input_embeddings, find_layer_stack
+from .layout import model_layout
 from .patterns import compile_patterns
 
 # Floor of a unit's gradient norm before dividing by it (a zero gradient needs no clipping).
@@ -193,15 +192,8 @@ def head_parameter_names(model: nn.Module) -> list[str]:
         in_base = {id(p) for p in base.parameters()}
         head = {id(p) for p in inner.parameters() if id(p) not in in_base}
     else:
-        skip = []
-        try:
-            skip.append(find_layer_stack(inner).name)
-        except LayerStackNotFoundError:
-            pass
-        try:
-            skip += [name for name, _ in find_input_embeddings(inner)]
-        except LayerStackNotFoundError:
-            pass
+        stack, embeddings = model_layout(inner)
+        skip = ([stack] if stack else []) + embeddings
         head = set()
         for module_name, module in inner.named_modules():
             if module_name.rpartition(".")[2] in HEAD_MODULE_NAMES and not _inside(module_name, skip):

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from .clipping import check_norm_type
-from .errors import LayerStackNotFoundError
-from .layout import find_input_embeddings, find_layer_stack
+from .layout import model_layout
 
 EMBEDDINGS = "embeddings"
 HEAD = "head"
@@ -61,19 +60,6 @@ def group_order(group: str) -> tuple[int, int]:
     if group == HEAD:
         return (2, 0)
     return (1, int(group.split()[1]))
-
-
-def model_layout(model: nn.Module) -> tuple[str | None, list[str]]:
-    """The layer stack's module name (or `None`) and the embedding modules' names (or `[]`) of `model`."""
-    try:
-        stack = find_layer_stack(model).name
-    except LayerStackNotFoundError:
-        stack = None
-    try:
-        embeddings = [name for name, _ in find_input_embeddings(model)]
-    except LayerStackNotFoundError:
-        embeddings = []
-    return stack, embeddings
 
 
 def log_key(group: str) -> str:
