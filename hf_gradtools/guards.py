@@ -1,7 +1,8 @@
 """The non-finite gradient guard: find NaN/Inf gradients, count skipped steps, stop after too many in a row.
 
-`has_nonfinite(grads)` is exact and needs no host sync: one fused max-abs pass (`torch._foreach_norm` with
-`ord=inf`) whose result is finite exactly when every element is (it cannot overflow, and NaN propagates).
+`has_nonfinite(grads)` is exact and needs no host sync: one read of each gradient (`torch.aminmax`, which
+propagates NaN and cannot overflow; a tensor is finite exactly when its minimum and maximum are).
+`norms_nonfinite(param_norms)` is the free alternative from the norms clipping already computed.
 `agree_across_ranks` makes every DDP process take the same decision. `NonFiniteGuard` counts the skips and raises
 `NonFiniteGradientError` after `max_consecutive` skipped steps in a row.
 
@@ -20,13 +21,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
-from .clipping import grad_norms
 from .errors import GradToolsError
 
 # How many parameter names a log line or an error lists.
@@ -37,20 +36,42 @@ class NonFiniteGradientError(GradToolsError):
     """Too many optimizer steps in a row had NaN or Inf gradients; training cannot go on."""
 
 
-def max_abs(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The largest absolute element of each tensor (NaN if it holds one), as one float32 1-D tensor; no sync."""
-    return grad_norms(list(grads), math.inf)
+def finite_mask(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, whether every element is finite: a bool 1-D tensor on the first tensor's device; no sync.
+
+    Empty tensors count as finite.
+    """
+    if not grads:
+        return torch.ones(0, dtype=torch.bool)
+    device = grads[0].device
+    flags = []
+    for grad in grads:
+        if grad.numel() == 0:
+            flags.append(torch.ones((), dtype=torch.bool, device=device))
+            continue
+        low, high = torch.aminmax(grad.detach())
+        flags.append((torch.isfinite(low) & torch.isfinite(high)).to(device))
+    return torch.stack(flags)
 
 
 def has_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """0-d bool tensor on the gradients' device: whether any element of `grads` is NaN or +-Inf. No host sync.
 
-    Costs one fused read of every gradient. Equivalent and free: `~torch.isfinite(norms).all()` on per-tensor
-    norms already computed in the infinity norm.
+    Exact, at the cost of one read of every gradient (about what one norm pass costs).
     """
     if not grads:
         return torch.zeros((), dtype=torch.bool)
-    return ~torch.isfinite(max_abs(grads)).all()
+    return ~finite_mask(grads).all()
+
+
+def norms_nonfinite(param_norms: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: whether any per-tensor norm (e.g. `clip_gradients(...).param_norms`) is NaN or Inf.
+
+    Free, and never misses a NaN/Inf gradient (its norm is NaN/Inf in every norm type). It also fires when a
+    finite gradient's norm overflows its dtype (an L2 norm above about 1.8e19 in float32), a step that norm
+    clipping would zero anyway.
+    """
+    return ~torch.isfinite(param_norms).all()
 
 
 def nonfinite_names(names: Sequence[str], grads: Sequence[torch.Tensor], limit: int = SHOWN_NAMES) -> list[str]:
@@ -62,7 +83,7 @@ def nonfinite_names(names: Sequence[str], grads: Sequence[torch.Tensor], limit: 
         raise ValueError(f"`names` has {len(names)} entries but `grads` has {len(grads)}; give one name per tensor.")
     if not grads:
         return []
-    bad = (~torch.isfinite(max_abs(grads))).nonzero().flatten()[:limit].tolist()
+    bad = (~finite_mask(grads)).nonzero().flatten()[:limit].tolist()
     return [names[i] for i in bad]
 
 

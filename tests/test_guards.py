@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hf_gradtools.clipping import grad_norms
 from hf_gradtools.errors import GradToolsError
 from hf_gradtools.guards import (
     NonFiniteGradientError,
@@ -16,6 +17,7 @@ from hf_gradtools.guards import (
     agree_across_ranks,
     has_nonfinite,
     nonfinite_names,
+    norms_nonfinite,
     skip_message,
 )
 
@@ -37,6 +39,9 @@ def test_detects_each_kind_of_non_finite_value(value):
         flag = has_nonfinite(grads)
         assert flag.dtype == torch.bool and flag.ndim == 0 and bool(flag), i
         assert nonfinite_names(NAMES, grads) == [NAMES[i]]
+        for norm_type in (1.0, 2.0, math.inf):
+            assert bool(norms_nonfinite(grad_norms(grads, norm_type))), (i, norm_type)
+    assert not bool(norms_nonfinite(grad_norms(grads_with({}), 2.0)))
 
 
 def test_large_finite_gradients_are_not_flagged():
@@ -44,7 +49,9 @@ def test_large_finite_gradients_are_not_flagged():
     grads = [torch.full((4,), 1e30), torch.full((3,), 60000.0, dtype=torch.float16)]
     assert torch.isinf(torch.linalg.vector_norm(grads[0]))
     assert not bool(has_nonfinite(grads))
-    assert not bool(has_nonfinite([]))
+    assert not bool(has_nonfinite([])) and not bool(has_nonfinite([torch.zeros(0), torch.ones(2)]))
+    # The free check from L2 norms fires on the overflow, as documented.
+    assert bool(norms_nonfinite(grad_norms(grads[:1], 2.0)))
 
 
 def test_nonfinite_names_in_order_and_limited():
