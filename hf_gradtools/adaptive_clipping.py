@@ -122,21 +122,22 @@ def agc_clip_(
     eps = _check_positive(eps, "agc_eps")
     regexes = compile_patterns(exclude, "agc_exclude")
     transposed = set(transposed)
-    grads, clipped, num_units = [], [], 0
+    grads, clipped, num_units, device = [], [], 0, None
     for name, param in named_parameters:
         grad = param.grad
         if grad is None:
             continue
         grads.append(grad)
+        device = device or grad.device
         if any(regex.search(name) for regex in regexes):
             continue
         is_transposed = name in transposed
         max_norm = _unit_norms(param.detach(), is_transposed).clamp_min(eps) * clip_factor
         norm = _unit_norms(grad, is_transposed)
         grad.mul_((max_norm / norm.clamp_min(_GRAD_NORM_FLOOR)).clamp(max=1.0).to(grad.dtype))
-        clipped.append((norm > max_norm).sum())
+        clipped.append((norm > max_norm).sum().to(device))
         num_units += norm.numel()
-    device = grads[0].device if grads else torch.device("cpu")
+    device = device or torch.device("cpu")
     num_clipped = torch.stack(clipped).sum() if clipped else torch.zeros((), dtype=torch.long, device=device)
     post = total_norm(grad_norms(grads, norm_type), norm_type) if norm_type is not None else None
     return AgcResult(num_units=num_units, num_clipped=num_clipped, total_norm_post_clip=post)
