@@ -35,8 +35,10 @@ from safetensors.torch import save_file
 
 from .atomic import write_file_atomic
 from .patterns import example_names, match_names
-from .snapshots import SNAPSHOT_DIR
 
+# The snapshot folder, the same as `snapshots.SNAPSHOT_DIR`; defined here without importing `snapshots`, so that
+# `snapshots` can import this module (`load_grad_snapshots` exposing the tensors) without an import cycle.
+SNAPSHOT_DIR = "grad_snapshots"
 TENSOR_SUFFIX = ".safetensors"
 _STEP_FILE = re.compile(r"step-(\d+)" + re.escape(TENSOR_SUFFIX) + "$")
 

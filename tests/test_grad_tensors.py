@@ -73,6 +73,12 @@ def test_load_by_step_from_the_run_or_its_snapshot_folder(bert, tmp_path):
         grads["classifier.weight"]
 
 
+def test_same_folder_as_the_json_snapshots():
+    from hf_gradtools import snapshots
+
+    assert grad_tensors.SNAPSHOT_DIR == snapshots.SNAPSHOT_DIR
+
+
 def test_values_are_read_on_access(tmp_path):
     path = str(tmp_path / "g.safetensors")
     save_file({"w": torch.zeros(3)}, path, metadata={"step": "1", "names": '["w"]'})
