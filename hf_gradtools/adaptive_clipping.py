@@ -67,6 +67,21 @@ def _check_positive(value, field: str) -> float:
     return float(value)
 
 
+def check_agc_settings(
+    clip_factor: float, eps: float, exclude: Iterable[str] | None = None
+) -> tuple[float, float, list[re.Pattern]]:
+    """Validate AGC's settings as `agc_clip_` does (for an arguments class's `__post_init__`).
+
+    Returns `(clip_factor, eps, compiled exclude patterns)`; raises a `ValueError` naming `agc_clip_factor`,
+    `agc_eps` or `agc_exclude`.
+    """
+    return (
+        _check_positive(clip_factor, "agc_clip_factor"),
+        _check_positive(eps, "agc_eps"),
+        compile_patterns(exclude or (), "agc_exclude"),
+    )
+
+
 @dataclass
 class AgcResult:
     """What `agc_clip_` did. Tensors stay on the device: reading them is the caller's host sync.
@@ -118,9 +133,7 @@ def agc_clip_(
     Returns:
         `AgcResult`.
     """
-    clip_factor = _check_positive(clip_factor, "agc_clip_factor")
-    eps = _check_positive(eps, "agc_eps")
-    regexes = compile_patterns(exclude, "agc_exclude")
+    clip_factor, eps, regexes = check_agc_settings(clip_factor, eps, exclude)
     transposed = set(transposed)
     grads, clipped, num_units, device = [], [], 0, None
     for name, param in named_parameters:

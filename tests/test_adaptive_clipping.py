@@ -16,6 +16,7 @@ from torch import nn
 from hf_gradtools.adaptive_clipping import (
     AutoClip,
     agc_clip_,
+    check_agc_settings,
     default_agc_exclude,
     head_parameter_names,
     transposed_weights,
@@ -142,6 +143,9 @@ def test_agc_skips_parameters_without_grad_and_handles_no_grads():
 def test_agc_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"`{field}`"):
         agc_clip_(toy().named_parameters(), **kwargs)
+    settings = {"clip_factor": 0.01, "eps": 1e-3, **kwargs}
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        check_agc_settings(**settings)
 
 
 @pytest.mark.parametrize(
