@@ -1,7 +1,8 @@
 """hf_gradtools: layer freezing, clipping in any norm, exact gradient accumulation and gradient snapshots for the
 Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`."""
 
-from .accumulation import count_loss_items, micro_batch_loss_weights
+from .accumulation import ItemRule, count_items, micro_batch_loss_weights
+from .checkpoints import last_complete_checkpoint, resolve_resume_checkpoint
 from .clipping import ClipResult, clip_gradients
 from .errors import GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
@@ -13,23 +14,37 @@ from .freezing import (
     unfreeze,
 )
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
-from .snapshots import GradSnapshotCallback, load_grad_snapshots
-from .trainer import GradTrainer
-from .training_args import GradTrainingArguments
+from .loss_probe import probe_loss_normalization
+from .snapshots import (
+    DamagedSnapshotError,
+    GradSnapshotCallback,
+    discard_grad_snapshots_after,
+    load_grad_snapshots,
+    prune_grad_snapshots,
+)
+from .trainer import GradSeq2SeqTrainer, GradTrainer, GradTrainerMixin
+from .training_args import GradArgumentsMixin, GradSeq2SeqTrainingArguments, GradTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipResult",
+    "DamagedSnapshotError",
+    "GradArgumentsMixin",
+    "GradSeq2SeqTrainer",
+    "GradSeq2SeqTrainingArguments",
     "GradSnapshotCallback",
     "GradToolsError",
     "GradTrainer",
+    "GradTrainerMixin",
     "GradTrainingArguments",
+    "ItemRule",
     "LayerStack",
     "LayerStackNotFoundError",
     "NoTrainableParametersError",
     "clip_gradients",
-    "count_loss_items",
+    "count_items",
+    "discard_grad_snapshots_after",
     "find_input_embeddings",
     "find_layer_stack",
     "freeze",
@@ -37,7 +52,11 @@ __all__ = [
     "freeze_first_n_layers",
     "get_frozen_parameters",
     "get_trainable_parameters",
+    "last_complete_checkpoint",
     "load_grad_snapshots",
     "micro_batch_loss_weights",
+    "probe_loss_normalization",
+    "prune_grad_snapshots",
+    "resolve_resume_checkpoint",
     "unfreeze",
 ]

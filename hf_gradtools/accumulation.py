@@ -1,87 +1,112 @@
 """Loss weights that make gradient accumulation equal one large batch.
 
-Every Hugging Face head returns, when it is not given `num_items_in_batch`, the mean of its loss over the
-*items* of the micro-batch: label tokens that are not -100 for integer labels (after the one-token shift of
-causal LM losses), every element for float labels (regression, multi-label), rows when there are no `labels`
-(e.g. question answering). Weighting each micro-batch mean by `items_in_micro_batch / items_in_window`
-turns the sum of the micro-batch losses into the mean over the whole window, whatever the micro-batch sizes,
-and so the accumulated gradient into the gradient of that mean. Under data parallelism the window spans all
-processes and the weight is multiplied by the world size, because DDP averages the gradients of the processes.
+A micro-batch's loss, as the model (or `compute_loss`) returns it without `num_items_in_batch`, is normalised
+in one of a few ways, each an `ItemRule`:
+
+- `token`: the mean over label tokens that are not ignored (-100, or a head's own ignore index such as 255 for
+  semantic segmentation): masked LM, token classification, seq2seq, single-label classification (one token a row);
+- `shifted_token`: the same after the one-token shift of causal LM losses (position 0 is never a target);
+- `sample`: the mean over rows (question answering, CTC with `ctc_loss_reduction="mean"`);
+- `element`: the mean over the elements of a float label tensor (regression, multi-label);
+- `sum`: not normalised (CTC with `ctc_loss_reduction="sum"`).
+
+For the mean rules, weighting each micro-batch's loss by `items_in_micro_batch / items_in_window` turns the sum of
+the micro-batch losses into the mean over the whole window, whatever the micro-batch sizes, and so the accumulated
+gradient into the gradient of that mean. A summed loss is already additive: its weight is 1. Under data
+parallelism the window spans all processes and every weight is multiplied by the world size, because DDP
+averages the gradients of the processes.
 
 Example:
     >>> import torch
     >>> batches = [{"labels": torch.tensor([0, 1, 1])}, {"labels": torch.tensor([1])}]
-    >>> micro_batch_loss_weights(batches).tolist()
+    >>> micro_batch_loss_weights(batches, TOKEN).tolist()
     [0.75, 0.25]
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 IGNORE_INDEX = -100
 
-
-@functools.cache
-def _causal_lm_class_names() -> frozenset[str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+#: Values of `loss_normalization`: `auto` measures the rule, `trainer` keeps the Trainer's own scaling.
+LOSS_NORMALIZATIONS = ("auto", "token", "shifted_token", "sample", "element", "sum", "trainer")
 
 
-def loss_shifts_labels(model: torch.nn.Module) -> bool:
-    """Whether the model's loss predicts token i+1 from token i (a decoder-only causal LM, PEFT-wrapped or not).
+@dataclass(frozen=True)
+class ItemRule:
+    """What one micro-batch's loss is a mean over (`kind` "token", "sample" or "element"), or "sum".
 
-    Decided from the model class as well as its `loss_type`: GPT-2's `GPT2LMHeadModel` has no `loss_type`, yet
-    shifts its labels.
+    Attributes:
+        kind: "token", "sample", "element" or "sum".
+        shift: for "token": the loss predicts token i+1 from token i, so position 0 is never a target.
+        ignore_index: for "token": the label value that is not a target.
     """
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
-    get_base_model = getattr(model, "get_base_model", None)
-    base = get_base_model() if callable(get_base_model) else model
-    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
-        return False
-    if type(base).__name__ in _causal_lm_class_names():
-        return True
-    return LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss
+    kind: str
+    shift: bool = False
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def name(self) -> str:
+        if self.kind != "token":
+            return self.kind
+        name = "shifted_token" if self.shift else "token"
+        return name if self.ignore_index == IGNORE_INDEX else f"{name} (ignore index {self.ignore_index})"
 
 
-def _rows(batch: Mapping) -> int:
+TOKEN = ItemRule("token")
+SHIFTED_TOKEN = ItemRule("token", shift=True)
+SAMPLE = ItemRule("sample")
+ELEMENT = ItemRule("element")
+SUM = ItemRule("sum")
+DECLARED_RULES = {"token": TOKEN, "shifted_token": SHIFTED_TOKEN, "sample": SAMPLE, "element": ELEMENT, "sum": SUM}
+
+
+def label_tensor(batch: Mapping) -> torch.Tensor | None:
+    """The tensor the loss is computed against: `shift_labels` when a collator provides it, else `labels`."""
+    for key in ("shift_labels", "labels"):
+        if isinstance(batch.get(key), torch.Tensor):
+            return batch[key]
+    return None
+
+
+def batch_rows(batch: Mapping) -> int:
+    """The number of rows of a batch: the first dimension of its first tensor of at least one dimension."""
     for value in batch.values():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     raise ValueError("Cannot count the rows of a batch that holds no tensor.")
 
 
-def count_loss_items(batch: Mapping, shifts_labels: bool = False) -> torch.Tensor | int:
-    """How many items the model's mean loss over `batch` averages over (see the module docstring)."""
-    if isinstance(batch.get("shift_labels"), torch.Tensor):
-        labels = batch["shift_labels"]
-    elif isinstance(batch.get("labels"), torch.Tensor):
-        labels = batch["labels"][..., 1:] if shifts_labels else batch["labels"]
-    else:
-        return _rows(batch)
-    if labels.is_floating_point():
+def count_items(batch: Mapping, rule: ItemRule = TOKEN) -> torch.Tensor | int:
+    """How many items `rule` says the loss over `batch` averages over (a device tensor for token counts)."""
+    labels = label_tensor(batch)
+    if rule.kind == "sample" or labels is None:
+        return batch_rows(batch)
+    if rule.kind == "element" or labels.is_floating_point():
         return labels.numel()
-    return labels.ne(IGNORE_INDEX).sum()
+    if rule.shift and "shift_labels" not in batch:
+        labels = labels[..., 1:]
+    return labels.ne(rule.ignore_index).sum()
 
 
 def micro_batch_loss_weights(
     batches: Sequence[Mapping],
-    shifts_labels: bool = False,
+    rule: ItemRule = TOKEN,
     world_size: int = 1,
     gather_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The weight of each micro-batch's mean loss so that their sum is the mean over all items of the window.
+    """The weight of each micro-batch's loss so that their sum is the loss of the whole window as one batch.
 
     Args:
         batches: the micro-batches of one optimizer step on this process.
-        shifts_labels: the loss predicts token i+1 from token i (causal LM), so position 0 is never a target.
+        rule: how each micro-batch's loss is normalised (see the module docstring).
         world_size: number of data-parallel processes whose gradients are averaged.
-        gather_sum: sums a 0-d tensor over the processes; required when `world_size > 1`.
+        gather_sum: sums a 0-d tensor over the processes; required when `world_size > 1` for a mean rule.
 
     Returns:
         A float32 tensor of one weight per micro-batch, on the batches' device. Nothing is read back to the host,
@@ -90,7 +115,9 @@ def micro_batch_loss_weights(
     if not batches:
         return torch.zeros(0)
     device = next((v.device for v in batches[0].values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    counts = [count_loss_items(b, shifts_labels) for b in batches]
+    if rule.kind == "sum":
+        return torch.full((len(batches),), float(world_size), device=device)
+    counts = [count_items(b, rule) for b in batches]
     # Python counts become device scalars through a fill kernel rather than a blocking host-to-device copy.
     counts_t = torch.stack(
         [

@@ -12,7 +12,9 @@ from typing import Any
 def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Have `write(tmp)` create a temporary file in the folder of `path`, then `fsync` it and `os.replace` it.
 
-    On any error (in `write` too) the temporary file is removed and `path` is left as it was.
+    When anything fails (in `write` too: a full disk, a folder that cannot be written), the temporary file is
+    removed, `path` is left as it was, and the error is raised again; an `OSError` that named no file is raised
+    again naming `path`.
 
     Example:
         >>> from safetensors.torch import save_file
@@ -30,16 +32,21 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> 
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # `write` and `fsync` errors name no file: "[Errno 28] No space left on device" alone says not where.
+            raise OSError(e.errno, e.strerror, path) from e  # the errno picks the same subclass (PermissionError...)
         raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, `fsync` and `os.replace`.
 
-    The file gets the usual permissions (0666 less the umask), as `open` would give it.
+    The file gets the usual permissions (0666 less the umask), as `open` would give it. When the write fails (a
+    full disk, a folder that cannot be written), the temporary file is removed and the `OSError` is raised again,
+    naming `path` when it named no file.
 
     Example:
         >>> write_text_atomic("out/predict_results_sst2.txt", "index\\tprediction\\n")  # doctest: +SKIP

@@ -9,6 +9,12 @@ Order, when both are set: each element is first clamped to `[-clip_value, clip_v
 gradient is rescaled to a total norm of at most `max_norm`. Clamping first keeps one outlier element from
 shrinking every other gradient; either order leaves both bounds satisfied.
 
+Gradients sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`) are DTensors. For them every norm is the global
+one: each process takes the norms of its local shards with the same fused kernels, and one all-reduce per group of
+gradients sharded alike (over the mesh dimensions they are sharded on) combines them: the sum of p-th powers for a
+finite p, the maximum for inf. Clamping and rescaling act on the local shards. Every process must call with the
+same parameters in the same order, as it does for any collective. Plain tensors take the path they always took.
+
 Example:
     >>> import torch
     >>> layer = torch.nn.Linear(2, 1)
@@ -26,6 +32,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Shard
+except ImportError:  # a build of torch without torch.distributed
+    DTensor = None
 
 # `torch.nn.utils.clip_grad_norm_` adds this to the total norm before dividing; kept identical so results match.
 _EPS = 1e-6
@@ -66,13 +77,69 @@ def _grouped(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtyp
     return groups
 
 
+def _is_sharded(grads: list[torch.Tensor]) -> bool:
+    return DTensor is not None and any(isinstance(g, DTensor) for g in grads)
+
+
+def _local(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shard of each DTensor (sharing its storage, so in-place ops reach the DTensor); others as they are."""
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
+def _reduction_key(grad: torch.Tensor) -> tuple:
+    """What a norm of `grad` must be reduced over: `()` for a whole tensor, else its mesh and sharded mesh dims."""
+    if not isinstance(grad, DTensor):
+        return ()
+    if any(isinstance(p, Partial) for p in grad.placements):
+        raise ValueError(
+            f"Gradients with a pending reduction (placements {grad.placements}) cannot be clipped shard by shard; "
+            "redistribute them to Shard or Replicate placements first."
+        )
+    dims = tuple(i for i, p in enumerate(grad.placements) if isinstance(p, Shard))
+    return (grad.device_mesh, dims) if dims else ()
+
+
+def _sharded_grad_norms(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """`grad_norms` for a list holding DTensors: local norms, then one all-reduce per reduction group."""
+    local = _local(grads)
+    nonempty = [i for i, g in enumerate(local) if g.numel() > 0]
+    device = local[nonempty[0] if nonempty else 0].device  # where `grad_norms` puts the local norms
+    zero = torch.zeros((), device=device, dtype=torch.float32)  # an empty shard has norm 0
+    norms = [zero] * len(grads)
+    if nonempty:
+        for i, value in zip(nonempty, grad_norms([local[i] for i in nonempty], norm_type).unbind(), strict=True):
+            norms[i] = value
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, grad in enumerate(grads):
+        groups[_reduction_key(grad)].append(i)
+    for key, indices in groups.items():
+        if not key:
+            continue  # whole tensors: every process holds the same gradient
+        mesh, dims = key
+        values = torch.stack([norms[i] for i in indices])
+        if math.isinf(norm_type):
+            for dim in dims:
+                torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group(dim))
+        else:
+            values = values.pow(norm_type)
+            for dim in dims:
+                torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=mesh.get_group(dim))
+            values = values.pow(1.0 / norm_type)
+        for i, value in zip(indices, values.unbind(), strict=True):
+            norms[i] = value
+    return torch.stack(norms)
+
+
 def grad_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """Norm of each tensor in `grads` as one float32 1-D tensor on the first tensor's device (fused per group).
 
-    No index tensor is copied from the host: only kernels are queued.
+    No index tensor is copied from the host: only kernels are queued. For DTensors (FSDP2 shards) each norm is
+    the global one, reduced across the processes that hold its shards (a collective: every process must call).
     """
     if not grads:
         return torch.zeros(0)
+    if _is_sharded(grads):
+        return _sharded_grad_norms(grads, norm_type)
     device = grads[0].device
     norms: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
     for (group_device, _), indices in _grouped(grads).items():
@@ -123,12 +190,14 @@ def clip_gradients(
     param_norms = grad_norms(grads, norm_type)
     pre_clip = total_norm(param_norms, norm_type)
     post_clip = pre_clip
+    # Element-wise work on DTensors acts on their local shards; `grad_norms` still gets the DTensors to reduce.
+    local = _local(grads) if _is_sharded(grads) else grads
     if clip_value is not None:
-        for grad in grads:
+        for grad in local:
             grad.clamp_(-clip_value, clip_value)
         post_clip = total_norm(grad_norms(grads, norm_type), norm_type)
     if max_norm:
         coef = torch.clamp(max_norm / (post_clip + _EPS), max=1.0)
-        _scale_(grads, coef)
+        _scale_(local, coef)
         post_clip = post_clip * coef
     return ClipResult(param_norms=param_norms, total_norm=pre_clip, total_norm_post_clip=post_clip)

@@ -75,13 +75,36 @@ def get_trainable_parameters(module: nn.Module) -> list[str]:
     return [name for name, param in module.named_parameters() if param.requires_grad]
 
 
+def _tied_heads(model: nn.Module, frozen: list[str]) -> list[str]:
+    """Names of non-embedding modules' parameters that are the same tensors as `frozen` ones (tied output heads)."""
+    wanted = {id(p) for n, p in model.named_parameters() if n in set(frozen)}
+    modules = dict(model.named_modules())
+    heads = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = modules.get(name.rpartition(".")[0])
+        if id(param) in wanted and name not in set(frozen) and not isinstance(owner, nn.Embedding):
+            heads.append(name)
+    return heads
+
+
 def freeze_embeddings(model: nn.Module) -> list[str]:
     """Freeze the model's input embedding block (see `layout.find_input_embeddings`); return the names frozen.
 
-    With tied input and output embeddings (GPT-2, T5) the output head's weight is the same tensor and is frozen too.
+    With tied input and output embeddings (GPT-2, T5, Llama-family models with `tie_word_embeddings=True`) the
+    output head's weight is the same tensor, so it is frozen too: a warning names it, and `frozen_parameters.json`
+    lists it under `frozen_tied`.
     """
     modules = [module for _, module in find_input_embeddings(model)]
-    return _set_requires_grad(nn.ModuleList(modules), False, root=model)
+    frozen = _set_requires_grad(nn.ModuleList(modules), False, root=model)
+    tied = _tied_heads(model, frozen)
+    if tied:
+        warnings.warn(
+            f"Freezing the input embeddings of {type(model).__name__} also freezes {', '.join(tied)}: tied to them, "
+            "it is the same tensor. Untie the weights (`tie_word_embeddings=False`) to keep the output head "
+            "trainable.",
+            stacklevel=2,
+        )
+    return frozen
 
 
 def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
@@ -90,6 +113,8 @@ def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
     Encoder-decoder models (T5, BART): the first `n` encoder blocks; the decoder stays trainable.
     ALBERT: its layers share `num_hidden_groups` blocks (one by default), so freezing any layer freezes the
     shared block and with it every layer that runs it; a warning says so.
+    T5: the relative attention bias lives in block 0 but every layer of the stack uses it, so it stays trainable,
+    as DeBERTa's shared relative embeddings (outside the blocks) do.
 
     Raises:
         ValueError: `n` is negative or larger than the number of layers (the message gives that number).
@@ -113,4 +138,10 @@ def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
             "layer(s) run, so all of them stop training.",
             stacklevel=2,
         )
-    return _set_requires_grad(nn.ModuleList(stack.blocks[i] for i in indices), False, root=model)
+    shared = stack.shared_parameters()
+    blocks = nn.ModuleList(stack.blocks[i] for i in indices)
+    changed = {id(p) for p in blocks.parameters() if p.requires_grad and id(p) not in shared}
+    for param in blocks.parameters():
+        if id(param) in changed:
+            param.requires_grad_(False)
+    return [name for name, p in model.named_parameters() if id(p) in changed]

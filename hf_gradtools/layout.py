@@ -48,6 +48,17 @@ class LayerStack:
         """Index in `blocks` of the block that layer `layer` (0-based) runs."""
         return int(layer / (self.num_layers / len(self.blocks)))
 
+    def shared_parameters(self) -> set[int]:
+        """Ids of parameters that only the first block holds although every layer uses them.
+
+        T5 keeps its relative attention bias in block 0 (`has_relative_attention_bias`) and hands the bias it
+        computes to every later block: a parameter name that block 0 has and no other block has is such a one.
+        """
+        if len(self.blocks) < 2:
+            return set()
+        others = {name for block in list(self.blocks)[1:] for name, _ in block.named_parameters()}
+        return {id(p) for name, p in self.blocks[0].named_parameters() if name not in others}
+
     def blocks_of_first(self, n: int) -> list[int]:
         """Indices of the blocks that the first `n` layers run, in order, without repeats."""
         return sorted({self.block_index(i) for i in range(n)})
@@ -134,10 +145,14 @@ def find_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
        `*embed*` beside one (BART's `layernorm_embedding`), encoder and decoder alike; output heads excluded.
     """
     get_input_embeddings = getattr(model, "get_input_embeddings", None)
-    word = get_input_embeddings() if callable(get_input_embeddings) else None
+    try:
+        word = get_input_embeddings() if callable(get_input_embeddings) else None
+    except (NotImplementedError, AttributeError):  # vision, audio and custom models without token embeddings
+        word = None
     if word is None:
         raise LayerStackNotFoundError(
-            f"{type(model).__name__} has no input embeddings (`get_input_embeddings()` returned nothing). "
+            f"{type(model).__name__} has no input embeddings (`get_input_embeddings()` gives none), so "
+            "`freeze_embeddings` cannot apply to it. "
             "Freeze its embedding modules by name instead, e.g. `freeze(model.embed)`."
         )
     names = module_names(model)

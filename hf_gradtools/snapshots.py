@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -58,6 +59,7 @@ def describe_parameters(model: nn.Module) -> dict:
         else:
             frozen.append(name)
             num_frozen += param.numel()
+    tied = tied_parameter_names(model)
     try:
         stack = find_layer_stack(model).name
     except LayerStackNotFoundError:
@@ -73,7 +75,22 @@ def describe_parameters(model: nn.Module) -> dict:
         "num_trainable": num_trainable,
         "layer_stack": stack,
         "embeddings": embeddings,
+        # Tied names (e.g. `lm_head.weight` tied to the input embeddings): the same tensor as the listed name.
+        "tied": tied,
+        "frozen_tied": [alias for alias, name in tied.items() if name in set(frozen)],
     }
+
+
+def tied_parameter_names(model: nn.Module) -> dict[str, str]:
+    """`{alias: name}` for every parameter reachable under a second name (tied weights), in module order."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 def summary_line(description: dict) -> str:
@@ -95,16 +112,27 @@ class GradSnapshotCallback(TrainerCallback):
     steps it records. Hooks see each process's local gradient, so under DDP, or with fp16 loss scaling, on a plain
     `Trainer`, use `GradTrainer` to record the reduced, unscaled gradient.
 
+    Several callbacks on one trainer (say L2 every step and L1 every 2 steps) each need their own `name`: the
+    snapshots of a named callback go to `grad_snapshots_<name>/`. Two callbacks that would write the same folder
+    are refused at train begin, before any step.
+
     Args:
         every_n_steps: snapshot period in optimizer steps; default `args.grad_snapshot_steps` (0: none).
         norm_type: norm of the snapshots; default `args.clip_norm_type`, else 2.
+        name: letters, digits, `-` and `_`; the snapshot folder becomes `grad_snapshots_<name>`.
     """
 
-    def __init__(self, every_n_steps: int | None = None, norm_type: float | None = None):
+    # `(output_dir, folder)` -> `(id of the TrainerState of the run, callback)`: who writes where in a run.
+    _claims: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def __init__(self, every_n_steps: int | None = None, norm_type: float | None = None, name: str | None = None):
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 0):
             raise ValueError(f"`every_n_steps` must be a non-negative integer or None, got {every_n_steps!r}.")
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name)):
+            raise ValueError(f"`name` must be letters, digits, '-' and '_' (or None), got {name!r}.")
         self.every_n_steps = every_n_steps
         self.norm_type = norm_type
+        self.name = name
         # Set by GradTrainer, which then calls `record` from its clipping step.
         self.fed_by_trainer = False
         self._hooks: list = []
@@ -123,7 +151,24 @@ class GradSnapshotCallback(TrainerCallback):
         period = self.period(args)
         return period > 0 and (state.global_step + 1) % period == 0
 
+    @property
+    def folder(self) -> str:
+        """The snapshot folder's name inside `output_dir`."""
+        return SNAPSHOT_DIR if self.name is None else f"{SNAPSHOT_DIR}_{self.name}"
+
+    def _claim_folder(self, args, state) -> None:
+        key = (os.path.abspath(args.output_dir), self.folder)
+        holder = self._claims.get(key)
+        if holder is not None and holder[0] == id(state) and holder[1] != id(self):
+            raise ValueError(
+                f"Two GradSnapshotCallbacks would write the same snapshots to {self.folder!r}. Give each a "
+                "distinct `name`, e.g. GradSnapshotCallback(every_n_steps=2, norm_type=1, name='l1')."
+            )
+        self._claims[key] = (id(state), id(self))
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._remove_hooks()
+        self._claim_folder(args, state)
         if model is None or not state.is_world_process_zero:
             return
         description = describe_parameters(model)
@@ -133,6 +178,7 @@ class GradSnapshotCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.fed_by_trainer or model is None or not self.is_due(args, state):
             return
+        self._remove_hooks()  # left over by a step that raised
         norm_type = self.norm(args)
 
         def remember(param: torch.Tensor) -> None:
@@ -140,12 +186,19 @@ class GradSnapshotCallback(TrainerCallback):
 
         self._hooks = [p.register_post_accumulate_grad_hook(remember) for p in model.parameters() if p.requires_grad]
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not self._hooks:
-            return
+    def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._hook_norms = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self._hooks:
+            return
+        hooks = self._hooks
+        self._hooks = []
+        for hook in hooks:
+            hook.remove()
         named = [(n, p) for n, p in model.named_parameters() if id(p) in self._hook_norms]
         norm_type = self.norm(args)
         pre = torch.stack([self._hook_norms[id(p)].float() for _, p in named]) if named else torch.zeros(0)
@@ -164,7 +217,7 @@ class GradSnapshotCallback(TrainerCallback):
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-snapshots")
         step = state.global_step + 1
-        path = os.path.join(args.output_dir, SNAPSHOT_DIR, f"step-{step:08d}.json")
+        path = os.path.join(args.output_dir, self.folder, f"step-{step:08d}.json")
         self._pending.append(self._writer.submit(_write_snapshot, path, step, self.norm(args), names, result))
 
     def flush(self) -> None:
@@ -179,11 +232,21 @@ class GradSnapshotCallback(TrainerCallback):
         for future in done:
             future.result()
 
+    def close(self) -> None:
+        """Remove any gradient hook, write every queued snapshot and stop the writer thread (errors re-raised)."""
+        self._remove_hooks()
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
     def on_save(self, args, state, control, **kwargs):
         self.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.flush()
+        self.close()
 
 
 def _write_snapshot(path: str, step: int, norm_type: float, names: list[str], result: ClipResult) -> None:
@@ -201,19 +264,150 @@ def _write_snapshot(path: str, step: int, norm_type: float, names: list[str], re
     write_json_atomic(path, snapshot)
 
 
-def load_grad_snapshots(path: str | os.PathLike) -> list[dict]:
+class GradSnapshots(list):
+    """The snapshots `load_grad_snapshots` read, in step order (a plain `list` of dicts), plus what it skipped.
+
+    Attributes:
+        skipped: `{file path: reason}` for each `step-*.json` file that could not be read as a snapshot.
+    """
+
+    def __init__(self, snapshots=(), skipped: dict[str, str] | None = None):
+        super().__init__(snapshots)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+class DamagedSnapshotError(ValueError):
+    """A `step-*.json` file in the snapshot folder is not a readable snapshot (raised with `strict=True`)."""
+
+
+def snapshot_folder(path: str | os.PathLike) -> str:
+    """The snapshot folder of `path`: its `grad_snapshots/` sub-folder when it has one, else `path` itself."""
+    folder = os.fspath(path)
+    inner = os.path.join(folder, SNAPSHOT_DIR)
+    return inner if os.path.isdir(inner) else folder
+
+
+def _read_snapshot(file: str) -> dict:
+    """One snapshot file as a dict; `ValueError` (or `OSError`) saying why when it is not one."""
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError("empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; truncated?)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"not a snapshot: a JSON {type(data).__name__}, not an object")
+    step = data.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"not a snapshot: `step` is {step!r}, not an integer")
+    if not isinstance(data.get("norms"), dict):
+        raise ValueError("not a snapshot: no `norms` object")
+    return data
+
+
+def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSnapshots:
     """Load the snapshots of a run, in step order, from its `output_dir` or its `grad_snapshots` folder.
 
     Each is a dict with `step`, `norm_type`, `norms` (`{parameter name: float}`), `total_norm_pre_clip` and
-    `total_norm_post_clip`. Raises `FileNotFoundError` when the folder does not exist.
+    `total_norm_post_clip`. A `step-*.json` file that is empty, truncated, not JSON or not a snapshot (no integer
+    `step`, no `norms` object) is skipped with one warning that names every such file, and listed in the result's
+    `skipped` attribute (`{path: reason}`); with `strict=True` it raises `DamagedSnapshotError` instead. Temporary
+    files of interrupted writes (`.step-*.tmp`) and other files are not looked at.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        DamagedSnapshotError: with `strict=True`, when a snapshot file cannot be read.
+
+    Example:
+        >>> snapshots = load_grad_snapshots("out")  # doctest: +SKIP
+        >>> [s["step"] for s in snapshots], snapshots.skipped  # doctest: +SKIP
+        ([5, 10], {'out/grad_snapshots/step-00000015.json': 'empty file'})
     """
-    folder = os.fspath(path)
-    if os.path.isdir(os.path.join(folder, SNAPSHOT_DIR)):
-        folder = os.path.join(folder, SNAPSHOT_DIR)
+    folder = snapshot_folder(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No gradient snapshot folder at {folder!r} (expected `{SNAPSHOT_DIR}/` inside it).")
-    snapshots = []
-    for file in glob.glob(os.path.join(folder, "step-*.json")):
-        with open(file, encoding="utf-8") as f:
-            snapshots.append(json.load(f))
-    return sorted(snapshots, key=lambda s: s["step"])
+    snapshots, skipped = [], {}
+    for file in sorted(glob.glob(os.path.join(glob.escape(folder), "step-*.json"))):
+        try:
+            snapshots.append(_read_snapshot(file))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            skipped[file] = str(e) if not isinstance(e, UnicodeDecodeError) else "not UTF-8 text"
+    if skipped:
+        listing = "; ".join(f"{os.path.basename(f)}: {why}" for f, why in skipped.items())
+        if strict:
+            raise DamagedSnapshotError(f"{len(skipped)} unreadable gradient snapshot file(s) in {folder!r}: {listing}")
+        logger.warning("Skipped %d unreadable gradient snapshot file(s) in %r: %s", len(skipped), folder, listing)
+    return GradSnapshots(sorted(snapshots, key=lambda s: s["step"]), skipped)
+
+
+_SNAPSHOT_FILE = re.compile(r"^step-(\d+)(.*)\.(json|safetensors)$")
+
+
+def _snapshot_files(folder: str, variant: str | None) -> list[tuple[int, str, list[str]]]:
+    """`(step, stem, [file names])` of each snapshot in `folder`, oldest first; `[]` when there is no folder."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    stems: dict[str, tuple[int, list[str]]] = {}
+    for name in names:
+        match = _SNAPSHOT_FILE.match(name)
+        if match is None or (variant is not None and match.group(2) != variant):
+            continue
+        stem = name[: -len(match.group(3)) - 1]
+        stems.setdefault(stem, (int(match.group(1)), []))[1].append(name)
+    return sorted((step, stem, sorted(files)) for stem, (step, files) in stems.items())
+
+
+def _remove(folder: str, snapshots: list[tuple[int, str, list[str]]]) -> list[str]:
+    removed = []
+    for _, _, names in snapshots:
+        for name in names:
+            file = os.path.join(folder, name)
+            try:
+                os.remove(file)
+            except FileNotFoundError:  # removed meanwhile by another caller
+                continue
+            removed.append(file)
+    return removed
+
+
+def prune_grad_snapshots(path: str | os.PathLike, keep: int | None, variant: str | None = None) -> list[str]:
+    """Delete all but the newest `keep` snapshots of a run; return the paths deleted.
+
+    A snapshot is every `step-<N>...json` / `step-<N>...safetensors` file with the same stem (the name without its
+    ending), deleted together. Newest means the highest step `N`, then the later name. Nothing else in the folder
+    is touched: not other files, not the temporary files of writes in progress. Safe to call again and again and
+    from several processes at once (a file already gone is passed over); a missing folder deletes nothing.
+
+    Args:
+        path: the run's `output_dir`, or its `grad_snapshots` folder.
+        keep: how many snapshots to keep, at least 1; `None` keeps all.
+        variant: count only the snapshots whose name has exactly this between the step number and the ending
+            (`""` for `step-00000010.json`), so that snapshot series sharing a folder are pruned one by one;
+            `None`: every snapshot in the folder.
+
+    Example:
+        >>> prune_grad_snapshots("out", keep=3)  # doctest: +SKIP
+        ['out/grad_snapshots/step-00000001.json', 'out/grad_snapshots/step-00000001.safetensors']
+    """
+    if keep is None:
+        return []
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"`keep` must be a positive integer or None (keep all), got {keep!r}.")
+    folder = snapshot_folder(path)
+    snapshots = _snapshot_files(folder, variant)
+    return _remove(folder, snapshots[: max(len(snapshots) - keep, 0)])
+
+
+def discard_grad_snapshots_after(path: str | os.PathLike, step: int, variant: str | None = None) -> list[str]:
+    """Delete the snapshots of steps after `step`; return the paths deleted.
+
+    For a run resumed from the checkpoint of `step`: the snapshots a killed run wrote after its last checkpoint
+    belong to steps the resumed run does again, and would otherwise stay (from the lost run) wherever the resumed
+    run does not write the same name. Files are matched as in `prune_grad_snapshots`.
+    """
+    folder = snapshot_folder(path)
+    return _remove(folder, [s for s in _snapshot_files(folder, variant) if s[0] > step])

@@ -1,4 +1,15 @@
-"""`GradTrainer`: the `transformers.Trainer` with freezing, clipping in any norm, exact accumulation and snapshots.
+"""`GradTrainerMixin`: freezing, clipping in any norm, exact accumulation and snapshots for any `Trainer` class.
+
+List it first among the bases of a Trainer class; `GradTrainer` and `GradSeq2SeqTrainer` are built that way, and so
+is a TRL trainer:
+
+    >>> import trl  # doctest: +SKIP
+    >>> class GradSFTTrainer(GradTrainerMixin, trl.SFTTrainer):  # doctest: +SKIP
+    ...     pass
+
+With every gradient field at its default the trainer behaves as its host class: the same callbacks, files, `args`
+object and numbers. The one exception is gradient accumulation, which here equals one large batch (see
+`accumulation.py` and `loss_probe.py`) where the host's scaling is wrong.
 
 Example:
     >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
@@ -10,151 +21,333 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections import deque
 
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Trainer
 
-from .accumulation import loss_shifts_labels, micro_batch_loss_weights
+from .accumulation import DECLARED_RULES, ItemRule, label_tensor, micro_batch_loss_weights
 from .clipping import ClipResult, clip_gradients, grad_norms, total_norm
 from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
+from .loss_probe import probe_loss_normalization
 from .snapshots import GradSnapshotCallback
-from .training_args import GradTrainingArguments
+from .training_args import grad_setting, validate_grad_arguments
+
+logger = logging.getLogger(__name__)
+
+MAX_PROBE_WINDOWS = 8  # windows whose micro-batches could not measure the loss before giving up
 
 
-def apply_freezing(model: nn.Module, args: GradTrainingArguments) -> list[str]:
+def apply_freezing(model: nn.Module, args) -> list[str]:
     """Freeze what `args` asks for; return the names frozen.
 
     All or nothing: on an error (too many layers, no layer stack, nothing left to train) every `requires_grad`
     flag is restored before the error propagates.
     """
+    embeddings, layers = grad_setting(args, "freeze_embeddings"), grad_setting(args, "freeze_first_n_layers")
+    if not embeddings and not layers:
+        return []
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        frozen = []
-        if args.freeze_embeddings:
-            frozen += freeze_embeddings(model)
-        frozen += freeze_first_n_layers(model, args.freeze_first_n_layers)
+        frozen = freeze_embeddings(model) if embeddings else []
+        frozen += freeze_first_n_layers(model, layers)
         if not any(p.requires_grad for p in model.parameters()):
             raise NoTrainableParametersError(
                 f"No trainable parameter is left in {type(model).__name__} after freezing (`freeze_embeddings`="
-                f"{args.freeze_embeddings}, `freeze_first_n_layers`={args.freeze_first_n_layers}). "
-                "Freeze fewer layers, or unfreeze a head."
+                f"{embeddings}, `freeze_first_n_layers`={layers}). Freeze fewer layers, or unfreeze a head."
             )
     except Exception:
-        for param, flag in flags:
-            param.requires_grad_(flag)
+        restore_requires_grad(flags)
         raise
     return frozen
 
 
-class GradTrainer(Trainer):
-    """A drop-in `Trainer` whose training step:
+def restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def check_engine_support(args) -> None:
+    """Refuse settings an engine that clips inside itself cannot honour, from `args` alone (nothing touched yet)."""
+    if args is None:
+        return
+    custom = (
+        grad_setting(args, "clip_norm_type") != 2.0
+        or grad_setting(args, "clip_grad_value") is not None
+        or grad_setting(args, "grad_snapshot_steps") > 0
+    )
+    fsdp_version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
+    engine = "DeepSpeed" if getattr(args, "deepspeed", None) else None
+    if getattr(args, "fsdp", None) and fsdp_version == 1:
+        engine = "FSDP1"
+    if engine and custom:
+        raise ValueError(
+            f"`clip_norm_type`, `clip_grad_value` and `grad_snapshot_steps` are not supported with {engine}, which "
+            "clips inside its own engine (L2 only). Keep their defaults (2.0, None, 0), or use FSDP2 "
+            "(`fsdp_config={'version': 2}`) or DDP."
+        )
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _has_frozen_parameters(model: nn.Module | None) -> bool:
+    return model is not None and any(not p.requires_grad for p in model.parameters())
+
+
+class GradTrainerMixin:
+    """The gradient tools for a `transformers.Trainer` class (list it first among the bases).
+
+    Its training step:
 
     1. freezes `freeze_embeddings` / `freeze_first_n_layers` before the optimizer is built (the optimizer takes
        only `requires_grad=True` parameters, with the Trainer's weight-decay groups);
     2. weights each micro-batch loss so that `gradient_accumulation_steps=N` gives exactly the gradient (and the
-       logged loss) of the mean over every item of the N micro-batches, also for a shorter last window and
-       micro-batches of unequal size (see `accumulation.py`);
+       logged loss) of the N micro-batches as one batch, where the loss's normalisation is known for certain:
+       declared with `loss_normalization`, or measured on the first window (`loss_probe.py`). Otherwise, or when
+       `loss_is_scaled_for_ga` is set on the class or the instance, the host's own scaling is kept;
     3. clips once per optimizer step, after the last micro-batch: elements to `clip_grad_value`, then the total
        `clip_norm_type` norm to `max_grad_norm`; logs the norm before clipping as `grad_norm`;
-    4. hands the per-parameter norms to `GradSnapshotCallback` every `grad_snapshot_steps` steps.
+    4. hands the per-parameter norms to `GradSnapshotCallback`, which is attached when there is something to
+       record (a frozen parameter, or `grad_snapshot_steps > 0`).
 
-    Same constructor as `Trainer`; a plain `TrainingArguments` is converted (added fields at their defaults).
-    A `compute_loss_func`, or a subclass that sets `loss_is_scaled_for_ga`, keeps the Trainer's own loss scaling.
+    Same constructor as the host. `args` may be any `TrainingArguments` (subclass or not): it is kept as it is
+    (`trainer.args is args`), and a gradient field it lacks reads as its default.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
-        if args is None:
-            args = GradTrainingArguments(output_dir="tmp_trainer")
-        args = GradTrainingArguments.from_training_arguments(args)
+    def __init__(self, model: nn.Module | None = None, args=None, *pargs, **kwargs):
+        if args is not None:
+            validate_grad_arguments(args)
+        check_engine_support(args)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
-        self._loss_weight: torch.Tensor | None = None
+        # False: not measured yet in this `train()` call; None: not established, the host's scaling is kept.
+        self._probed_rule: ItemRule | None | bool = False
+        self._probe_windows = 0
+        flags = [(p, p.requires_grad) for p in model.parameters()] if model is not None else []
         if model is not None:
             # Before `Trainer.__init__`, which creates `output_dir`: a bad setting must leave nothing behind.
             apply_freezing(model, args)
-        super().__init__(model, args, *pargs, **kwargs)
-        self._check_supported()
-        if not any(isinstance(cb, GradSnapshotCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(GradSnapshotCallback())
-        self._feed_snapshot_callbacks()
+        try:
+            super().__init__(model, args, *pargs, **kwargs)
+        except BaseException:
+            restore_requires_grad(flags)
+            raise
+        self._check_engine()
+        self._attach_snapshot_callback()
+
+    # ---- settings, callbacks, model (re)initialisation ----
+
+    def _check_engine(self) -> None:
+        """Settings may also come from the environment (accelerate config): check the engine actually chosen."""
+        if self._engine_clips():
+            custom = grad_setting(self.args, "clip_norm_type") != 2.0
+            custom = custom or grad_setting(self.args, "clip_grad_value") is not None
+            if custom or grad_setting(self.args, "grad_snapshot_steps"):
+                raise ValueError(
+                    f"`clip_norm_type`, `clip_grad_value` and `grad_snapshot_steps` are not supported with "
+                    f"{self.accelerator.distributed_type.value}, which clips inside its own engine. Keep their "
+                    "defaults (2.0, None, 0) or train without it."
+                )
 
     def _engine_clips(self) -> bool:
-        """DeepSpeed, FSDP and XLA clip inside their own engines: the Trainer's clipping is used unchanged."""
-        return self.accelerator.distributed_type in (
-            DistributedType.DEEPSPEED,
-            DistributedType.XLA,
-            DistributedType.FSDP,
-        )
+        """DeepSpeed, XLA and FSDP1 clip inside their own engines: the Trainer's clipping is used unchanged."""
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            return getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2
+        return kind in (DistributedType.DEEPSPEED, DistributedType.XLA)
 
-    def _check_supported(self) -> None:
-        custom = self.args.clip_norm_type != 2.0 or self.args.clip_grad_value is not None
-        if self._engine_clips() and (custom or self.args.grad_snapshot_steps):
-            raise ValueError(
-                f"`clip_norm_type`, `clip_grad_value` and `grad_snapshot_steps` are not supported with "
-                f"{self.accelerator.distributed_type.value}, which clips inside its own engine. Keep their defaults "
-                "(2.0, None, 0) or train without it."
-            )
+    def _snapshot_callbacks(self) -> list[GradSnapshotCallback]:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, GradSnapshotCallback)]
+
+    def _attach_snapshot_callback(self) -> None:
+        """Attach a `GradSnapshotCallback` when there is something to record and none is attached yet."""
+        if self._snapshot_callbacks():
+            return
+        if grad_setting(self.args, "grad_snapshot_steps") > 0 or _has_frozen_parameters(self.model):
+            self.add_callback(GradSnapshotCallback())
 
     def add_callback(self, callback) -> None:
         super().add_callback(callback)
-        self._feed_snapshot_callbacks()
-
-    def _feed_snapshot_callbacks(self) -> None:
-        """Snapshot callbacks get their norms from `_clip_and_record` instead of measuring with hooks."""
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, GradSnapshotCallback):
-                callback.fed_by_trainer = True
+        # Snapshot callbacks get their norms from `_clip_and_record` instead of measuring with hooks.
+        for cb in self._snapshot_callbacks():
+            cb.fed_by_trainer = True
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
-        apply_freezing(model, self.args)
+        if trial is None:
+            apply_freezing(model, self.args)
+        # With a trial, `_hp_search_setup` applies the trial's arguments afterwards, and freezes then.
         return model
+
+    def _hp_search_setup(self, trial) -> None:
+        super()._hp_search_setup(trial)
+        if trial is not None and self.model_init is not None:
+            validate_grad_arguments(self.args)
+            apply_freezing(self.model, self.args)
+            self._attach_snapshot_callback()
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, after re-checking the gradient fields (they may have changed since construction)."""
+        validate_grad_arguments(self.args)
+        if self.args.max_grad_norm is None:
+            raise ValueError("`max_grad_norm` must be a number, got None. Use 0 to turn norm clipping off.")
+        self._probed_rule, self._probe_windows = False, 0
+        self._attach_snapshot_callback()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._close_snapshot_callbacks()
+
+    def _close_snapshot_callbacks(self) -> None:
+        """Flush and stop every snapshot writer; an error is raised unless another one is already on its way."""
+        errors = []
+        for callback in self._snapshot_callbacks():
+            try:
+                callback.close()
+            except Exception as error:  # noqa: PERF203
+                errors.append(error)
+        if errors:
+            import sys
+
+            if sys.exc_info()[0] is None:
+                raise errors[0]
+            for error in errors:
+                logger.error("hf_gradtools: a gradient snapshot could not be written: %s", error)
 
     # ---- exact gradient accumulation ----
 
-    def _weights_losses(self) -> bool:
-        return self.compute_loss_func is None and type(self).loss_is_scaled_for_ga is None
+    def _loss_rule(self, batch_samples: list) -> ItemRule | None:
+        """The rule the loss of these micro-batches is weighted by, or `None` to keep the host's scaling."""
+        if self.loss_is_scaled_for_ga is not None:
+            return None  # the user declared the scaling on the class or the instance
+        setting = grad_setting(self.args, "loss_normalization")
+        if setting == "trainer" or not batch_samples:
+            return None
+        if setting in DECLARED_RULES:
+            return DECLARED_RULES[setting]
+        if self._probed_rule is False:
+            self._probed_rule = self._measure_loss_rule(batch_samples)
+        return self._probed_rule or None
+
+    def _measure_loss_rule(self, batch_samples: list) -> ItemRule | None | bool:
+        model = self.model
+        base = _base_model(model)
+        config = getattr(base, "config", None)
+        batches = [self._probe_inputs(batch, base) for batch in batch_samples]
+        ignore = [
+            value
+            for key, value in (config.to_dict().items() if config is not None else ())
+            if key.endswith("ignore_index") and isinstance(value, int) and not isinstance(value, bool)
+        ]
+        low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+        modes = [(m, m.training) for m in model.modules()]
+        metrics = copy.deepcopy(getattr(self, "_metrics", None))  # TRL trainers record metrics in compute_loss
+        device = self.args.device
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            model.eval()
+            with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+                result = probe_loss_normalization(
+                    lambda batch: float(self.compute_loss(model, dict(batch)).detach().float().mean()),
+                    batches,
+                    ignore_indices=ignore,
+                    rtol=2e-2 if low_precision else 2e-4,
+                    reduce_max=self._reduce_max if self.accelerator.num_processes > 1 else None,
+                    allow_join=self.accelerator.num_processes == 1,
+                )
+        except Exception as error:
+            result = None
+            reason = f"computing the loss of part of a micro-batch failed ({type(error).__name__}: {error})"
+        else:
+            reason = result.reason
+        finally:
+            for module, training in modes:
+                module.training = training
+            if metrics is not None:
+                self._metrics = metrics
+        name = type(base).__name__
+        if result is not None and not result.conclusive:
+            self._probe_windows += 1
+            if self._probe_windows < MAX_PROBE_WINDOWS:
+                return False  # the host's scaling for this window; measure again on the next one
+        if result is None or result.rule is None:
+            logger.warning(
+                "hf_gradtools: could not establish how the loss of %s is normalised (%s); gradient accumulation "
+                "keeps %s's own loss scaling. Declare it with `loss_normalization` (token, shifted_token, sample, "
+                "element or sum) to make accumulation exact.",
+                name,
+                reason,
+                type(self).__mro__[type(self).__mro__.index(GradTrainerMixin) + 1].__name__,
+            )
+            return None
+        logger.info("hf_gradtools: the loss of %s is normalised %s; accumulation weights it exactly.", name, reason)
+        return result.rule
+
+    def _probe_inputs(self, batch: dict, base: nn.Module) -> dict:
+        """The batch on the device; seq2seq models get their decoder inputs from the labels, as in training."""
+        batch = self._prepare_inputs(dict(batch))
+        labels = label_tensor(batch)
+        prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+        config = getattr(base, "config", None)
+        if (
+            labels is not None
+            and "decoder_input_ids" not in batch
+            and callable(prepare)
+            and getattr(config, "is_encoder_decoder", False)
+        ):
+            batch["decoder_input_ids"] = prepare(labels=labels)
+        return batch
+
+    def _reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        reduced = tensor.to(self.args.device)
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+        return reduced.to(tensor.device)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self._weights_losses():
-            world_size = self.accelerator.num_processes
-            weights = micro_batch_loss_weights(
-                batch_samples,
-                shifts_labels=self._loss_shifts_labels or loss_shifts_labels(self.model),
-                world_size=world_size,
-                gather_sum=lambda t: self.accelerator.gather(t.reshape(1)).sum(),
-            )
-            self._pending_loss_weights = deque(weights.unbind())
-            # The model must return its plain mean; the weights do the normalisation.
-            num_items_in_batch = None
-        return batch_samples, num_items_in_batch
+        rule = self._loss_rule(batch_samples)
+        if rule is None:
+            self._pending_loss_weights = deque()
+            return batch_samples, num_items_in_batch
+        weights = micro_batch_loss_weights(
+            batch_samples,
+            rule,
+            world_size=self.accelerator.num_processes,
+            gather_sum=lambda t: self.accelerator.gather(t.reshape(1)).sum(),
+        )
+        self._pending_loss_weights = deque(weights.unbind())
+        # The loss must be the micro-batch's own normalisation; the weights do the rest.
+        return batch_samples, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._loss_weight = self._pending_loss_weights.popleft() if self._pending_loss_weights else None
-        if self._weights_losses():
-            # True: the weighted loss is already scaled; None: the Trainer divides by the accumulation steps.
-            self.loss_is_scaled_for_ga = True if self._loss_weight is not None else None
-        try:
+        if not self._pending_loss_weights:
             return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._loss_weight = None
+        weight = self._pending_loss_weights.popleft()
+        compute_loss = self.compute_loss  # the subclass's own, whether or not it calls `super()`
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        weight = self._loss_weight
-        if weight is None:
-            return result
-        loss, outputs = result if return_outputs else (result, None)
-        weight = weight.to(loss.device, loss.dtype)
-        # A micro-batch with no item (every label -100) has a NaN mean and weight 0: it adds 0, not NaN.
-        loss = torch.where(weight > 0, loss * weight, torch.zeros_like(loss))
-        return (loss, outputs) if return_outputs else loss
+        def weighted_compute_loss(*args, **kwargs):
+            result = compute_loss(*args, **kwargs)
+            loss, outputs = result if kwargs.get("return_outputs") else (result, None)
+            w = weight.to(loss.device, loss.dtype)
+            # A micro-batch with no item (every label ignored) has a NaN mean and weight 0: it adds 0, not NaN.
+            loss = torch.where(w > 0, loss * w, torch.zeros_like(loss))
+            return (loss, outputs) if kwargs.get("return_outputs") else loss
+
+        # For this step only: the weighted loss is already scaled for accumulation.
+        self.compute_loss = weighted_compute_loss
+        self.loss_is_scaled_for_ga = True
+        try:
+            return super().training_step(model, inputs, None)
+        finally:
+            del self.compute_loss
+            del self.loss_is_scaled_for_ga
 
     # ---- clipping and snapshots, once per optimizer step ----
 
@@ -164,23 +357,20 @@ class GradTrainer(Trainer):
         args = self.args
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        due = [
-            cb
-            for cb in self.callback_handler.callbacks
-            if isinstance(cb, GradSnapshotCallback) and cb.is_due(args, self.state)
-        ]
+        due = [cb for cb in self._snapshot_callbacks() if cb.is_due(args, self.state)]
+        norm_type = grad_setting(args, "clip_norm_type")
         # A callback given its own norm type measures before clipping, in that norm.
-        other_norms = {id(cb): grad_norms(grads, cb.norm(args)) for cb in due if cb.norm(args) != args.clip_norm_type}
+        other_norms = {id(cb): grad_norms(grads, cb.norm(args)) for cb in due if cb.norm(args) != norm_type}
         result = clip_gradients(
-            params, max_norm=args.max_grad_norm, norm_type=args.clip_norm_type, clip_value=args.clip_grad_value
+            params, max_norm=args.max_grad_norm, norm_type=norm_type, clip_value=grad_setting(args, "clip_grad_value")
         )
         # Names only on snapshot steps; `named_parameters()` walks the parameters in `parameters()` order.
         names = [n for n, p in self.model.named_parameters() if p.grad is not None] if due else []
         for callback in due:
             if id(callback) in other_norms:
-                norm_type, norms = callback.norm(args), other_norms[id(callback)]
-                post = total_norm(grad_norms(grads, norm_type), norm_type)
-                callback.record(args, self.state, names, ClipResult(norms, total_norm(norms, norm_type), post))
+                cb_norm, norms = callback.norm(args), other_norms[id(callback)]
+                post = total_norm(grad_norms(grads, cb_norm), cb_norm)
+                callback.record(args, self.state, names, ClipResult(norms, total_norm(norms, cb_norm), post))
             else:
                 callback.record(args, self.state, names, result)
         return result.total_norm
@@ -189,13 +379,28 @@ class GradTrainer(Trainer):
         # Only called once gradients exist: the Trainer caches `_has_mixed_mesh_grads` on its first call.
         return not self._engine_clips() and not self._has_mixed_mesh_grads(self.model)
 
+    def _needs_own_clipping(self) -> bool:
+        """Whether this step asks for more than the host's L2 clipping (otherwise the host's code runs as is)."""
+        args = self.args
+        if grad_setting(args, "clip_norm_type") != 2.0 or grad_setting(args, "clip_grad_value") is not None:
+            return True
+        return any(cb.is_due(args, self.state) for cb in self._snapshot_callbacks())
+
     def _clip_grad_norm(self, model):
-        if not self._uses_own_clipping():
+        if not self._needs_own_clipping() or not self._uses_own_clipping():
             return super()._clip_grad_norm(model)
         return self._clip_and_record()
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None and self._uses_own_clipping():
+        if grad_norm is None and self._needs_own_clipping() and self._uses_own_clipping():
             # `max_grad_norm` is 0: no norm clipping, but value clipping, the logged norm and snapshots still run.
             grad_norm = self._clip_and_record()
         return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+class GradTrainer(GradTrainerMixin, Trainer):
+    """`transformers.Trainer` with the gradient tools of `GradTrainerMixin`."""
+
+
+class GradSeq2SeqTrainer(GradTrainerMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` with the gradient tools of `GradTrainerMixin`."""

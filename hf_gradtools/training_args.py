@@ -1,4 +1,18 @@
-"""`GradTrainingArguments`: `TrainingArguments` plus the fields of the gradient tools."""
+"""The fields of the gradient tools, as a dataclass mixin for any `TrainingArguments` class.
+
+`GradArgumentsMixin` composes with every arguments class of the Hugging Face ecosystem, listed first:
+
+    >>> from dataclasses import dataclass
+    >>> from transformers import Seq2SeqTrainingArguments
+    >>> @dataclass
+    ... class MySeq2SeqArguments(GradArgumentsMixin, Seq2SeqTrainingArguments):
+    ...     pass
+    >>> MySeq2SeqArguments("out", freeze_first_n_layers=2, predict_with_generate=True).freeze_first_n_layers
+    2
+
+`GradTrainer` also takes a plain `TrainingArguments` (or any subclass) as it is: a field the object lacks reads as
+its default here (`grad_setting`), and is validated the same way (`validate_grad_arguments`).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +21,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from .accumulation import LOSS_NORMALIZATIONS
 from .clipping import check_norm_type
 
 
 @dataclass
-class GradTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with layer freezing, clipping in any norm and gradient snapshots.
-
-    Only the added fields are listed; every `TrainingArguments` field works as before.
+class GradArgumentsMixin:
+    """The fields of the gradient tools. Every field of the host arguments class works as before.
 
     Args:
         freeze_embeddings (`bool`, *optional*, defaults to `False`):
@@ -30,6 +43,10 @@ class GradTrainingArguments(TrainingArguments):
             Clamp every gradient element to `[-v, v]`, before norm clipping when both are set.
         grad_snapshot_steps (`int`, *optional*, defaults to `0`):
             Record each trainable parameter's gradient norm every N optimizer steps (0: never).
+        loss_normalization (`str`, *optional*, defaults to `"auto"`):
+            How the loss of one micro-batch is normalised, for exact gradient accumulation: `auto` (measured on the
+            first window), `token`, `shifted_token`, `sample`, `element`, `sum`, or `trainer` (keep the Trainer's
+            own scaling).
 
     Example:
         >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
@@ -52,41 +69,77 @@ class GradTrainingArguments(TrainingArguments):
     )
     clip_grad_value: float | None = field(
         default=None,
-        metadata={"help": "Clamp each gradient element to [-v, v] (applied before norm clipping). Default: off."},
+        metadata={"help": "Clamp each gradient element to [-v, v] before norm clipping (unset: no value clipping)."},
     )
     grad_snapshot_steps: int = field(
         default=0,
         metadata={"help": "Record per-parameter gradient norms every N optimizer steps (0: never)."},
     )
+    loss_normalization: str = field(
+        default="auto",
+        metadata={
+            "help": "How one micro-batch's loss is normalised, for exact gradient accumulation: auto (measured), "
+            "token, shifted_token, sample, element, sum, or trainer (keep the Trainer's own loss scaling).",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("freeze_first_n_layers", "grad_snapshot_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        if not isinstance(self.freeze_embeddings, bool):
-            raise ValueError(f"`freeze_embeddings` must be True or False, got {self.freeze_embeddings!r}.")
-        self.clip_norm_type = check_norm_type(self.clip_norm_type, "clip_norm_type")
-        value = self.clip_grad_value
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
-        ):
-            raise ValueError(f"`clip_grad_value` must be a positive finite number or None (off), got {value!r}.")
-        if self.max_grad_norm is None or self.max_grad_norm < 0 or math.isnan(self.max_grad_norm):
-            raise ValueError(f"`max_grad_norm` must be >= 0 (0 turns norm clipping off), got {self.max_grad_norm!r}.")
+        validate_grad_arguments(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """As `TrainingArguments.to_dict`, with an infinite `clip_norm_type` written as "inf" so JSON stays valid."""
+        """As the host's `to_dict`, with an infinite `clip_norm_type` written as "inf" so JSON stays valid."""
         d = super().to_dict()
-        if math.isinf(d["clip_norm_type"]):
+        if isinstance(d.get("clip_norm_type"), float) and math.isinf(d["clip_norm_type"]):
             d["clip_norm_type"] = "inf"
         return d
 
-    @classmethod
-    def from_training_arguments(cls, args: TrainingArguments) -> GradTrainingArguments:
-        """Convert a plain `TrainingArguments`; the added fields take their defaults."""
-        if isinstance(args, cls):
-            return args
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        return cls(**values)
+
+GRAD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GradArgumentsMixin)}
+
+
+def grad_setting(args: Any, name: str) -> Any:
+    """The value of gradient-tool field `name` on `args`, or its default when `args` lacks the field."""
+    return getattr(args, name, GRAD_DEFAULTS[name]) if args is not None else GRAD_DEFAULTS[name]
+
+
+def _non_negative_int(args: Any, name: str) -> None:
+    value = grad_setting(args, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+
+
+def validate_grad_arguments(args: Any) -> None:
+    """Check every gradient-tool field of `args` (defaults for those it lacks); raise naming field, value, allowed.
+
+    Normalises `clip_norm_type` to a float in place when `args` has the field ("inf" -> `math.inf`).
+    """
+    for name in ("freeze_first_n_layers", "grad_snapshot_steps"):
+        _non_negative_int(args, name)
+    freeze_embeddings = grad_setting(args, "freeze_embeddings")
+    if not isinstance(freeze_embeddings, bool):
+        raise ValueError(f"`freeze_embeddings` must be True or False, got {freeze_embeddings!r}.")
+    norm_type = check_norm_type(grad_setting(args, "clip_norm_type"), "clip_norm_type")
+    if hasattr(args, "clip_norm_type"):
+        args.clip_norm_type = norm_type
+    value = grad_setting(args, "clip_grad_value")
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+    ):
+        raise ValueError(f"`clip_grad_value` must be a positive finite number or None (off), got {value!r}.")
+    normalization = grad_setting(args, "loss_normalization")
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(
+            f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {normalization!r}."
+        )
+
+
+@dataclass
+class GradTrainingArguments(GradArgumentsMixin, TrainingArguments):
+    """`TrainingArguments` with the fields of `GradArgumentsMixin`."""
+
+
+@dataclass
+class GradSeq2SeqTrainingArguments(GradArgumentsMixin, Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` with the fields of `GradArgumentsMixin`."""

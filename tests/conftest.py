@@ -189,3 +189,12 @@ def grad_args(tmp_path, **overrides):
 @pytest.fixture
 def args_factory(tmp_path):
     return lambda **kw: grad_args(tmp_path, **kw)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tiny models: on a busy shared machine, spinning worker threads cost 10-50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,8 @@ import transformers as T
 from conftest import classification_data, tiny_classifier, tiny_config
 from datasets import Dataset
 
-from hf_gradtools import GradTrainer, count_loss_items, micro_batch_loss_weights
+from hf_gradtools import GradTrainer, count_items, micro_batch_loss_weights
+from hf_gradtools.accumulation import ELEMENT, SAMPLE, SHIFTED_TOKEN, SUM, TOKEN, ItemRule
 
 
 class GradCapture(T.TrainerCallback):
@@ -157,16 +158,24 @@ def test_token_level_loss_is_mean_over_label_tokens(args_factory):
 
 def test_weights_by_hand():
     batches = [{"labels": torch.tensor([[-100, 5, 6], [-100, -100, 7]])}, {"labels": torch.tensor([[1, 2, 3]])}]
-    assert count_loss_items(batches[0]) == 3
-    assert count_loss_items(batches[0], shifts_labels=True) == 3
-    assert micro_batch_loss_weights(batches).tolist() == pytest.approx([0.5, 0.5])
-    assert micro_batch_loss_weights(batches, shifts_labels=True).tolist() == pytest.approx([0.6, 0.4])
+    assert count_items(batches[0], TOKEN) == 3
+    assert count_items(batches[0], SHIFTED_TOKEN) == 3
+    assert count_items(batches[0], SAMPLE) == 2
+    assert micro_batch_loss_weights(batches, TOKEN).tolist() == pytest.approx([0.5, 0.5])
+    assert micro_batch_loss_weights(batches, SHIFTED_TOKEN).tolist() == pytest.approx([0.6, 0.4])
+    assert micro_batch_loss_weights(batches, SAMPLE).tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert micro_batch_loss_weights(batches, SUM).tolist() == [1.0, 1.0]
+    assert micro_batch_loss_weights(batches, SUM, world_size=2).tolist() == [2.0, 2.0]
+    ignore_255 = ItemRule("token", ignore_index=255)
+    assert micro_batch_loss_weights(
+        [{"labels": torch.tensor([[255, 1]])}, {"labels": torch.tensor([[2, 3]])}], ignore_255
+    ).tolist() == pytest.approx([1 / 3, 2 / 3])
     floats = [{"labels": torch.zeros(3, 2)}, {"labels": torch.zeros(1, 2)}]
-    assert micro_batch_loss_weights(floats).tolist() == pytest.approx([0.75, 0.25])
+    assert micro_batch_loss_weights(floats, ELEMENT).tolist() == pytest.approx([0.75, 0.25])
     rows = [{"input_ids": torch.zeros(3, 4), "start_positions": torch.zeros(3)}, {"input_ids": torch.zeros(1, 4)}]
-    assert micro_batch_loss_weights(rows).tolist() == pytest.approx([0.75, 0.25])
+    assert micro_batch_loss_weights(rows, SAMPLE).tolist() == pytest.approx([0.75, 0.25])
     # Two processes, this one holds 4 of the 10 items of the window: DDP averages, so the weights sum to 0.8.
-    assert micro_batch_loss_weights(floats, world_size=2, gather_sum=lambda t: t * 2.5).tolist() == pytest.approx(
-        [0.6, 0.2]
-    )
-    assert micro_batch_loss_weights([{"labels": torch.tensor([-100])}]).tolist() == [0.0]
+    assert micro_batch_loss_weights(
+        floats, ELEMENT, world_size=2, gather_sum=lambda t: t * 2.5
+    ).tolist() == pytest.approx([0.6, 0.2])
+    assert micro_batch_loss_weights([{"labels": torch.tensor([-100])}], TOKEN).tolist() == [0.0]

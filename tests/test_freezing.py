@@ -64,7 +64,9 @@ def expected_frozen(model, embedding_prefixes, stack_prefix, arch):
     # ALBERT's 3 layers run one shared block (group 0): freezing 2 layers freezes that block.
     blocks = ["0."] if arch == "albert" else ["0.", "1."]
     prefixes = list(embedding_prefixes) + [stack_prefix + b for b in blocks]
-    return [n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes)]
+    # T5's relative attention bias sits in block 0 but serves every layer: it stays trainable.
+    shared = "relative_attention_bias"
+    return [n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes) and shared not in n]
 
 
 def freeze_both(model):

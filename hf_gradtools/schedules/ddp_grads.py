@@ -1,0 +1,48 @@
+"""Average across processes the gradients of parameters that DDP does not reduce: those unfrozen after wrapping.
+
+`DistributedDataParallel` registers only the parameters with `requires_grad=True` when it wraps the model; a
+parameter unfrozen later gets its gradient on each process but never all-reduced, so the processes drift apart.
+`all_reduce_grads_` averages them, as DDP would have: call it once per optimizer step, after the last
+micro-batch's backward and before clipping, with `GradualUnfreezer.unfrozen_parameters(model)`. One flat buffer
+per device and dtype, one `all_reduce` each.
+
+Example:
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 1)
+    >>> layer.weight.grad = torch.ones(1, 2)
+    >>> all_reduce_grads_(layer.parameters())  # a single process (or no process group): nothing to do
+    0
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_grads_(parameters: Iterable[torch.Tensor], group=None) -> int:
+    """Replace each `.grad` of `parameters` by its mean over the processes of `group`; return how many it averaged.
+
+    Parameters without a gradient are skipped, so every process must have gradients for the same parameters (true
+    for unfrozen blocks, which every process runs). Without an initialised process group, or with one process,
+    nothing happens and 0 is returned.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return 0
+    world_size = dist.get_world_size(group)
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for param in parameters:
+        if param.grad is not None:
+            buckets[(param.grad.device, param.grad.dtype)].append(param.grad)
+    for grads in buckets.values():
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world_size)
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+    return sum(len(grads) for grads in buckets.values())

@@ -1,0 +1,25 @@
+"""The `>>>` examples in the docstrings of the schedule and noise-scale modules run and give what they show."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "hf_gradtools.noise_scale",
+    "hf_gradtools.schedules.ddp_grads",
+    "hf_gradtools.schedules.eval_mode",
+    "hf_gradtools.schedules.live_groups",
+    "hf_gradtools.schedules.lr_decay",
+    "hf_gradtools.schedules.unfreezing",
+]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
