@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .clipping import _scale_, grad_norms, total_norm
+from .clipping import _is_sharded, _local, _scale_, grad_norms, total_norm
 from .layout import model_layout
 from .patterns import compile_patterns
 
@@ -140,6 +140,11 @@ def agc_clip_(
         grad = param.grad
         if grad is None:
             continue
+        if _is_sharded([grad]):
+            raise ValueError(
+                f"AGC (`clip_algorithm`='agc') does not support gradients sharded by FSDP2 (DTensor), such as that "
+                f"of {name!r}; use `clip_algorithm`='norm' or 'autoclip' with FSDP2."
+            )
         grads.append(grad)
         device = device or grad.device
         if any(regex.search(name) for regex in regexes):
@@ -310,7 +315,8 @@ class AutoClip:
         coef = torch.clamp(threshold / (norm + _EPS), max=1.0)
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads:
-            _scale_(grads, coef)
+            # FSDP2 (DTensor) gradients: `total_norm` is already global; each process scales its own shards.
+            _scale_(_local(grads) if _is_sharded(grads) else grads, coef)
         return AutoClipResult(threshold=threshold, clip_coef=coef, total_norm_post_clip=norm * coef)
 
     def state_dict(self) -> dict:

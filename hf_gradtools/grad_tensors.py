@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import write_file_atomic
+from .clipping import _is_sharded
 from .patterns import example_names, match_names
 
 # The snapshot folder, the same as `snapshots.SNAPSHOT_DIR`; defined here without importing `snapshots`, so that
@@ -115,6 +116,11 @@ class GradTensorSaver:
             if grad is None:
                 continue
             grad = grad.detach()
+            if _is_sharded([grad]):
+                raise ValueError(
+                    f"`grad_snapshot_tensors` cannot save {name!r}: its gradient is sharded by FSDP2 (DTensor), "
+                    "and gathering it is a collective; choose unsharded parameters or leave the field empty."
+                )
             if grad.is_cuda:
                 host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
                 host.copy_(grad, non_blocking=True)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .clipping import _is_sharded, _local
 from .errors import GradToolsError
 
 # How many parameter names a log line or an error lists.
@@ -39,10 +40,12 @@ class NonFiniteGradientError(GradToolsError):
 def finite_mask(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per tensor, whether every element is finite: a bool 1-D tensor on the first tensor's device; no sync.
 
-    Empty tensors count as finite.
+    Empty tensors count as finite. For FSDP2 (DTensor) gradients, only this process's shards are checked: agree
+    with the other processes through `agree_across_ranks`.
     """
     if not grads:
         return torch.ones(0, dtype=torch.bool)
+    grads = _local(grads) if _is_sharded(grads) else list(grads)
     device = grads[0].device
     flags = []
     for grad in grads:
