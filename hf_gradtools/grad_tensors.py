@@ -44,9 +44,12 @@ TENSOR_SUFFIX = ".safetensors"
 _STEP_FILE = re.compile(r"step-(\d+)" + re.escape(TENSOR_SUFFIX) + "$")
 
 
-def grad_tensor_path(output_dir: str | os.PathLike, step: int) -> str:
-    """`<output_dir>/grad_snapshots/step-XXXXXXXX.safetensors`, beside the step's JSON snapshot."""
-    return os.path.join(os.fspath(output_dir), SNAPSHOT_DIR, f"step-{step:08d}{TENSOR_SUFFIX}")
+def grad_tensor_path(output_dir: str | os.PathLike, step: int, folder: str = SNAPSHOT_DIR) -> str:
+    """`<output_dir>/<folder>/step-XXXXXXXX.safetensors`, beside the step's JSON snapshot.
+
+    `folder` is the snapshot callback's folder (`GradSnapshotCallback.folder`), `grad_snapshots` by default.
+    """
+    return os.path.join(os.fspath(output_dir), folder, f"step-{step:08d}{TENSOR_SUFFIX}")
 
 
 @dataclass
@@ -78,9 +81,9 @@ class GradTensorCopy:
         write_file_atomic(path, lambda tmp: save_file(self.tensors, tmp, metadata=metadata))
         return os.fspath(path)
 
-    def write_to_run(self, output_dir: str | os.PathLike) -> str:
-        """`write(grad_tensor_path(output_dir, step))`."""
-        return self.write(grad_tensor_path(output_dir, self.step))
+    def write_to_run(self, output_dir: str | os.PathLike, folder: str = SNAPSHOT_DIR) -> str:
+        """`write(grad_tensor_path(output_dir, step, folder))`."""
+        return self.write(grad_tensor_path(output_dir, self.step, folder))
 
 
 class GradTensorSaver:

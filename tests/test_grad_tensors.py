@@ -63,6 +63,10 @@ def test_load_by_step_from_the_run_or_its_snapshot_folder(bert, tmp_path):
     (tmp_path / "grad_snapshots" / "step-00000005.json").write_text("{}")  # a JSON snapshot beside them
     assert list(grad_tensor_files(tmp_path)) == [5, 10]
     assert list(grad_tensor_files(tmp_path / "grad_snapshots")) == [5, 10]
+    # A named snapshot callback's folder.
+    named = saver.copy(15).write_to_run(tmp_path, folder="grad_snapshots_l1")
+    assert named == os.path.join(str(tmp_path), "grad_snapshots_l1", "step-00000015.safetensors")
+    assert list(grad_tensor_files(tmp_path / "grad_snapshots_l1")) == [15]
     grads = load_grad_tensors(tmp_path, step=10)
     assert grads.step == 10 and torch.equal(grads["classifier.bias"], bert.classifier.bias.grad)
     with pytest.raises(FileNotFoundError, match=r"No gradient tensors of step 7 .* \(steps with tensors: 5, 10\)"):
