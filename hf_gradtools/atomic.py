@@ -5,7 +5,40 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Have `write(tmp)` create a temporary file in the folder of `path`, then `fsync` it and `os.replace` it.
+
+    When anything fails (in `write` too: a full disk, a folder that cannot be written), the temporary file is
+    removed, `path` is left as it was, and the error is raised again; an `OSError` that named no file is raised
+    again naming `path`.
+
+    Example:
+        >>> from safetensors.torch import save_file
+        >>> write_file_atomic("out/grads.safetensors", lambda tmp: save_file(tensors, tmp))  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # `write` and `fsync` errors name no file: "[Errno 28] No space left on device" alone says not where.
+            raise OSError(e.errno, e.strerror, path) from e  # the errno picks the same subclass (PermissionError...)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -18,23 +51,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     Example:
         >>> write_text_atomic("out/predict_results_sst2.txt", "index\\tprediction\\n")  # doctest: +SKIP
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
-            # `write` and `fsync` errors name no file: "[Errno 28] No space left on device" alone says not where.
-            raise OSError(e.errno, e.strerror, path) from e  # the errno picks the same subclass (PermissionError...)
-        raise
+
+    write_file_atomic(path, write)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -2,8 +2,10 @@
 
     hf-gradtools plot outputs/sst2                 # per-layer gradient norms over steps -> outputs/sst2/grad_norms.png
     hf-gradtools plot outputs/sst2 --output a.png
+    hf-gradtools plot outputs/sst2 --params attention --params ^classifier   # chosen parameters, not groups
     hf-gradtools summary outputs/sst2 --top 5      # frozen/trainable counts, largest gradients of the last snapshot
     hf-gradtools summary outputs/sst2 --mean       # ... averaged over every snapshot instead
+    hf-gradtools hist outputs/sst2 --step 10 --param classifier.weight   # histogram of a saved gradient tensor
 
 `python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots is
 reported in one line on stderr, with exit status 1.
@@ -16,7 +18,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from .plotting import PLOT_FILE, frozen_groups, group_norms, load_run, plot_grad_norms
+from .plotting import PLOT_FILE, frozen_groups, group_norms, load_run, plot_grad_histogram, plot_grad_norms
 from .snapshots import summary_line
 
 PROG = "hf-gradtools"
@@ -87,11 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Plot and summarize the gradient snapshots of a GradTrainer run."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{plot,summary}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{plot,summary,hist}")
 
     plot = commands.add_parser("plot", help="draw per-layer gradient norms over steps to a PNG")
     plot.add_argument("output_dir", help="the run's output_dir (holding frozen_parameters.json and grad_snapshots/)")
     plot.add_argument("--output", "-o", default=None, help=f"PNG to write (default: <output_dir>/{PLOT_FILE})")
+    plot.add_argument(
+        "--params",
+        action="append",
+        metavar="PATTERN",
+        default=None,
+        help="draw the parameters whose names this regex matches (re.search) instead of the groups; repeatable",
+    )
 
     summary = commands.add_parser("summary", help="print frozen/trainable counts and the largest gradient norms")
     summary.add_argument(
@@ -101,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument(
         "--mean", action="store_true", help="rank by the mean norm over all snapshots instead of the last one"
     )
+
+    hist = commands.add_parser("hist", help="draw a histogram of one saved gradient tensor to a PNG")
+    hist.add_argument("output_dir", help="the run's output_dir (holding grad_snapshots/step-*.safetensors)")
+    hist.add_argument("--param", required=True, metavar="NAME", help="full parameter name, e.g. classifier.weight")
+    hist.add_argument(
+        "--step", type=_positive_int, default=None, help="snapshot step (default: the last one with saved tensors)"
+    )
+    hist.add_argument("--bins", type=_positive_int, default=100, help="number of bins (default: 100)")
+    hist.add_argument(
+        "--output", "-o", default=None, help="PNG to write (default: <output_dir>/grad_hist_step-<N>_<NAME>.png)"
+    )
     return parser
 
 
@@ -109,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "plot":
-            path = plot_grad_norms(args.output_dir, args.output)
+            path = plot_grad_norms(args.output_dir, args.output, params=args.params)
+            print(f"wrote {path}")
+        elif args.command == "hist":
+            path = plot_grad_histogram(args.output_dir, args.param, step=args.step, output=args.output, bins=args.bins)
             print(f"wrote {path}")
         else:
             print(summarize(args.output_dir, top=args.top, mean=args.mean))

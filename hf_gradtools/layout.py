@@ -190,3 +190,16 @@ def find_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if any(True for _ in module.parameters()):
                 picked.append((name, module))
     return picked
+
+
+def model_layout(model: nn.Module) -> tuple[str | None, list[str]]:
+    """The layer stack's module name (or `None`) and the embedding modules' names (or `[]`) of `model`."""
+    try:
+        stack = find_layer_stack(model).name
+    except LayerStackNotFoundError:
+        stack = None
+    try:
+        embeddings = [name for name, _ in find_input_embeddings(model)]
+    except LayerStackNotFoundError:
+        embeddings = []
+    return stack, embeddings

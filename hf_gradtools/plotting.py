@@ -6,7 +6,12 @@ to `"embeddings"`, everything else (pooler, classifier, final norm) to `"head"`.
 the snapshot's `norm_type`, of its parameters' norms: the norm of the group's gradient as one vector. Frozen
 parameters have no gradient, so a fully frozen group is not drawn.
 
-matplotlib is imported only by `plot_grad_norms` (`pip install 'hf_gradtools[plot]'`), with the `Agg` backend.
+The figure has two panels over the snapshot steps: the groups' norms (or, with `params`, chosen parameters'
+norms), and the total-norm panel: the total norm before and after clipping, the clip coefficient (after / before)
+on its right axis, and a red line at each step skipped for non-finite gradients (snapshots with
+`"skipped": true`). `plot_grad_histogram` draws the values of one saved gradient tensor (`grad_snapshot_tensors`).
+
+matplotlib is imported only when drawing (`pip install 'hf_gradtools[plot]'`), with the `Agg` backend.
 
 Example:
     >>> description = {"layer_stack": "bert.encoder.layer", "embeddings": ["bert.embeddings"]}
@@ -24,14 +29,18 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+import torch
 
 from .clipping import check_norm_type
+from .grad_tensors import grad_tensor_files, load_grad_tensors
+from .monitoring import EMBEDDINGS, HEAD, parameter_group
+from .monitoring import group_order as _group_order
+from .patterns import example_names, match_names
 from .snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, load_grad_snapshots
 
 PLOT_FILE = "grad_norms.png"
-EMBEDDINGS = "embeddings"
-HEAD = "head"
 
 
 def _run_folder(path: str | os.PathLike) -> str:
@@ -71,30 +80,6 @@ def load_run(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
             "(e.g. --grad_snapshot_steps 10) for at least that many optimizer steps."
         )
     return description, snapshots
-
-
-def parameter_group(name: str, layer_stack: str | None, embeddings: Iterable[str]) -> str:
-    """The group of parameter `name`: `"embeddings"`, `"layer <i>"` or `"head"`.
-
-    Example:
-        >>> parameter_group("bert.encoder.layer.3.attention.self.query.weight", "bert.encoder.layer", [])
-        'layer 3'
-    """
-    if any(name.startswith(module + ".") for module in embeddings):
-        return EMBEDDINGS
-    if layer_stack:
-        match = re.match(re.escape(layer_stack) + r"\.(\d+)\.", name)
-        if match:
-            return f"layer {int(match.group(1))}"
-    return HEAD
-
-
-def _group_order(group: str) -> tuple[int, int]:
-    if group == EMBEDDINGS:
-        return (0, 0)
-    if group == HEAD:
-        return (2, 0)
-    return (1, int(group.split()[1]))
 
 
 def combine_norms(norms: Iterable[float], norm_type: float | str) -> float:
@@ -171,57 +156,135 @@ def _norm_label(norm_type: float | str) -> str:
     return f"L{int(p)}" if p == int(p) else f"L{p:g}"
 
 
-def plot_grad_norms(output_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> str:
-    """Draw the per-group gradient norms of the run in `output_dir` over its snapshot steps to a PNG.
-
-    Args:
-        output_dir: a run's `output_dir` (with `grad_snapshots/`) or the snapshot folder itself.
-        output: the PNG to write; default `<output_dir>/grad_norms.png`.
-
-    Returns:
-        The path written.
+def param_norm_series(snapshots: list[dict], patterns: Sequence[str]) -> dict[str, list[float]]:
+    """Per parameter whose name a pattern matches (`re.search`), its norm at each snapshot (`nan` where absent).
 
     Raises:
-        FileNotFoundError, ValueError: as `load_run`.
-    """
-    description, snapshots = load_run(output_dir)
-    steps, series = group_norm_series(snapshots, description)
-    totals = [float(s["total_norm_pre_clip"]) for s in snapshots]
-    clipped = [float(s["total_norm_post_clip"]) for s in snapshots]
-    output = os.fspath(output) if output is not None else os.path.join(_run_folder(output_dir), PLOT_FILE)
+        ValueError: a pattern matches no parameter of any snapshot (the message names `--params`).
 
+    Example:
+        >>> param_norm_series([{"norms": {"a.weight": 1.0, "b.weight": 2.0}}, {"norms": {"a.weight": 3.0}}], ["^a"])
+        {'a.weight': [1.0, 3.0]}
+    """
+    names = list(dict.fromkeys(name for snapshot in snapshots for name in snapshot["norms"]))
+    chosen = match_names(names, patterns, field="--params")
+    return {name: [float(s["norms"].get(name, math.nan)) for s in snapshots] for name in chosen}
+
+
+def clip_coefficients(snapshots: list[dict]) -> list[float]:
+    """Per snapshot, the factor clipping applied: `total_norm_post_clip / total_norm_pre_clip` (1 for a zero
+    gradient, `nan` where either norm is not finite).
+
+    Example:
+        >>> clip_coefficients([{"total_norm_pre_clip": 4.0, "total_norm_post_clip": 1.0},
+        ...     {"total_norm_pre_clip": 0.0, "total_norm_post_clip": 0.0}])
+        [0.25, 1.0]
+    """
+    coefficients = []
+    for snapshot in snapshots:
+        pre, post = float(snapshot["total_norm_pre_clip"]), float(snapshot["total_norm_post_clip"])
+        if not (math.isfinite(pre) and math.isfinite(post)):
+            coefficients.append(math.nan)
+        else:
+            coefficients.append(post / pre if pre > 0 else 1.0)
+    return coefficients
+
+
+def skipped_steps(snapshots: list[dict]) -> list[int]:
+    """Steps of the snapshots marked `"skipped": true` (optimizer steps skipped for non-finite gradients)."""
+    return [int(s["step"]) for s in snapshots if s.get("skipped")]
+
+
+def _pyplot():
+    """matplotlib's pyplot with the file-only `Agg` backend, imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [float(v) if math.isfinite(float(v)) else math.nan for v in values]
+
+
+def _use_log_scale(ax, series: Iterable[Iterable[float]]) -> None:
+    positive = [v for values in series for v in values if math.isfinite(v) and v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")
+
+
+def draw_grad_norms(description: dict, snapshots: list[dict], params: Sequence[str] | None = None):
+    """The figure of `plot_grad_norms` (a matplotlib `Figure`, two panels sharing the step axis).
+
+    Top: the norm of each group (or, with `params`, of each parameter a pattern matches). Bottom, the total-norm
+    panel: the total norm before and after clipping, the clip coefficient (after / before) on its right axis, and
+    a red vertical line at every skipped step.
+    """
+    plt = _pyplot()
+    steps = [int(s["step"]) for s in snapshots]
+    if params:
+        series = param_norm_series(snapshots, params)
+    else:
+        series = group_norm_series(snapshots, description)[1]
+    totals = _finite(s["total_norm_pre_clip"] for s in snapshots)
+    clipped = _finite(s["total_norm_post_clip"] for s in snapshots)
+    coefficients = clip_coefficients(snapshots)
+    skipped = skipped_steps(snapshots)
+    norm_type = snapshots[-1].get("norm_type", 2.0)
+
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(8, 6.4), dpi=120, sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
+    marker = "o" if len(steps) <= 30 else None
     layers = [group for group in series if group not in (EMBEDDINGS, HEAD)]
-    colormap = plt.get_cmap("viridis")
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
-    try:
-        marker = "o" if len(steps) <= 30 else None
-        ax.plot(steps, totals, color="black", linestyle="--", linewidth=1.2, label="total, before clipping")
-        if any(abs(a - b) > 1e-6 * max(a, 1e-12) for a, b in zip(totals, clipped, strict=True)):
-            ax.plot(steps, clipped, color="gray", linestyle=":", linewidth=1.2, label="total, after clipping")
-        for group, values in series.items():
-            if group == EMBEDDINGS:
-                color = "tab:red"
-            elif group == HEAD:
-                color = "tab:orange"
-            else:
-                color = colormap(layers.index(group) / max(len(layers) - 1, 1) * 0.9)
-            ax.plot(steps, values, color=color, marker=marker, markersize=3, linewidth=1.4, label=group)
-        positive = [v for values in [totals, clipped, *series.values()] for v in values if v > 0 and math.isfinite(v)]
-        if positive and max(positive) / min(positive) > 20:
-            ax.set_yscale("log")
-        norm_type = snapshots[-1].get("norm_type", 2.0)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"gradient norm ({_norm_label(norm_type)}); groups before clipping")
+    colormap = plt.get_cmap("viridis" if not params else "tab20")
+    for i, (label, values) in enumerate(series.items()):
+        if params:
+            color = colormap(i % 20)
+        elif label == EMBEDDINGS:
+            color = "tab:red"
+        elif label == HEAD:
+            color = "tab:orange"
+        else:
+            color = colormap(layers.index(label) / max(len(layers) - 1, 1) * 0.9)
+        top.plot(steps, _finite(values), color=color, marker=marker, markersize=3, linewidth=1.4, label=label)
+    _use_log_scale(top, [_finite(v) for v in series.values()])
+    top.set_ylabel(f"{_norm_label(norm_type)} norm, before clipping")
+    if params:
+        title = f"Gradient norm of {len(series)} parameters matching {', '.join(params)}"
+    else:
         frozen = ", ".join(frozen_groups(description)) or "none"
-        ax.set_title(f"Gradient norm per layer group over {len(steps)} snapshots (frozen: {frozen})", fontsize=10)
+        title = f"Gradient norm per layer group over {len(steps)} snapshots (frozen: {frozen})"
+    top.set_title(title, fontsize=10)
+    if len(series) <= 24:
+        top.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+
+    bottom.plot(steps, totals, color="black", linestyle="--", linewidth=1.2, label="total, before clipping")
+    bottom.plot(steps, clipped, color="gray", linestyle=":", linewidth=1.2, label="total, after clipping")
+    _use_log_scale(bottom, [totals, clipped])
+    bottom.set_ylabel(f"total {_norm_label(norm_type)} norm")
+    coef_axis = bottom.twinx()
+    coef_axis.plot(steps, coefficients, color="tab:blue", marker=".", linewidth=0.8, label="clip coefficient")
+    coef_axis.set_ylim(0, 1.05)
+    coef_axis.set_ylabel("clip coefficient (after / before)", color="tab:blue", fontsize=8)
+    for i, step in enumerate(skipped):
+        for ax in (top, bottom):
+            ax.axvline(step, color="tab:red", linewidth=1.0, alpha=0.7, label="skipped step" if i == 0 else None)
+    handles = [h for ax in (bottom, coef_axis) for h in ax.get_legend_handles_labels()[0]]
+    bottom.legend(handles=handles, loc="center left", bbox_to_anchor=(1.12, 0.5), fontsize=7, frameon=False)
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-        fig.tight_layout()
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, output: str) -> str:
+    import matplotlib.pyplot as plt
+
+    try:
         folder = os.path.dirname(output)
         if folder:
             os.makedirs(folder, exist_ok=True)
@@ -229,3 +292,93 @@ def plot_grad_norms(output_dir: str | os.PathLike, output: str | os.PathLike | N
     finally:
         plt.close(fig)
     return output
+
+
+def plot_grad_norms(
+    output_dir: str | os.PathLike, output: str | os.PathLike | None = None, params: Sequence[str] | None = None
+) -> str:
+    """Draw the gradient norms of the run in `output_dir` over its snapshot steps to a PNG (see `draw_grad_norms`).
+
+    Args:
+        output_dir: a run's `output_dir` (with `grad_snapshots/`) or the snapshot folder itself.
+        output: the PNG to write; default `<output_dir>/grad_norms.png`.
+        params: regex name patterns: draw these parameters instead of the groups.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileNotFoundError, ValueError: as `load_run`; `ValueError` for a pattern that matches no parameter.
+    """
+    description, snapshots = load_run(output_dir)
+    output = os.fspath(output) if output is not None else os.path.join(_run_folder(output_dir), PLOT_FILE)
+    return _save(draw_grad_norms(description, snapshots, params), output)
+
+
+def histogram_file(step: int, param: str) -> str:
+    """Default file name of a gradient histogram, e.g. `grad_hist_step-00000010_classifier.weight.png`."""
+    safe = re.sub(r"[^\w.-]", "_", param)
+    return f"grad_hist_step-{step:08d}_{safe}.png"
+
+
+def plot_grad_histogram(
+    output_dir: str | os.PathLike,
+    param: str,
+    step: int | None = None,
+    output: str | os.PathLike | None = None,
+    bins: int = 100,
+) -> str:
+    """Draw the histogram of one saved gradient tensor (`grad_snapshot_tensors`) to a PNG.
+
+    Args:
+        output_dir: the run's `output_dir` or its `grad_snapshots` folder.
+        param: the parameter's full name.
+        step: the snapshot step; default the last step with saved tensors.
+        output: the PNG to write; default `<output_dir>/grad_hist_step-XXXXXXXX_<param>.png`.
+        bins: number of histogram bins.
+
+    Raises:
+        FileNotFoundError: no saved tensors in the run, or none for `step`.
+        ValueError: `param` was not saved at that step (the message lists some that were).
+    """
+    folder = _run_folder(output_dir)
+    if step is None:
+        files = grad_tensor_files(folder)
+        if not files:
+            raise FileNotFoundError(
+                f"No saved gradient tensors in {os.path.join(folder, SNAPSHOT_DIR)!r}: train with "
+                "`grad_snapshot_tensors` (name patterns) and `grad_snapshot_steps` > 0."
+            )
+        step = max(files)
+    tensors = load_grad_tensors(folder, step=step)
+    if param not in tensors:
+        raise ValueError(f"`--param` {param!r} was not saved at step {step}; saved: {example_names(list(tensors))}.")
+    output = os.fspath(output) if output is not None else os.path.join(folder, histogram_file(step, param))
+    return _save(draw_grad_histogram(tensors[param], param, step, bins), output)
+
+
+def draw_grad_histogram(tensor: torch.Tensor, param: str, step: int, bins: int = 100):
+    """The figure of `plot_grad_histogram`: a log-count histogram of the finite values of `tensor`, titled with
+    the element count, mean, standard deviation, largest magnitude, L2 norm and the count of non-finite values.
+    """
+    plt = _pyplot()
+    values = tensor.detach().float().flatten()
+    finite = values[torch.isfinite(values)]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.hist(finite.numpy(), bins=bins, log=True, color="tab:blue")
+    if finite.numel():
+        spread = finite.std().item() if finite.numel() > 1 else 0.0
+        stats = (
+            f"{values.numel():,} elements, mean {finite.mean().item():.3g}, std {spread:.3g}, "
+            f"max |g| {finite.abs().max().item():.3g}, L2 norm {finite.norm().item():.3g}"
+        )
+    else:
+        stats = f"{values.numel():,} elements"
+    if finite.numel() < values.numel():
+        stats += f", {values.numel() - finite.numel():,} non-finite"
+    ax.set_title(f"Gradient of {param} at step {step}\n{stats}", fontsize=9)
+    ax.set_xlabel("gradient value")
+    ax.set_ylabel("count (log scale)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig

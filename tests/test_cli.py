@@ -168,3 +168,116 @@ def test_python_dash_m(run_dir):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("frozen: ") and "top 2 of" in result.stdout
+
+
+# ---- clip coefficient, skipped steps, --params and hist, on a run folder written by hand ----
+
+TENSOR_NAMES = ["enc.layer.1.w", "head.w"]
+
+
+@pytest.fixture
+def hand_run(tmp_path) -> str:
+    """Four snapshots (step 3 skipped for a NaN) and gradient tensors at steps 2 and 4."""
+    from hf_gradtools.grad_tensors import GradTensorCopy
+
+    run = tmp_path / "run"
+    (run / "grad_snapshots").mkdir(parents=True)
+    description = {"frozen": ["emb.w", "enc.layer.0.w"], "trainable": ["enc.layer.1.w", "head.w"],
+                   "num_frozen": 8, "num_trainable": 6, "layer_stack": "enc.layer", "embeddings": ["emb"]}  # fmt: skip
+    (run / "frozen_parameters.json").write_text(json.dumps(description))
+    totals = {1: (2.0, 1.0), 2: (0.5, 0.5), 3: (math.nan, math.nan), 4: (4.0, 1.0)}
+    for step, (pre, post) in totals.items():
+        snapshot = {"step": step, "norm_type": 2.0, "total_norm_pre_clip": pre, "total_norm_post_clip": post,
+                    "norms": {"enc.layer.1.w": pre * 0.6, "head.w": pre * 0.8}}  # fmt: skip
+        if step == 3:
+            snapshot["skipped"] = True
+        (run / "grad_snapshots" / f"step-{step:08d}.json").write_text(json.dumps(snapshot))
+    for step in (2, 4):
+        values = torch.arange(12, dtype=torch.float32).reshape(3, 4) - 5.5 * step
+        GradTensorCopy(step, {"enc.layer.1.w": values, "head.w": torch.tensor([1.0, math.nan, -2.0])}).write_to_run(
+            run
+        )
+    return str(run)
+
+
+def test_total_norm_panel_marks_clip_coefficient_and_skipped_steps(hand_run):
+    from hf_gradtools.plotting import clip_coefficients, draw_grad_norms, load_run, skipped_steps
+
+    description, snapshots = load_run(hand_run)
+    coefficients = clip_coefficients(snapshots)
+    assert coefficients[:2] + coefficients[3:] == [0.5, 1.0, 0.25] and math.isnan(coefficients[2])
+    assert skipped_steps(snapshots) == [3]
+    fig = draw_grad_norms(description, snapshots)
+    top, bottom, coef_axis = fig.axes
+    assert [line.get_label() for line in top.lines if not line.get_label().startswith("skipped")] == [
+        "layer 1",
+        "head",
+    ]
+    (coef_line,) = coef_axis.lines
+    assert coef_line.get_label() == "clip coefficient"
+    assert list(coef_line.get_xdata()) == [1, 2, 3, 4]
+    ydata = list(coef_line.get_ydata())
+    assert ydata[:2] + ydata[3:] == [0.5, 1.0, 0.25] and math.isnan(ydata[2])
+    for ax in (top, bottom):
+        marks = [line for line in ax.lines if list(line.get_xdata()) == [3, 3]]
+        assert len(marks) == 1 and marks[0].get_color() == "tab:red"
+    assert {line.get_label() for line in bottom.lines} >= {"total, before clipping", "total, after clipping"}
+
+
+def test_plot_params_draws_the_chosen_parameters(hand_run, capsys):
+    from hf_gradtools.plotting import draw_grad_norms, load_run
+
+    fig = draw_grad_norms(*load_run(hand_run), params=[r"^head\."])
+    (line,) = [line for line in fig.axes[0].lines if line.get_label() == "head.w"]
+    ydata = list(line.get_ydata())
+    assert ydata[:2] + ydata[3:] == pytest.approx([1.6, 0.4, 3.2]) and math.isnan(ydata[2])
+    assert [line.get_label() for line in fig.axes[0].lines][0] == "head.w"
+
+    out = os.path.join(hand_run, "params.png")
+    assert main(["plot", hand_run, "--params", "layer", "--params", "^head", "-o", out]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    with open(out, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+
+    assert main(["plot", hand_run, "--params", "nope"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "hf-gradtools: error: `--params` pattern 'nope' matches no parameter; parameter names look like: "
+        "'enc.layer.1.w', 'head.w'."
+    ]
+
+
+def test_hist_draws_a_saved_tensor(hand_run, capsys):
+    from hf_gradtools.grad_tensors import load_grad_tensors
+    from hf_gradtools.plotting import draw_grad_histogram
+
+    assert main(["hist", hand_run, "--step", "2", "--param", "enc.layer.1.w", "--bins", "6"]) == 0
+    path = os.path.join(hand_run, "grad_hist_step-00000002_enc.layer.1.w.png")
+    assert capsys.readouterr().out.strip() == f"wrote {path}"
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+
+    # The last step by default; the NaN is counted, not drawn.
+    assert main(["hist", hand_run, "--param", "head.w"]) == 0
+    assert capsys.readouterr().out.strip().endswith("grad_hist_step-00000004_head.w.png")
+    fig = draw_grad_histogram(load_grad_tensors(hand_run, step=4)["head.w"], "head.w", 4, bins=3)
+    (ax,) = fig.axes
+    assert sum(patch.get_height() for patch in ax.patches) == 2
+    assert ax.get_title() == (
+        "Gradient of head.w at step 4\n3 elements, mean -0.5, std 2.12, max |g| 2, L2 norm 2.24, 1 non-finite"
+    )
+
+
+def test_hist_errors_are_one_line(hand_run, tmp_path, capsys):
+    assert main(["hist", hand_run, "--step", "2", "--param", "head.x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "hf-gradtools: error: `--param` 'head.x' was not saved at step 2; saved: 'enc.layer.1.w', 'head.w'."
+    ]
+    assert main(["hist", hand_run, "--step", "3", "--param", "head.w"]) == 1
+    assert "(steps with tensors: 2, 4)" in capsys.readouterr().err
+    assert main(["hist", str(tmp_path), "--param", "head.w"]) == 1
+    assert "No saved gradient tensors in" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["hist", hand_run])
+    assert exit_info.value.code == 2 and "--param" in capsys.readouterr().err

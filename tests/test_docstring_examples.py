@@ -1,4 +1,4 @@
-"""The `>>>` examples in the docstrings of the schedule and noise-scale modules run and give what they show."""
+"""The `>>>` examples in the docstrings of the newer modules run and give what they show."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import importlib
 import pytest
 
 MODULES = [
+    "hf_gradtools.adaptive_clipping",
+    "hf_gradtools.clip_algorithms",
+    "hf_gradtools.grad_tensors",
+    "hf_gradtools.guards",
+    "hf_gradtools.monitoring",
+    "hf_gradtools.patterns",
     "hf_gradtools.noise_scale",
     "hf_gradtools.schedules.ddp_grads",
     "hf_gradtools.schedules.eval_mode",

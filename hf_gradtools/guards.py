@@ -1,0 +1,182 @@
+"""The non-finite gradient guard: find NaN/Inf gradients, count skipped steps, stop after too many in a row.
+
+`has_nonfinite(grads)` is exact and needs no host sync: one read of each gradient (`torch.aminmax`, which
+propagates NaN and cannot overflow; a tensor is finite exactly when its minimum and maximum are).
+`norms_nonfinite(param_norms)` is the free alternative from the norms clipping already computed.
+`agree_across_ranks` makes every DDP process take the same decision. `NonFiniteGuard` counts the skips and raises
+`NonFiniteGradientError` after `max_consecutive` skipped steps in a row.
+
+Example:
+    >>> import torch
+    >>> grads = [torch.tensor([1.0, 2.0]), torch.tensor([float("nan")])]
+    >>> bool(has_nonfinite(grads)), nonfinite_names(["a.weight", "b.bias"], grads)
+    (True, ['b.bias'])
+    >>> guard = NonFiniteGuard(max_consecutive=2)
+    >>> guard.record(True, step=7, names=["b.bias"])
+    >>> guard.record(True, step=8, names=["b.bias"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hf_gradtools.guards.NonFiniteGradientError: Non-finite gradients at 2 consecutive optimizer steps (7 to 8)...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .clipping import _is_sharded, _local
+from .errors import GradToolsError
+
+# How many parameter names a log line or an error lists.
+SHOWN_NAMES = 5
+
+
+class NonFiniteGradientError(GradToolsError):
+    """Too many optimizer steps in a row had NaN or Inf gradients; training cannot go on."""
+
+
+def finite_mask(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, whether every element is finite: a bool 1-D tensor on the first tensor's device; no sync.
+
+    Empty tensors count as finite. For FSDP2 (DTensor) gradients, only this process's shards are checked: agree
+    with the other processes through `agree_across_ranks`.
+    """
+    if not grads:
+        return torch.ones(0, dtype=torch.bool)
+    grads = _local(grads) if _is_sharded(grads) else list(grads)
+    device = grads[0].device
+    flags = []
+    for grad in grads:
+        if grad.numel() == 0:
+            flags.append(torch.ones((), dtype=torch.bool, device=device))
+            continue
+        low, high = torch.aminmax(grad.detach())
+        flags.append((torch.isfinite(low) & torch.isfinite(high)).to(device))
+    return torch.stack(flags)
+
+
+def has_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor on the gradients' device: whether any element of `grads` is NaN or +-Inf. No host sync.
+
+    Exact, at the cost of one read of every gradient (about what one norm pass costs).
+    """
+    if not grads:
+        return torch.zeros((), dtype=torch.bool)
+    return ~finite_mask(grads).all()
+
+
+def norms_nonfinite(param_norms: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: whether any per-tensor norm (e.g. `clip_gradients(...).param_norms`) is NaN or Inf.
+
+    Free, and never misses a NaN/Inf gradient (its norm is NaN/Inf in every norm type). It also fires when a
+    finite gradient's norm overflows its dtype (an L2 norm above about 1.8e19 in float32), a step that norm
+    clipping would zero anyway.
+    """
+    return ~torch.isfinite(param_norms).all()
+
+
+def nonfinite_names(names: Sequence[str], grads: Sequence[torch.Tensor], limit: int = SHOWN_NAMES) -> list[str]:
+    """The first `limit` names (in the given order) whose gradient holds NaN or Inf. Syncs with the host.
+
+    Call it only on a step that is skipped, to name the culprits.
+    """
+    if len(names) != len(grads):
+        raise ValueError(f"`names` has {len(names)} entries but `grads` has {len(grads)}; give one name per tensor.")
+    if not grads:
+        return []
+    bad = (~finite_mask(grads)).nonzero().flatten()[:limit].tolist()
+    return [names[i] for i in bad]
+
+
+def agree_across_ranks(flag: torch.Tensor) -> torch.Tensor:
+    """`flag` OR-ed over every process of the default group (all-reduce MAX), so all ranks decide alike.
+
+    Without an initialised `torch.distributed` group, or with one process, returns `flag` as it is. The flag must
+    be on a device the backend reduces (CUDA for NCCL, CPU for gloo): where the gradients are.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.bool()
+
+
+def skip_message(step: int, names: Sequence[str], total_skips: int) -> str:
+    """The one log line of a skipped step.
+
+    Example:
+        >>> skip_message(12, ["classifier.weight"], total_skips=3)
+        'Skipped optimizer step 12: non-finite (NaN/Inf) gradients in classifier.weight (3 skipped so far).'
+    """
+    where = ", ".join(names) if names else "(parameter names not given)"
+    return f"Skipped optimizer step {step}: non-finite (NaN/Inf) gradients in {where} ({total_skips} skipped so far)."
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for non-finite gradients; stops training after too many in a row.
+
+    Keeps only counts (`nonfinite_skips` in all, `consecutive` in the current run of skips); the caller decides
+    to skip (`has_nonfinite`, agreed with `agree_across_ranks`) and reports each step with `record`.
+
+    Args:
+        max_consecutive: raise `NonFiniteGradientError` at this many skipped steps in a row, at least 1
+            (`max_nonfinite_skips`).
+    """
+
+    def __init__(self, max_consecutive: int = 10):
+        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1:
+            raise ValueError(f"`max_nonfinite_skips` must be a positive integer, got {max_consecutive!r}.")
+        self.max_consecutive = max_consecutive
+        self.nonfinite_skips = 0
+        self.consecutive = 0
+        self.first_skipped_step: int | None = None
+
+    def record(self, skipped: bool, step: int, names: Sequence[str] = ()) -> None:
+        """Count one optimizer step, skipped or not.
+
+        Args:
+            skipped: whether this step was skipped for non-finite gradients.
+            step: its number (the `global_step` it produces), used in the error.
+            names: a few parameters with non-finite gradients (`nonfinite_names`), used in the error.
+
+        Raises:
+            NonFiniteGradientError: this was the `max_consecutive`-th skipped step in a row.
+        """
+        if not skipped:
+            self.consecutive = 0
+            self.first_skipped_step = None
+            return
+        self.nonfinite_skips += 1
+        self.consecutive += 1
+        if self.first_skipped_step is None:
+            self.first_skipped_step = step
+        if self.consecutive >= self.max_consecutive:
+            where = ", ".join(names) if names else "(parameter names not given)"
+            raise NonFiniteGradientError(
+                f"Non-finite gradients at {self.consecutive} consecutive optimizer steps "
+                f"({self.first_skipped_step} to {step}), the limit set by `max_nonfinite_skips`="
+                f"{self.max_consecutive}; training stopped at step {step}. Parameters with NaN/Inf gradients at "
+                f"step {step}: {where}. Lower the learning rate, check the data and the loss for NaN, or use bf16 "
+                "instead of fp16."
+            )
+
+    def state_dict(self) -> dict:
+        return {
+            "nonfinite_skips": self.nonfinite_skips,
+            "consecutive": self.consecutive,
+            "first_skipped_step": self.first_skipped_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            skips, consecutive = int(state["nonfinite_skips"]), int(state["consecutive"])
+            first = state.get("first_skipped_step")
+            first = None if first is None else int(first)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                "NonFiniteGuard state must be {'nonfinite_skips': int, 'consecutive': int, 'first_skipped_step': "
+                f"int or None}}, got {state!r}."
+            ) from None
+        self.nonfinite_skips, self.consecutive, self.first_skipped_step = skips, consecutive, first
