@@ -13,6 +13,8 @@ from .freezing import (
     get_trainable_parameters,
     unfreeze,
 )
+from .grad_tensors import load_grad_tensors
+from .guards import NonFiniteGradientError
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
 from .loss_probe import probe_loss_normalization
 from .snapshots import (
@@ -42,6 +44,7 @@ __all__ = [
     "LayerStack",
     "LayerStackNotFoundError",
     "NoTrainableParametersError",
+    "NonFiniteGradientError",
     "clip_gradients",
     "count_items",
     "discard_grad_snapshots_after",
@@ -54,6 +57,7 @@ __all__ = [
     "get_trainable_parameters",
     "last_complete_checkpoint",
     "load_grad_snapshots",
+    "load_grad_tensors",
     "micro_batch_loss_weights",
     "probe_loss_normalization",
     "prune_grad_snapshots",

@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from .atomic import write_json_atomic
 from .clipping import ClipResult, grad_norms, total_norm
 from .errors import LayerStackNotFoundError
+from .grad_tensors import TENSOR_SUFFIX, GradTensorCopy, GradTensors, load_grad_tensors
 from .layout import find_input_embeddings, find_layer_stack
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class GradSnapshotCallback(TrainerCallback):
         self._hook_norms: dict[int, torch.Tensor] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        self._description: dict | None = None  # this run's `frozen_parameters.json`, for `record_no_grad`
 
     def period(self, args) -> int:
         return self.every_n_steps if self.every_n_steps is not None else getattr(args, "grad_snapshot_steps", 0)
@@ -172,6 +174,7 @@ class GradSnapshotCallback(TrainerCallback):
         if model is None or not state.is_world_process_zero:
             return
         description = describe_parameters(model)
+        self._description = description
         write_json_atomic(os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE), description)
         logger.info("hf_gradtools %s", summary_line(description))
 
@@ -206,19 +209,40 @@ class GradSnapshotCallback(TrainerCallback):
         self._hook_norms = {}
         self.record(args, state, [n for n, _ in named], ClipResult(pre, total_norm(pre, norm_type), post))
 
-    def record(self, args, state, names: list[str], result: ClipResult) -> None:
+    def record(
+        self,
+        args,
+        state,
+        names: list[str],
+        result: ClipResult,
+        skipped: bool = False,
+        tensors: GradTensorCopy | None = None,
+    ) -> None:
         """Queue the snapshot of the optimizer step now in progress; a background thread reads and writes it.
 
-        `result` must hold tensors that nothing modifies later (`clip_gradients` returns fresh ones).
+        `result` must hold tensors that nothing modifies later (`clip_gradients` returns fresh ones). `skipped`
+        marks a step skipped for non-finite gradients (`"skipped": true` in the file); `tensors`, copies of chosen
+        gradients (`GradTensorSaver.copy`), are written beside the JSON as `step-XXXXXXXX.safetensors`.
         """
         if not state.is_world_process_zero:
             return
+        folder = os.path.join(args.output_dir, self.folder)
+        step = state.global_step + 1
+        path = os.path.join(folder, f"step-{step:08d}.json")
+        self._submit(_write_snapshot, path, step, self.norm(args), names, result, skipped, tensors)
+
+    def record_no_grad(self, args, state, names: list[str]) -> None:
+        """Add `no_grad` (trainable parameters that received no gradient) to this run's `frozen_parameters.json`."""
+        if not state.is_world_process_zero or self._description is None:
+            return
+        self._description = {**self._description, "no_grad": list(names)}
+        self._submit(write_json_atomic, os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE), self._description)
+
+    def _submit(self, write, *write_args) -> None:
         self._raise_failed_writes()
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-snapshots")
-        step = state.global_step + 1
-        path = os.path.join(args.output_dir, self.folder, f"step-{step:08d}.json")
-        self._pending.append(self._writer.submit(_write_snapshot, path, step, self.norm(args), names, result))
+        self._pending.append(self._writer.submit(write, *write_args))
 
     def flush(self) -> None:
         """Wait for every queued snapshot to be written; re-raise the first error of the writer thread."""
@@ -249,7 +273,15 @@ class GradSnapshotCallback(TrainerCallback):
         self.close()
 
 
-def _write_snapshot(path: str, step: int, norm_type: float, names: list[str], result: ClipResult) -> None:
+def _write_snapshot(
+    path: str,
+    step: int,
+    norm_type: float,
+    names: list[str],
+    result: ClipResult,
+    skipped: bool = False,
+    tensors: GradTensorCopy | None = None,
+) -> None:
     values = torch.cat(
         [result.param_norms.float().flatten(), torch.stack([result.total_norm, result.total_norm_post_clip]).float()]
     ).tolist()
@@ -261,6 +293,10 @@ def _write_snapshot(path: str, step: int, norm_type: float, names: list[str], re
         "total_norm_post_clip": post,
         "norms": dict(zip(names, norms, strict=True)),
     }
+    if skipped:
+        snapshot["skipped"] = True
+    if tensors is not None:
+        tensors.write(path[: -len(".json")] + TENSOR_SUFFIX)
     write_json_atomic(path, snapshot)
 
 
@@ -269,11 +305,18 @@ class GradSnapshots(list):
 
     Attributes:
         skipped: `{file path: reason}` for each `step-*.json` file that could not be read as a snapshot.
+        folder: the snapshot folder they were read from.
     """
 
-    def __init__(self, snapshots=(), skipped: dict[str, str] | None = None):
+    def __init__(self, snapshots=(), skipped: dict[str, str] | None = None, folder: str | None = None):
         super().__init__(snapshots)
         self.skipped: dict[str, str] = dict(skipped or {})
+        self.folder = folder
+
+    def tensors(self, step: int) -> GradTensors:
+        """The gradient tensors saved with the snapshot of `step` (`grad_snapshot_tensors`), each read from the
+        file only when looked up. Raises `FileNotFoundError` listing the steps that have tensors."""
+        return load_grad_tensors(self.folder, step=step)
 
 
 class DamagedSnapshotError(ValueError):
@@ -315,6 +358,8 @@ def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSn
     `step`, no `norms` object) is skipped with one warning that names every such file, and listed in the result's
     `skipped` attribute (`{path: reason}`); with `strict=True` it raises `DamagedSnapshotError` instead. Temporary
     files of interrupted writes (`.step-*.tmp`) and other files are not looked at.
+    Gradient tensors saved with a snapshot (`grad_snapshot_tensors`) are opened with `snapshots.tensors(step)`,
+    which reads each tensor from its file only when it is looked up.
 
     Raises:
         FileNotFoundError: the folder does not exist.
@@ -339,7 +384,7 @@ def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSn
         if strict:
             raise DamagedSnapshotError(f"{len(skipped)} unreadable gradient snapshot file(s) in {folder!r}: {listing}")
         logger.warning("Skipped %d unreadable gradient snapshot file(s) in %r: %s", len(skipped), folder, listing)
-    return GradSnapshots(sorted(snapshots, key=lambda s: s["step"]), skipped)
+    return GradSnapshots(sorted(snapshots, key=lambda s: s["step"]), skipped, folder)
 
 
 _SNAPSHOT_FILE = re.compile(r"^step-(\d+)(.*)\.(json|safetensors)$")

@@ -31,9 +31,10 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 
 from .accumulation import DECLARED_RULES, ItemRule, label_tensor, micro_batch_loss_weights
-from .clipping import ClipResult, clip_gradients, grad_norms, total_norm
+from .clipping import ClipResult, grad_norms, total_norm
 from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
+from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step
 from .loss_probe import probe_loss_normalization
 from .snapshots import GradSnapshotCallback
 from .training_args import grad_setting, validate_grad_arguments
@@ -91,6 +92,7 @@ def check_engine_support(args) -> None:
             "clips inside its own engine (L2 only). Keep their defaults (2.0, None, 0), or use FSDP2 "
             "(`fsdp_config={'version': 2}`) or DDP."
         )
+    check_insight_engine(args, engine)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -117,6 +119,9 @@ class GradTrainerMixin:
        `clip_norm_type` norm to `max_grad_norm`; logs the norm before clipping as `grad_norm`;
     4. hands the per-parameter norms to `GradSnapshotCallback`, which is attached when there is something to
        record (a frozen parameter, or `grad_snapshot_steps > 0`).
+    5. with the fields of `grad_insight.py` (issue 9): clips by `clip_algorithm` (norm, AGC, AutoClip), skips
+       optimizer steps with non-finite gradients, adds per-layer norms to the logs, saves gradient tensors with
+       the snapshots, and warns about trainable parameters that received no gradient at the first step.
 
     Same constructor as the host. `args` may be any `TrainingArguments` (subclass or not): it is kept as it is
     (`trainer.args is args`), and a gradient field it lacks reads as its default.
@@ -126,6 +131,7 @@ class GradTrainerMixin:
         if args is not None:
             validate_grad_arguments(args)
         check_engine_support(args)
+        self._setup_grad_insight(model, args)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         # False: not measured yet in this `train()` call; None: not established, the host's scaling is kept.
         self._probed_rule: ItemRule | None | bool = False
@@ -155,6 +161,7 @@ class GradTrainerMixin:
                     f"{self.accelerator.distributed_type.value}, which clips inside its own engine. Keep their "
                     "defaults (2.0, None, 0) or train without it."
                 )
+            check_insight_engine(self.args, self.accelerator.distributed_type.value)
 
     def _engine_clips(self) -> bool:
         """DeepSpeed, XLA and FSDP1 clip inside their own engines: the Trainer's clipping is used unchanged."""
@@ -200,6 +207,7 @@ class GradTrainerMixin:
             raise ValueError("`max_grad_norm` must be a number, got None. Use 0 to turn norm clipping off.")
         self._probed_rule, self._probe_windows = False, 0
         self._attach_snapshot_callback()
+        self._start_grad_insight()
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -355,24 +363,29 @@ class GradTrainerMixin:
         """Clip the accumulated gradients, feed due snapshots, and return the total norm before clipping."""
         self.accelerator.unscale_gradients()
         args = self.args
+        insight = self._insight()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         due = [cb for cb in self._snapshot_callbacks() if cb.is_due(args, self.state)]
+        tensors = insight.copy_tensors(self.model, self.state.global_step + 1) if due else None
         norm_type = grad_setting(args, "clip_norm_type")
         # A callback given its own norm type measures before clipping, in that norm.
         other_norms = {id(cb): grad_norms(grads, cb.norm(args)) for cb in due if cb.norm(args) != norm_type}
-        result = clip_gradients(
-            params, max_norm=args.max_grad_norm, norm_type=norm_type, clip_value=grad_setting(args, "clip_grad_value")
-        )
+        result = insight.clip(self.model, params)  # `clip_grad_value`, then `clip_algorithm`
+        skipped = insight.nonfinite(result)
         # Names only on snapshot steps; `named_parameters()` walks the parameters in `parameters()` order.
         names = [n for n, p in self.model.named_parameters() if p.grad is not None] if due else []
         for callback in due:
             if id(callback) in other_norms:
                 cb_norm, norms = callback.norm(args), other_norms[id(callback)]
                 post = total_norm(grad_norms(grads, cb_norm), cb_norm)
-                callback.record(args, self.state, names, ClipResult(norms, total_norm(norms, cb_norm), post))
+                result_in_norm = ClipResult(norms, total_norm(norms, cb_norm), post)
+                callback.record(args, self.state, names, result_in_norm, skipped, tensors)
             else:
-                callback.record(args, self.state, names, result)
+                callback.record(args, self.state, names, result, skipped, tensors)
+        if skipped:
+            insight.skip_step(self.model, params, result, self.optimizer, self.state.global_step + 1)
+        insight.step_done(params, result, skipped)
         return result.total_norm
 
     def _uses_own_clipping(self) -> bool:
@@ -384,6 +397,8 @@ class GradTrainerMixin:
         args = self.args
         if grad_setting(args, "clip_norm_type") != 2.0 or grad_setting(args, "clip_grad_value") is not None:
             return True
+        if needs_every_step(args):
+            return True
         return any(cb.is_due(args, self.state) for cb in self._snapshot_callbacks())
 
     def _clip_grad_norm(self, model):
@@ -392,10 +407,62 @@ class GradTrainerMixin:
         return self._clip_and_record()
 
     def _get_grad_norm(self, model, grad_norm=None):
+        self._report_no_grad()
         if grad_norm is None and self._needs_own_clipping() and self._uses_own_clipping():
             # `max_grad_norm` is 0: no norm clipping, but value clipping, the logged norm and snapshots still run.
             grad_norm = self._clip_and_record()
         return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # ---- issue 9: clipping algorithms, guards, monitoring ----
+
+    def _setup_grad_insight(self, model: nn.Module | None, args) -> None:
+        """Before anything is written: patterns of `agc_exclude` / `grad_snapshot_tensors` must match the model."""
+        self._grad_insight: GradInsight | None = None
+        if model is not None and args is not None:
+            check_patterns(model, args)
+
+    def _start_grad_insight(self) -> None:
+        """A fresh per-run state at each `train()`; a resumed run restores it from the checkpoint."""
+        if self.model is not None:
+            check_patterns(self.model, self.args)
+        if grad_setting(self.args, "grad_snapshot_tensors") and not any(
+            cb.period(self.args) > 0 for cb in self._snapshot_callbacks()
+        ):
+            logger.warning(
+                "hf_gradtools: `grad_snapshot_tensors` is set but no gradient snapshot is taken; the tensors are "
+                "saved with each snapshot: set `grad_snapshot_steps` too."
+            )
+        self._grad_insight = GradInsight(self.args)
+
+    def _insight(self) -> GradInsight:
+        if self._grad_insight is None:
+            self._grad_insight = GradInsight(self.args)
+        return self._grad_insight
+
+    def _report_no_grad(self) -> None:
+        """At the first optimizer step: warn about trainable parameters without gradient, list them as `no_grad`."""
+        if self._engine_clips():
+            return  # the engine keeps the gradients; `.grad` says nothing
+        names = self._insight().report_no_grad(self.model)
+        if names is not None:
+            for callback in self._snapshot_callbacks():
+                callback.record_no_grad(self.args, self.state, names)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's `log`; training logs gain `nonfinite_skips` and the norms of `log_grad_norms`."""
+        if "loss" in logs and self._grad_insight is not None:
+            logs.update(self._grad_insight.log_entries(self.model))
+        return super().log(logs, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._grad_insight is not None and self.args.should_save:
+            self._grad_insight.save(output_dir)  # AutoClip's history and the guard's counts, when on
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._grad_insight is not None:
+            self._grad_insight.load(checkpoint)
 
 
 class GradTrainer(GradTrainerMixin, Trainer):

@@ -24,7 +24,11 @@ from typing import Any
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .accumulation import LOSS_NORMALIZATIONS
+from .adaptive_clipping import AutoClip, check_agc_settings
+from .clip_algorithms import CLIP_ALGORITHMS, check_clip_algorithm
 from .clipping import check_norm_type
+from .guards import NonFiniteGuard
+from .patterns import compile_patterns
 
 
 @dataclass
@@ -47,6 +51,23 @@ class GradArgumentsMixin:
             How the loss of one micro-batch is normalised, for exact gradient accumulation: `auto` (measured on the
             first window), `token`, `shifted_token`, `sample`, `element`, `sum`, or `trainer` (keep the Trainer's
             own scaling).
+        clip_algorithm (`str`, *optional*, defaults to `"norm"`):
+            `norm` (`max_grad_norm` in `clip_norm_type`), `agc` (adaptive gradient clipping, unit-wise, relative to
+            the weights) or `autoclip` (to a percentile of all past norms); `clip_grad_value` applies first to each.
+        agc_clip_factor (`float`, *optional*, defaults to `0.01`), agc_eps (`float`, *optional*, defaults to `1e-3`):
+            AGC's `lambda` and its floor of the weight norm.
+        agc_exclude (`list[str]`, *optional*, defaults to `[]`):
+            Regex name patterns of parameters AGC leaves unclipped; empty: the model's task head.
+        autoclip_percentile (`float`, *optional*, defaults to `10.0`):
+            AutoClip's percentile, in (0, 100].
+        skip_nonfinite_grads (`bool`, *optional*, defaults to `False`):
+            Skip an optimizer step (and its scheduler step) whose gradients hold NaN or Inf.
+        max_nonfinite_skips (`int`, *optional*, defaults to `10`):
+            Stop training after this many consecutive skipped steps.
+        log_grad_norms (`bool`, *optional*, defaults to `False`):
+            Log per-layer gradient norms, `grad_norm_post_clip` and `clip_coef` at every logging step.
+        grad_snapshot_tensors (`list[str]`, *optional*, defaults to `[]`):
+            Regex name patterns of parameters whose gradient tensors are saved with each snapshot.
 
     Example:
         >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
@@ -83,6 +104,60 @@ class GradArgumentsMixin:
             "choices": list(LOSS_NORMALIZATIONS),
         },
     )
+    # ---- issue 9: clipping algorithms, guards, monitoring ----
+    clip_algorithm: str = field(
+        default="norm",
+        metadata={
+            "help": "How the gradient is clipped after `clip_grad_value`: norm (`max_grad_norm` in "
+            "`clip_norm_type`), agc (adaptive, unit-wise, relative to the weights) or autoclip (to a percentile of "
+            "all past gradient norms).",
+            "choices": list(CLIP_ALGORITHMS),
+        },
+    )
+    agc_clip_factor: float = field(
+        default=0.01,
+        metadata={"help": "AGC: each unit's gradient norm is kept at most this times its weight norm (lambda)."},
+    )
+    agc_eps: float = field(
+        default=1e-3,
+        metadata={"help": "AGC: floor of a unit's weight norm, so zero-initialised weights can still move."},
+    )
+    agc_exclude: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "AGC: regex name patterns of parameters left unclipped (empty: the model's task head, as in "
+            "the paper)."
+        },
+    )
+    autoclip_percentile: float = field(
+        default=10.0,
+        metadata={"help": "AutoClip: clip to this percentile (0 to 100] of every gradient norm seen so far."},
+    )
+    skip_nonfinite_grads: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip the optimizer and scheduler step when a gradient holds NaN or Inf (the step still counts "
+            "in global_step), and log `nonfinite_skips`."
+        },
+    )
+    max_nonfinite_skips: int = field(
+        default=10,
+        metadata={"help": "Stop training after this many consecutive steps skipped for non-finite gradients."},
+    )
+    log_grad_norms: bool = field(
+        default=False,
+        metadata={
+            "help": "Add per-layer gradient norms (`grad_norm/embeddings`, `grad_norm/layer.<i>`, `grad_norm/head`), "
+            "`grad_norm_post_clip` and `clip_coef` to the logs."
+        },
+    )
+    grad_snapshot_tensors: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Regex name patterns of parameters whose full gradient tensors are saved with each snapshot "
+            "(grad_snapshots/step-N.safetensors)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -96,7 +171,10 @@ class GradArgumentsMixin:
         return d
 
 
-GRAD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GradArgumentsMixin)}
+GRAD_DEFAULTS: dict[str, Any] = {
+    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(GradArgumentsMixin)
+}
 
 
 def grad_setting(args: Any, name: str) -> Any:
@@ -133,6 +211,17 @@ def validate_grad_arguments(args: Any) -> None:
         raise ValueError(
             f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {normalization!r}."
         )
+    # ---- issue 9: clipping algorithms, guards, monitoring ----
+    check_clip_algorithm(grad_setting(args, "clip_algorithm"))
+    check_agc_settings(
+        grad_setting(args, "agc_clip_factor"), grad_setting(args, "agc_eps"), grad_setting(args, "agc_exclude")
+    )
+    AutoClip(grad_setting(args, "autoclip_percentile"))
+    NonFiniteGuard(grad_setting(args, "max_nonfinite_skips"))
+    for name in ("skip_nonfinite_grads", "log_grad_norms"):
+        if not isinstance(grad_setting(args, name), bool):
+            raise ValueError(f"`{name}` must be True or False, got {grad_setting(args, name)!r}.")
+    compile_patterns(grad_setting(args, "grad_snapshot_tensors"), "grad_snapshot_tensors")
 
 
 @dataclass
