@@ -36,8 +36,7 @@ from transformers import TrainerCallback
 
 from .atomic import write_json_atomic
 from .clipping import ClipResult, grad_norms, total_norm
-from .errors import LayerStackNotFoundError
-from .layout import find_input_embeddings, find_layer_stack
+from .layout import model_layout
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +59,7 @@ def describe_parameters(model: nn.Module) -> dict:
             frozen.append(name)
             num_frozen += param.numel()
     tied = tied_parameter_names(model)
-    try:
-        stack = find_layer_stack(model).name
-    except LayerStackNotFoundError:
-        stack = None
-    try:
-        embeddings = [name for name, _ in find_input_embeddings(model)]
-    except LayerStackNotFoundError:
-        embeddings = []
+    stack, embeddings = model_layout(model)
     return {
         "frozen": frozen,
         "trainable": trainable,

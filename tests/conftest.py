@@ -141,6 +141,31 @@ ARCHS = [
 ]
 
 
+def tiny_wav2vec2_config(**overrides) -> T.Wav2Vec2Config:
+    """A 2-layer Wav2Vec2 of hidden size 16 over 400-sample inputs, without dropout or time masking."""
+    settings = dict(
+        vocab_size=12,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(4, 4),
+        conv_kernel=(8, 4),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.0,
+        layerdrop=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        pad_token_id=0,
+    )
+    return T.Wav2Vec2Config(**{**settings, **overrides})
+
+
 def tiny_classifier(arch: str = "bert", seed: int = 0, num_labels: int = 2) -> T.PreTrainedModel:
     torch.manual_seed(seed)
     config = tiny_config(arch)

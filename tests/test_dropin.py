@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import transformers as T
-from conftest import VOCAB, classification_data, grad_args, tiny_classifier, tiny_config
+from conftest import VOCAB, classification_data, grad_args, tiny_classifier, tiny_config, tiny_wav2vec2_config
 
 from hf_gradtools import (
     GradSeq2SeqTrainer,
@@ -109,21 +109,7 @@ def resnet():
 
 def wav2vec2_classifier():
     torch.manual_seed(0)
-    cfg = T.Wav2Vec2Config(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8, 8),
-        conv_stride=(4, 4),
-        conv_kernel=(8, 4),
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
-        mask_time_prob=0.0,
-        classifier_proj_size=8,
-        num_labels=2,
-    )
-    return T.Wav2Vec2ForSequenceClassification(cfg)
+    return T.Wav2Vec2ForSequenceClassification(tiny_wav2vec2_config(classifier_proj_size=8, num_labels=2))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 import transformers as T
-from conftest import VOCAB, tiny_config
+from conftest import VOCAB, tiny_config, tiny_wav2vec2_config
 
 from hf_gradtools import GradSeq2SeqTrainer, GradSeq2SeqTrainingArguments, GradTrainer, GradTrainingArguments
 
@@ -55,28 +55,7 @@ def seeded(factory):
 
 
 def wav2vec2(reduction):
-    cfg = T.Wav2Vec2Config(
-        vocab_size=12,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8, 8),
-        conv_stride=(4, 4),
-        conv_kernel=(8, 4),
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
-        mask_time_prob=0.0,
-        layerdrop=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        feat_proj_dropout=0.0,
-        final_dropout=0.0,
-        ctc_loss_reduction=reduction,
-        pad_token_id=0,
-    )
-    return T.Wav2Vec2ForCTC(cfg)
+    return T.Wav2Vec2ForCTC(tiny_wav2vec2_config(ctc_loss_reduction=reduction))
 
 
 def segformer():
