@@ -186,6 +186,8 @@ class GradSnapshotCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._remove_hooks()
         self._claim_folder(args, state)
+        if not self.fed_by_trainer and self.period(args) > 0:
+            _refuse_sharding_engines(args)
         if model is None or not state.is_world_process_zero:
             return
         description = describe_parameters(model)
@@ -265,6 +267,17 @@ class GradSnapshotCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
+
+
+def _refuse_sharding_engines(args) -> None:
+    """Gradient hooks see one process's shard under DeepSpeed ZeRO and FSDP: refuse, rather than record wrong norms."""
+    engine = "DeepSpeed" if getattr(args, "deepspeed", None) else "FSDP" if getattr(args, "fsdp", None) else None
+    if engine:
+        raise ValueError(
+            f"GradSnapshotCallback on a plain Trainer cannot record gradient norms under {engine}: its gradient "
+            "hooks see each process's shard, not the whole gradient. Use GradTrainer (with FSDP2), or train "
+            f"without {engine}."
+        )
 
 
 def _write_snapshot(

@@ -1,12 +1,14 @@
-"""`grad_snapshot_total_limit`: the newest N snapshots stay, older ones go with their tensor files, per folder."""
+"""`grad_snapshot_total_limit`: the newest N snapshots stay, older ones go with their tensor files, per folder; and
+the callback on a plain Trainer refuses engines whose gradient hooks see shards."""
 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 from conftest import classification_data, tiny_classifier
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainerControl, TrainerState
 
 from hf_gradtools import GradSnapshotCallback, GradTrainer, GradTrainingArguments, load_grad_snapshots
 
@@ -53,3 +55,14 @@ def test_limit_from_the_command_line(tmp_path):
     assert args.grad_snapshot_total_limit == 3
     (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
     assert default.grad_snapshot_total_limit is None
+
+
+@pytest.mark.parametrize("engine", [{"deepspeed": "ds_config.json"}, {"fsdp": "full_shard"}])
+def test_callback_on_a_plain_trainer_refuses_sharding_engines(tmp_path, engine):
+    args = SimpleNamespace(output_dir=str(tmp_path), grad_snapshot_steps=1, **engine)
+    callback = GradSnapshotCallback()
+    name = "DeepSpeed" if "deepspeed" in engine else "FSDP"
+    with pytest.raises(ValueError, match=f"cannot record gradient norms under {name}: .* Use GradTrainer"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl())
+    callback.fed_by_trainer = True  # GradTrainer hands it global norms (FSDP2) or refuses at construction
+    callback.on_train_begin(args, TrainerState(), TrainerControl())
