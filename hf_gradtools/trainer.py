@@ -8,8 +8,10 @@ is a TRL trainer:
     ...     pass
 
 With every gradient field at its default the trainer behaves as its host class: the same callbacks, files, `args`
-object and numbers. The one exception is gradient accumulation, which here equals one large batch (see
-`accumulation.py` and `loss_probe.py`) where the host's scaling is wrong.
+object and numbers. The exceptions: gradient accumulation, which here equals one large batch (see
+`accumulation.py` and `loss_probe.py`) where the host's scaling is wrong; each checkpoint also holds
+`grad_settings.json` (the freeze settings, checked on resume); and `resume_from_checkpoint=True` takes the last
+complete checkpoint (`checkpoints.py`), where the host takes the last one.
 
 Example:
     >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
