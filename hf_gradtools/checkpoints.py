@@ -12,6 +12,10 @@ the Trainer rotated it out. One gap remains: when the same `checkpoint-N/` is sa
 step N again), the old `trainer_state.json` would vouch for half-overwritten weights; `begin_checkpoint_save`
 deletes it before the new save starts.
 
+`GradTrainer` also records in each checkpoint the settings that decide what its optimizer state covers
+(`grad_settings.json`: the freeze settings, with the number of processes and the global batch), and refuses to
+resume with other freeze settings (`check_resume_settings`).
+
 Example:
     >>> path = resolve_resume_checkpoint("out", True)  # doctest: +SKIP
     >>> trainer.train(resume_from_checkpoint=path)  # doctest: +SKIP

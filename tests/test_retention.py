@@ -3,14 +3,24 @@ the callback on a plain Trainer refuses engines whose gradient hooks see shards.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import classification_data, tiny_classifier
 from transformers import HfArgumentParser, TrainerControl, TrainerState
 
-from hf_gradtools import GradSnapshotCallback, GradTrainer, GradTrainingArguments, load_grad_snapshots
+from hf_gradtools import (
+    ClipResult,
+    GradSnapshotCallback,
+    GradTrainer,
+    GradTrainingArguments,
+    load_grad_snapshots,
+    snapshots,
+)
 
 
 def test_total_limit_keeps_the_newest_snapshots_of_each_folder(args_factory, single_thread):
@@ -66,3 +76,19 @@ def test_callback_on_a_plain_trainer_refuses_sharding_engines(tmp_path, engine):
         callback.on_train_begin(args, TrainerState(), TrainerControl())
     callback.fed_by_trainer = True  # GradTrainer hands it global norms (FSDP2) or refuses at construction
     callback.on_train_begin(args, TrainerState(), TrainerControl())
+
+
+def test_a_failed_write_prunes_nothing(tmp_path, monkeypatch):
+    folder = tmp_path / "grad_snapshots"
+    folder.mkdir()
+    for step in (1, 2, 3):
+        (folder / f"step-{step:08d}.json").write_text(json.dumps({"step": step, "norms": {}}))
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+
+    monkeypatch.setattr(snapshots, "write_json_atomic", full_disk)
+    result = ClipResult(torch.ones(1), torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(OSError, match="No space left"):
+        snapshots._write_snapshot(str(folder / "step-00000004.json"), 4, 2.0, ["w"], result, keep=1)
+    assert sorted(os.listdir(folder)) == [f"step-{step:08d}.json" for step in (1, 2, 3)]
