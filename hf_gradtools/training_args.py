@@ -47,6 +47,9 @@ class GradArgumentsMixin:
             How the loss of one micro-batch is normalised, for exact gradient accumulation: `auto` (measured on the
             first window), `token`, `shifted_token`, `sample`, `element`, `sum`, or `trainer` (keep the Trainer's
             own scaling).
+        grad_snapshot_total_limit (`int`, *optional*):
+            Keep only the newest N gradient snapshots of each snapshot folder, deleting older ones (their JSON and
+            tensor files together) after each write; unset keeps all.
 
     Example:
         >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
@@ -82,6 +85,11 @@ class GradArgumentsMixin:
             "token, shifted_token, sample, element, sum, or trainer (keep the Trainer's own loss scaling).",
             "choices": list(LOSS_NORMALIZATIONS),
         },
+    )
+    # ---- issue 10: retention ----
+    grad_snapshot_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the newest N gradient snapshots, deleting older ones (unset: keep all)."},
     )
 
     def __post_init__(self):
@@ -133,6 +141,9 @@ def validate_grad_arguments(args: Any) -> None:
         raise ValueError(
             f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {normalization!r}."
         )
+    limit = grad_setting(args, "grad_snapshot_total_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`grad_snapshot_total_limit` must be a positive integer or None (keep all), got {limit!r}.")
 
 
 @dataclass
