@@ -12,6 +12,10 @@ the Trainer rotated it out. One gap remains: when the same `checkpoint-N/` is sa
 step N again), the old `trainer_state.json` would vouch for half-overwritten weights; `begin_checkpoint_save`
 deletes it before the new save starts.
 
+`GradTrainer` also records in each checkpoint the settings that decide what its optimizer state covers
+(`grad_settings.json`: the freeze settings, with the number of processes and the global batch), and refuses to
+resume with other freeze settings (`check_resume_settings`).
+
 Example:
     >>> path = resolve_resume_checkpoint("out", True)  # doctest: +SKIP
     >>> trainer.train(resume_from_checkpoint=path)  # doctest: +SKIP
@@ -25,6 +29,9 @@ import os
 import re
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .atomic import write_json_atomic
+from .training_args import grad_setting
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +152,70 @@ def begin_checkpoint_save(folder: str | os.PathLike) -> None:
         os.remove(os.path.join(os.fspath(folder), TRAINER_STATE_FILE))
     except (FileNotFoundError, NotADirectoryError):
         pass
+
+
+# ---- the gradient-tool settings a checkpoint was saved with ----
+
+RUN_SETTINGS_FILE = "grad_settings.json"
+# Settings that decide which parameters the optimizer state covers: a resume must not change them.
+FROZEN_SETTINGS = ("freeze_embeddings", "freeze_first_n_layers")
+
+
+class ChangedSettingsError(ValueError):
+    """A run resumes from a checkpoint saved with other freeze settings."""
+
+
+def run_settings(args) -> dict:
+    """What `save_run_settings` records: the freeze settings, the number of processes and the global batch."""
+    world_size = max(1, int(getattr(args, "world_size", 1)))
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    return {**{name: grad_setting(args, name) for name in FROZEN_SETTINGS}, "world_size": world_size, "batch": batch}
+
+
+def save_run_settings(folder: str | os.PathLike, settings: dict) -> None:
+    """Write `settings` (see `run_settings`) atomically to `RUN_SETTINGS_FILE` in the checkpoint `folder`."""
+    write_json_atomic(os.path.join(os.fspath(folder), RUN_SETTINGS_FILE), settings)
+
+
+def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
+    """Refuse to resume from `folder` with other freeze settings than it was saved with; warn on another world size.
+
+    Args:
+        folder: the checkpoint to resume from.
+        settings: this run's, from `run_settings`.
+
+    Raises:
+        ChangedSettingsError: a freeze setting differs; the message names the checkpoint's and this run's values.
+    """
+    folder = os.fspath(folder)
+    try:
+        with open(os.path.join(folder, RUN_SETTINGS_FILE), encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        logger.info(
+            "%s records no gradient-tool settings (%s): freeze settings not checked.", folder, RUN_SETTINGS_FILE
+        )
+        return
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        logger.warning("%s/%s is unreadable (%s): freeze settings not checked.", folder, RUN_SETTINGS_FILE, e)
+        return
+    names = [name for name in FROZEN_SETTINGS if name in saved]
+    if any(saved[name] != settings[name] for name in names):
+        then = ", ".join(f"`{name}`={saved[name]!r}" for name in names)
+        now = ", ".join(f"`{name}`={settings[name]!r}" for name in names)
+        raise ChangedSettingsError(
+            f"Cannot resume from {folder}: it was saved with {then}, and this run has {now}. Its optimizer state "
+            "covers only the parameters trainable then. Resume with the checkpoint's settings, or start a new run "
+            "from its weights (load the model from the folder, no `resume_from_checkpoint`)."
+        )
+    if saved.get("world_size", settings["world_size"]) != settings["world_size"]:
+        then, now = saved.get("batch"), settings["batch"]
+        rows = f"still takes {now} rows" if then == now else f"takes {now} rows, where it took {then}"
+        logger.warning(
+            "Resuming from %s, saved by %d process(es), with %d: the weights, optimizer, scheduler and step carry "
+            "over, and an optimizer step %s; processes without an RNG state in the checkpoint start from the seed.",
+            folder,
+            saved["world_size"],
+            settings["world_size"],
+            rows,
+        )

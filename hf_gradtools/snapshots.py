@@ -36,9 +36,8 @@ from transformers import TrainerCallback
 
 from .atomic import write_json_atomic
 from .clipping import ClipResult, grad_norms, total_norm
-from .errors import LayerStackNotFoundError
 from .grad_tensors import TENSOR_SUFFIX, GradTensorCopy, GradTensors, load_grad_tensors
-from .layout import find_input_embeddings, find_layer_stack
+from .layout import model_layout
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +60,7 @@ def describe_parameters(model: nn.Module) -> dict:
             frozen.append(name)
             num_frozen += param.numel()
     tied = tied_parameter_names(model)
-    try:
-        stack = find_layer_stack(model).name
-    except LayerStackNotFoundError:
-        stack = None
-    try:
-        embeddings = [name for name, _ in find_input_embeddings(model)]
-    except LayerStackNotFoundError:
-        embeddings = []
+    stack, embeddings = model_layout(model)
     return {
         "frozen": frozen,
         "trainable": trainable,
@@ -121,12 +113,20 @@ class GradSnapshotCallback(TrainerCallback):
         every_n_steps: snapshot period in optimizer steps; default `args.grad_snapshot_steps` (0: none).
         norm_type: norm of the snapshots; default `args.clip_norm_type`, else 2.
         name: letters, digits, `-` and `_`; the snapshot folder becomes `grad_snapshots_<name>`.
+        total_limit: keep only the newest N snapshots of this callback's folder, pruned on the writer thread after
+            each write (`prune_grad_snapshots`); default `args.grad_snapshot_total_limit` (None: keep all).
     """
 
     # `(output_dir, folder)` -> `(id of the TrainerState of the run, callback)`: who writes where in a run.
     _claims: dict[tuple[str, str], tuple[int, int]] = {}
 
-    def __init__(self, every_n_steps: int | None = None, norm_type: float | None = None, name: str | None = None):
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        norm_type: float | None = None,
+        name: str | None = None,
+        total_limit: int | None = None,
+    ):
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 0):
             raise ValueError(f"`every_n_steps` must be a non-negative integer or None, got {every_n_steps!r}.")
         if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name)):
@@ -134,6 +134,11 @@ class GradSnapshotCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.norm_type = norm_type
         self.name = name
+        if total_limit is not None and (
+            isinstance(total_limit, bool) or not isinstance(total_limit, int) or total_limit < 1
+        ):
+            raise ValueError(f"`total_limit` must be a positive integer or None (keep all), got {total_limit!r}.")
+        self.total_limit = total_limit
         # Set by GradTrainer, which then calls `record` from its clipping step.
         self.fed_by_trainer = False
         self._hooks: list = []
@@ -153,6 +158,10 @@ class GradSnapshotCallback(TrainerCallback):
         period = self.period(args)
         return period > 0 and (state.global_step + 1) % period == 0
 
+    def limit(self, args) -> int | None:
+        """How many snapshots this callback keeps (None: all)."""
+        return self.total_limit if self.total_limit is not None else getattr(args, "grad_snapshot_total_limit", None)
+
     @property
     def folder(self) -> str:
         """The snapshot folder's name inside `output_dir`."""
@@ -171,6 +180,8 @@ class GradSnapshotCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._remove_hooks()
         self._claim_folder(args, state)
+        if not self.fed_by_trainer and self.period(args) > 0:
+            _refuse_sharding_engines(args)
         if model is None or not state.is_world_process_zero:
             return
         description = describe_parameters(model)
@@ -229,7 +240,7 @@ class GradSnapshotCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, self.folder)
         step = state.global_step + 1
         path = os.path.join(folder, f"step-{step:08d}.json")
-        self._submit(_write_snapshot, path, step, self.norm(args), names, result, skipped, tensors)
+        self._submit(_write_snapshot, path, step, self.norm(args), names, result, self.limit(args), skipped, tensors)
 
     def record_no_grad(self, args, state, names: list[str]) -> None:
         """Add `no_grad` (trainable parameters that received no gradient) to this run's `frozen_parameters.json`."""
@@ -273,15 +284,29 @@ class GradSnapshotCallback(TrainerCallback):
         self.close()
 
 
+def _refuse_sharding_engines(args) -> None:
+    """Gradient hooks see one process's shard under DeepSpeed ZeRO and FSDP: refuse, rather than record wrong norms."""
+    engine = "DeepSpeed" if getattr(args, "deepspeed", None) else "FSDP" if getattr(args, "fsdp", None) else None
+    if engine:
+        raise ValueError(
+            f"GradSnapshotCallback on a plain Trainer cannot record gradient norms under {engine}: its gradient "
+            "hooks see each process's shard, not the whole gradient. Use GradTrainer (with FSDP2), or train "
+            f"without {engine}."
+        )
+
+
 def _write_snapshot(
     path: str,
     step: int,
     norm_type: float,
     names: list[str],
     result: ClipResult,
+    keep: int | None = None,
     skipped: bool = False,
     tensors: GradTensorCopy | None = None,
 ) -> None:
+    """Write one snapshot (its tensors first, then its JSON); then, when it was written and `keep` is set, prune its
+    folder to the newest `keep`."""
     values = torch.cat(
         [result.param_norms.float().flatten(), torch.stack([result.total_norm, result.total_norm_post_clip]).float()]
     ).tolist()
@@ -298,6 +323,8 @@ def _write_snapshot(
     if tensors is not None:
         tensors.write(path[: -len(".json")] + TENSOR_SUFFIX)
     write_json_atomic(path, snapshot)
+    if keep is not None:
+        prune_grad_snapshots(os.path.dirname(path), keep, variant="")
 
 
 class GradSnapshots(list):

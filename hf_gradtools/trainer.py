@@ -8,8 +8,10 @@ is a TRL trainer:
     ...     pass
 
 With every gradient field at its default the trainer behaves as its host class: the same callbacks, files, `args`
-object and numbers. The one exception is gradient accumulation, which here equals one large batch (see
-`accumulation.py` and `loss_probe.py`) where the host's scaling is wrong.
+object and numbers. The exceptions: gradient accumulation, which here equals one large batch (see
+`accumulation.py` and `loss_probe.py`) where the host's scaling is wrong; each checkpoint also holds
+`grad_settings.json` (the freeze settings, checked on resume); and `resume_from_checkpoint=True` takes the last
+complete checkpoint (`checkpoints.py`), where the host takes the last one.
 
 Example:
     >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
@@ -23,20 +25,30 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections import deque
 
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .accumulation import DECLARED_RULES, ItemRule, label_tensor, micro_batch_loss_weights
+from .checkpoints import (
+    begin_checkpoint_save,
+    check_resume_settings,
+    checkpoint_step,
+    resolve_resume_checkpoint,
+    run_settings,
+    save_run_settings,
+)
 from .clipping import ClipResult, grad_norms, total_norm
 from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
 from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step
 from .loss_probe import probe_loss_normalization
-from .snapshots import GradSnapshotCallback
+from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
 from .training_args import grad_setting, validate_grad_arguments
 
 logger = logging.getLogger(__name__)
@@ -200,16 +212,20 @@ class GradTrainerMixin:
             apply_freezing(self.model, self.args)
             self._attach_snapshot_callback()
 
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, after re-checking the gradient fields (they may have changed since construction)."""
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`, after re-checking the gradient fields (they may have changed since construction).
+
+        `resume_from_checkpoint=True` resumes from the last complete checkpoint (see `_resume_checkpoint`).
+        """
         validate_grad_arguments(self.args)
         if self.args.max_grad_norm is None:
             raise ValueError("`max_grad_norm` must be a number, got None. Use 0 to turn norm clipping off.")
         self._probed_rule, self._probe_windows = False, 0
         self._attach_snapshot_callback()
+        resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
         self._start_grad_insight()
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._close_snapshot_callbacks()
 
@@ -375,14 +391,16 @@ class GradTrainerMixin:
         skipped = insight.nonfinite(result)
         # Names only on snapshot steps; `named_parameters()` walks the parameters in `parameters()` order.
         names = [n for n, p in self.model.named_parameters() if p.grad is not None] if due else []
+        # Only what is there: a `record` overridden with the older signature keeps working.
+        extras = {k: v for k, v in (("skipped", skipped), ("tensors", tensors)) if v}
         for callback in due:
             if id(callback) in other_norms:
                 cb_norm, norms = callback.norm(args), other_norms[id(callback)]
                 post = total_norm(grad_norms(grads, cb_norm), cb_norm)
                 result_in_norm = ClipResult(norms, total_norm(norms, cb_norm), post)
-                callback.record(args, self.state, names, result_in_norm, skipped, tensors)
+                callback.record(args, self.state, names, result_in_norm, **extras)
             else:
-                callback.record(args, self.state, names, result, skipped, tensors)
+                callback.record(args, self.state, names, result, **extras)
         if skipped:
             insight.skip_step(self.model, params, result, self.optimizer, self.state.global_step + 1)
         insight.step_done(params, result, skipped)
@@ -463,6 +481,48 @@ class GradTrainerMixin:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._grad_insight is not None:
             self._grad_insight.load(checkpoint)
+
+    # ---- issue 10: resuming and checkpoints ----
+
+    def _resume_checkpoint(self, resume_from_checkpoint) -> str | None:
+        """The checkpoint to resume from, checked against this run; the snapshots of later steps are deleted.
+
+        `True` means the last complete checkpoint in `output_dir` (newer, incomplete ones are skipped with a log
+        line); a path is taken as given. Freeze settings other than the checkpoint's are refused
+        (`ChangedSettingsError`), before anything is loaded or deleted. The snapshots that a lost run wrote after
+        the checkpoint's step (in `grad_snapshots/` and in every attached callback's folder) are deleted by the
+        main process, so each step the resumed run does again ends up with one snapshot, its own.
+        """
+        checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        if checkpoint is None:
+            return None
+        check_resume_settings(checkpoint, run_settings(self.args))
+        if not self.is_world_process_zero():
+            return checkpoint
+        try:
+            step = checkpoint_step(checkpoint)
+        except (OSError, ValueError, KeyError, TypeError):
+            return checkpoint  # not a readable checkpoint: the Trainer raises its own error when loading it
+        for folder in sorted({SNAPSHOT_DIR, *(cb.folder for cb in self._snapshot_callbacks())}):
+            removed = discard_grad_snapshots_after(os.path.join(self.args.output_dir, folder), step)
+            if removed:
+                logger.info(
+                    "hf_gradtools: resuming from step %d; deleted the %d snapshot file(s) of later steps in %s.",
+                    step,
+                    len(removed),
+                    os.path.join(self.args.output_dir, folder),
+                )
+        return checkpoint
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, which marks an earlier save of the same folder incomplete first, and records
+        the freeze settings and world size (`grad_settings.json`, atomically) before the Trainer's files."""
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            begin_checkpoint_save(folder)
+            save_run_settings(folder, run_settings(self.args))
+        super()._save_checkpoint(model, trial)
 
 
 class GradTrainer(GradTrainerMixin, Trainer):

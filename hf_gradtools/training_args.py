@@ -51,6 +51,9 @@ class GradArgumentsMixin:
             How the loss of one micro-batch is normalised, for exact gradient accumulation: `auto` (measured on the
             first window), `token`, `shifted_token`, `sample`, `element`, `sum`, or `trainer` (keep the Trainer's
             own scaling).
+        grad_snapshot_total_limit (`int`, *optional*):
+            Keep only the newest N gradient snapshots of each snapshot folder, deleting older ones (their JSON and
+            tensor files together) after each write; unset keeps all.
         clip_algorithm (`str`, *optional*, defaults to `"norm"`):
             `norm` (`max_grad_norm` in `clip_norm_type`), `agc` (adaptive gradient clipping, unit-wise, relative to
             the weights) or `autoclip` (to a percentile of all past norms); `clip_grad_value` applies first to each.
@@ -103,6 +106,11 @@ class GradArgumentsMixin:
             "token, shifted_token, sample, element, sum, or trainer (keep the Trainer's own loss scaling).",
             "choices": list(LOSS_NORMALIZATIONS),
         },
+    )
+    # ---- issue 10: retention ----
+    grad_snapshot_total_limit: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the newest N gradient snapshots, deleting older ones (unset: keep all)."},
     )
     # ---- issue 9: clipping algorithms, guards, monitoring ----
     clip_algorithm: str = field(
@@ -211,6 +219,9 @@ def validate_grad_arguments(args: Any) -> None:
         raise ValueError(
             f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {normalization!r}."
         )
+    limit = grad_setting(args, "grad_snapshot_total_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`grad_snapshot_total_limit` must be a positive integer or None (keep all), got {limit!r}.")
     # ---- issue 9: clipping algorithms, guards, monitoring ----
     check_clip_algorithm(grad_setting(args, "clip_algorithm"))
     check_agc_settings(

@@ -11,31 +11,20 @@ import pytest
 import torch
 from conftest import classification_data, tiny_classifier
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_gradtools import GradTrainer
 from hf_gradtools.checkpoints import (
+    RUN_SETTINGS_FILE,
+    ChangedSettingsError,
     begin_checkpoint_save,
+    check_resume_settings,
     checkpoint_problem,
     is_complete_checkpoint,
     last_complete_checkpoint,
     list_checkpoints,
     resolve_resume_checkpoint,
 )
-
-
-class ResumingTrainer(GradTrainer):
-    """The two calls the trainer mixin makes, written out as a subclass."""
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        resume_from_checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _save_checkpoint(self, model, trial):
-        if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            begin_checkpoint_save(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
-        super()._save_checkpoint(model, trial)
 
 
 class StopAt(TrainerCallback):
@@ -99,9 +88,12 @@ def test_last_complete_checkpoint_skips_half_written_ones(run_dir, caplog):
     assert resolve_resume_checkpoint(run_dir, explicit) == explicit
 
 
-def test_resume_from_the_last_complete_checkpoint_and_save_over_the_half_written_one(run_dir, args_factory):
-    trainer = train(args_factory, ResumingTrainer, resume=True)
+def test_resume_from_the_last_complete_checkpoint_and_save_over_the_half_written_one(run_dir, args_factory, caplog):
+    with caplog.at_level(logging.INFO, logger="hf_gradtools.checkpoints"):
+        trainer = train(args_factory, resume=True)  # GradTrainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 4
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping incomplete")]
+    assert [m.split(":")[0].rsplit(os.sep, 1)[-1] for m in skipped] == ["checkpoint-6", "checkpoint-4"]
     assert is_complete_checkpoint(os.path.join(run_dir, "checkpoint-4"))
     reference = train(args_factory, output_dir=os.path.join(run_dir, "..", "reference"))
     for (name, a), b in zip(trainer.model.named_parameters(), reference.model.parameters(), strict=True):
@@ -133,3 +125,47 @@ def test_what_counts_as_complete(tmp_path):
     (tmp_path / "checkpoint-9").write_text("a file, not a folder")
     assert list_checkpoints(tmp_path) == [str(folder)]
     assert list_checkpoints(tmp_path / "missing") == [] and last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_each_checkpoint_records_its_freeze_settings_and_world_size(run_dir):
+    with open(os.path.join(run_dir, "checkpoint-2", RUN_SETTINGS_FILE)) as f:
+        settings = json.load(f)
+    assert settings == {"freeze_embeddings": False, "freeze_first_n_layers": 0, "world_size": 1, "batch": 2}
+
+
+@pytest.mark.parametrize(
+    "changed, now",
+    [
+        ({"freeze_embeddings": True}, "`freeze_embeddings`=True, `freeze_first_n_layers`=0"),
+        ({"freeze_first_n_layers": 1}, "`freeze_embeddings`=False, `freeze_first_n_layers`=1"),
+    ],
+)
+def test_resume_with_other_freeze_settings_is_refused_before_anything_changes(run_dir, args_factory, changed, now):
+    snapshots = os.path.join(run_dir, "grad_snapshots")
+    os.makedirs(snapshots)
+    later = os.path.join(snapshots, "step-00000003.json")  # of a step after checkpoint-2: kept, nothing resumed
+    with open(later, "w") as f:
+        json.dump({"step": 3, "norms": {}}, f)
+    before = sorted(os.listdir(os.path.join(run_dir, "checkpoint-2")))
+    then = "`freeze_embeddings`=False, `freeze_first_n_layers`=0"
+    with pytest.raises(ChangedSettingsError, match=rf"checkpoint-2: it was saved with {then}, and this run has {now}"):
+        train(args_factory, resume=True, **changed)
+    assert os.path.exists(later) and sorted(os.listdir(os.path.join(run_dir, "checkpoint-2"))) == before
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint-4", "trainer_state.json"))
+
+
+def test_checkpoint_without_settings_resumes_unchecked(run_dir, args_factory, caplog):
+    os.remove(os.path.join(run_dir, "checkpoint-2", RUN_SETTINGS_FILE))  # saved by a plain Trainer, say
+    with caplog.at_level(logging.INFO, logger="hf_gradtools.checkpoints"):
+        trainer = train(args_factory, resume=True)
+    assert trainer.state.global_step == 4
+    assert any("records no gradient-tool settings" in r.getMessage() for r in caplog.records)
+
+
+def test_other_world_size_is_resumed_with_a_warning(tmp_path, caplog):
+    saved = {"freeze_embeddings": True, "freeze_first_n_layers": 2, "world_size": 2, "batch": 8}
+    (tmp_path / RUN_SETTINGS_FILE).write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="hf_gradtools.checkpoints"):
+        check_resume_settings(tmp_path, {**saved, "world_size": 1, "batch": 4})
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "saved by 2 process(es), with 1" in message and "takes 4 rows, where it took 8" in message

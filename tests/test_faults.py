@@ -8,6 +8,7 @@ import builtins
 import errno
 import glob
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -18,13 +19,7 @@ import pytest
 import torch
 
 from hf_gradtools import atomic, load_grad_snapshots
-from hf_gradtools.checkpoints import (
-    checkpoint_problem,
-    checkpoint_step,
-    last_complete_checkpoint,
-    resolve_resume_checkpoint,
-)
-from hf_gradtools.snapshots import discard_grad_snapshots_after
+from hf_gradtools.checkpoints import checkpoint_problem, last_complete_checkpoint
 
 WORKER = os.path.join(os.path.dirname(__file__), "helpers", "fault_train.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +90,7 @@ def kill_when_hanging(tmp_path, where: str, waits_for: tuple[str, ...]) -> str:
     return out
 
 
-def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference):
+def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference, caplog):
     out = kill_when_hanging(tmp_path, "writes", ("snapshot", "save"))
     # What the kill left: a half-written temporary snapshot file and a checkpoint-6 without its trainer state.
     folder = os.path.join(out, "grad_snapshots")
@@ -107,13 +102,15 @@ def test_sigkill_mid_snapshot_write_and_mid_save_then_resume(tmp_path, reference
     assert last_complete_checkpoint(out) == os.path.join(out, "checkpoint-4")
 
     trainer = load_worker().make_trainer(out)
-    checkpoint = resolve_resume_checkpoint(out, True)
-    # Step 5 is done again after resuming: its snapshot from the killed run goes first.
-    assert discard_grad_snapshots_after(out, checkpoint_step(checkpoint)) == [
-        os.path.join(folder, "step-00000005.json")
-    ]
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with caplog.at_level(logging.INFO, logger="hf_gradtools"):
+        trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"Skipping incomplete checkpoint {out}{os.sep}checkpoint-6") for m in messages)
+    # Step 5 is done again after resuming: its snapshot from the killed run went first.
+    assert (
+        f"hf_gradtools: resuming from step 4; deleted the 1 snapshot file(s) of later steps in {folder}." in messages
+    )
     assert checkpoint_problem(os.path.join(out, "checkpoint-6")) is None  # saved again, completely this time
     assert_same_run(out, reference, trainer.model)
 
@@ -124,7 +121,7 @@ def test_sigkill_mid_step_then_resume(tmp_path, reference):
     assert [s["step"] for s in load_grad_snapshots(out, strict=True)] == [1, 2, 3, 4, 5, 6]
     assert last_complete_checkpoint(out) == os.path.join(out, "checkpoint-6")
     trainer = load_worker().make_trainer(out)
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(out, True))
+    trainer.train(resume_from_checkpoint=True)
     assert_same_run(out, reference, trainer.model)
 
 
@@ -174,5 +171,5 @@ def test_failed_snapshot_write_stops_training_and_keeps_the_checkpoints(tmp_path
 
     monkeypatch.undo()  # space freed / permissions fixed: resume
     resumed = worker.make_trainer(out)
-    resumed.train(resume_from_checkpoint=resolve_resume_checkpoint(out, True))
+    resumed.train(resume_from_checkpoint=True)
     assert_same_run(out, reference, resumed.model)

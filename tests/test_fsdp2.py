@@ -1,5 +1,6 @@
-"""FSDP2 (`fully_shard`, 2 gloo CPU processes): clipping in norms 1, inf, 3 and 2 gives the global norms and the
-same training as one unsharded process."""
+"""FSDP2 (`fully_shard`, 2 gloo CPU processes): the trainer's clipping and snapshot step in norms 1, inf, 3 and 2
+gives the global norms, snapshots of them under the unsharded names, and the same training as one unsharded
+process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 
 import pytest
 import torch
+
+from hf_gradtools import load_grad_snapshots
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 WORKER = os.path.join(HELPERS, "fsdp2_clip.py")
@@ -58,6 +61,19 @@ def test_fully_shard_clipping_equals_one_process(tmp_path, monkeypatch):
     extras = sharded["extras"]
     assert extras["mixed_plain"] == pytest.approx(12**0.5) and extras["mixed_rest_equal"]
     assert "pending reduction" in extras["partial_refused"]
+    assert extras["mixed_mesh"] is False
+    # The snapshots the mixin recorded, written by the first process only: the global norms, unsharded names.
+    for folder, norm_types in (("grad_snapshots", [1.0, "inf", 3.0, 2.0]), ("grad_snapshots_l2", [2.0] * 4)):
+        written = load_grad_snapshots(os.path.join(two + ".snapshots", folder), strict=True)
+        expected = load_grad_snapshots(os.path.join(one + ".snapshots", folder), strict=True)
+        assert [s["step"] for s in written] == [1, 2, 3, 4] and [s["norm_type"] for s in written] == norm_types
+        for a, b, step in zip(written, expected, sharded["steps"], strict=True):
+            assert list(a["norms"]) == step["names"]
+            assert a["norms"] == pytest.approx(b["norms"], rel=1e-5, abs=1e-8)
+            norms = step["param_norms"] if folder == "grad_snapshots" else step["l2_norms"]
+            assert list(a["norms"].values()) == pytest.approx(norms, rel=1e-6)
+            for key in ("total_norm_pre_clip", "total_norm_post_clip"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5)
     for name, value in plain["state"].items():
         torch.testing.assert_close(sharded["state"][name], value, rtol=0, atol=1e-5, msg=name)
         trainable = name in sharded["steps"][0]["names"]

@@ -9,7 +9,7 @@ import torch
 import transformers as T
 from conftest import classification_data, tiny_classifier
 
-from hf_gradtools import GradTrainer, GradTrainingArguments, get_frozen_parameters
+from hf_gradtools import GradTrainer, get_frozen_parameters
 
 
 def hand_written_loop(model, data, *, batch, accumulation, steps, lr, weight_decay, max_norm, norm_type):

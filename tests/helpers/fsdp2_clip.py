@@ -1,7 +1,10 @@
 """A hand-written loop over a partly frozen tiny BERT, sharded by FSDP2 (`fully_shard`) under torchrun, or alone.
 
-Each optimizer step accumulates 2 micro-batches and clips with `hf_gradtools.clip_gradients` in a different norm
-(1, inf, 3, 2; value clipping too at the third step). Alone (no torchrun), it plays both processes at once: each
+Each optimizer step accumulates 2 micro-batches and clips in a different norm (1, inf, 3, 2; value clipping too at
+the third step) through `GradTrainerMixin._clip_and_record`, the trainer's own clipping and snapshot step (run on
+a stand-in for the Trainer, whose FSDP path falls back to DDP on CPU): it calls `hf_gradtools.clip_gradients` and
+hands the norms to two `GradSnapshotCallback`s, one in the clipping norm and one (`l2`) always in L2, which write
+snapshots to OUT_FILE.snapshots/ from the first process. Alone (no torchrun), it plays both processes at once: each
 micro-batch is the two processes' micro-batches together, so the gradients are the same as the sharded run's.
 Writes, from the first process, the norms of every step and the final weights (unsharded) to OUT_FILE.
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
@@ -20,9 +24,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers as T  # noqa: E402
 from conftest import tiny_config, token_rows  # noqa: E402
+from transformers import TrainerState  # noqa: E402
+from transformers.trainer_optimizer import has_mixed_dtensor  # noqa: E402
 
-from hf_gradtools import clip_gradients, freeze_embeddings, freeze_first_n_layers  # noqa: E402
+from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.clipping import grad_norms  # noqa: E402
+from hf_gradtools.grad_insight import GradInsight  # noqa: E402
+from hf_gradtools.snapshots import GradSnapshotCallback  # noqa: E402
+from hf_gradtools.trainer import GradTrainerMixin  # noqa: E402
 
 WORLD = 2  # processes of the sharded run, also when the reference plays them alone
 BATCH = 2  # rows per process and micro-batch
@@ -74,6 +83,38 @@ def mixed_and_partial_checks(grads: list[torch.Tensor], l2: torch.Tensor, world:
     return checks
 
 
+class KeepingCallback(GradSnapshotCallback):
+    """A snapshot callback that also keeps what the trainer handed it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fed_by_trainer = True
+        self.results = []
+
+    def record(self, args, state, names, result):
+        self.results.append(result)
+        super().record(args, state, names, result)
+
+
+class TrainerStandIn:
+    """What `GradTrainerMixin._clip_and_record` reads of the Trainer: accelerator, args, model, state, callbacks,
+    and the run's `GradInsight` (clipping by `clip_algorithm`, here `norm`)."""
+
+    def __init__(self, model, output_dir: str, rank: int):
+        self.model = model
+        self.accelerator = SimpleNamespace(unscale_gradients=lambda: None)  # no grad scaler in fp32
+        self.args = SimpleNamespace(output_dir=output_dir, max_grad_norm=MAX_NORM, grad_snapshot_steps=1)
+        self.state = TrainerState()
+        self.state.is_world_process_zero = rank == 0
+        self.callbacks = [KeepingCallback(), KeepingCallback(norm_type=2.0, name="l2")]
+
+    def _snapshot_callbacks(self):
+        return self.callbacks
+
+    def _insight(self):
+        return GradInsight(self.args)
+
+
 def main(out_file: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model = build_model()
@@ -88,6 +129,7 @@ def main(out_file: str) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     rank = dist.get_rank() if world > 1 else 0
+    trainer = TrainerStandIn(model, out_file + ".snapshots", rank)
     total_rows = len(NORM_TYPES) * ACCUMULATION * WORLD * BATCH
     ids = torch.tensor(token_rows(total_rows, seed=3))
     targets = torch.linspace(-2.0, 2.0, total_rows)
@@ -104,9 +146,12 @@ def main(out_file: str) -> None:
         l2 = grad_norms(grads, 2.0)  # another norm of the same gradients: a second reduction per step
         if step == 0:
             extras = mixed_and_partial_checks(grads, l2, world)
-        result = clip_gradients(
-            [p for _, p in params], max_norm=MAX_NORM, norm_type=norm_type, clip_value=1e-3 if step == 2 else None
-        )
+            extras["mixed_mesh"] = has_mixed_dtensor(grads)  # False: the mixin clips itself, not the Trainer
+        trainer.args.clip_norm_type, trainer.args.clip_grad_value = norm_type, 1e-3 if step == 2 else None
+        trainer.state.global_step = step
+        total = GradTrainerMixin._clip_and_record(trainer)
+        result = trainer.callbacks[0].results[-1]  # the clipping's own result, as the snapshot got it
+        assert total is result.total_norm
         after = torch_total_norm(grads, norm_type)
         record.append(
             {
@@ -126,6 +171,8 @@ def main(out_file: str) -> None:
     for name, param in model.named_parameters():
         full = param.full_tensor() if hasattr(param, "full_tensor") else param
         state[name] = full.detach().clone()
+    for callback in trainer.callbacks:
+        callback.close()  # the snapshots are written
     if rank == 0:
         torch.save({"steps": record, "state": state, "initial": initial, "extras": extras}, out_file)
     if world > 1:
