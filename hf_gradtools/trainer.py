@@ -128,6 +128,9 @@ class GradTrainerMixin:
        `clip_norm_type` norm to `max_grad_norm`; logs the norm before clipping as `grad_norm`;
     4. hands the per-parameter norms to `GradSnapshotCallback`, which is attached when there is something to
        record (a frozen parameter, or `grad_snapshot_steps > 0`).
+    5. with the schedule fields (issues 8 and 12): LLRD groups in `create_optimizer`, gradual unfreezing at the end
+       of optimizer steps (`GradualUnfreezeCallback`), frozen modules in eval mode in `compute_loss`, and the
+       gradient noise scale measured in `training_step`, logged in `log`, checkpointed beside the optimizer.
 
     Same constructor as the host. `args` may be any `TrainingArguments` (subclass or not): it is kept as it is
     (`trainer.args is args`), and a gradient field it lacks reads as its default.
@@ -519,8 +522,8 @@ class GradTrainerMixin:
             ):
                 self._noise_skip_logged = True
                 logger.warning(
-                    "hf_gradtools: `grad_noise_scale` is not measured: it needs the loss to be a mean over known "
-                    "items, and the loss normalisation here is %s. Declare it with `loss_normalization`.",
+                    "hf_gradtools: `grad_noise_scale` skips every window whose loss is not a mean over known items; "
+                    "the loss normalisation here is %s. Declare it with `loss_normalization` (token, sample, ...).",
                     "a sum" if rule is not None and rule.kind == "sum" else "not established",
                 )
             return None, None

@@ -106,3 +106,22 @@ def test_a_default_run_logs_no_noise_scale(tmp_path):
     trainer.train()
     assert not any("grad_noise_scale" in h or "unfrozen_blocks" in h for h in trainer.state.log_history)
     assert not (tmp_path / "out" / "frozen_parameters.json").exists()
+
+
+def test_without_a_known_loss_normalisation_it_is_skipped_with_one_warning(tmp_path, caplog):
+    args = grad_args(
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        log_grad_noise_scale=True,
+        loss_normalization="trainer",  # the Trainer's own scaling: the gradient's units are unknown
+    )
+    trainer = GradTrainer(model=LinearRegression(), args=args, train_dataset=Rows(32))
+    with caplog.at_level("WARNING", logger="hf_gradtools"):
+        trainer.train()
+    assert not any("grad_noise_scale" in h for h in trainer.state.log_history)
+    assert [r.getMessage() for r in caplog.records].count(
+        "hf_gradtools: `grad_noise_scale` skips every window whose loss is not a mean over known items; the loss "
+        "normalisation here is not established. Declare it with `loss_normalization` (token, sample, ...)."
+    ) == 1
