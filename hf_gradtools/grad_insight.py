@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ import torch
 from torch import nn
 
 from .adaptive_clipping import AutoClip, default_agc_exclude, transposed_weights
-from .atomic import write_json_atomic
 from .clip_algorithms import clip_coefficient, clip_with_algorithm
 from .clipping import ClipResult, _is_sharded, _local
 from .grad_tensors import GradTensorCopy, GradTensorSaver
@@ -38,9 +36,6 @@ from .patterns import match_names
 from .training_args import grad_setting
 
 logger = logging.getLogger(__name__)
-
-# Saved in each checkpoint folder when AutoClip or the non-finite guard has state to carry over.
-STATE_FILE = "grad_insight_state.json"
 
 
 def insight_fields_set(args) -> list[str]:
@@ -242,24 +237,14 @@ class GradInsight:
             state["nonfinite_guard"] = self.guard.state_dict()
         return state
 
-    def save(self, folder: str | os.PathLike) -> None:
-        """Write `state_dict()` to `<folder>/grad_insight_state.json` atomically, when there is state."""
-        state = self.state_dict()
-        if state:
-            write_json_atomic(os.path.join(os.fspath(folder), STATE_FILE), state)
-
-    def load(self, folder: str | os.PathLike) -> None:
-        """Restore what `save` wrote in a checkpoint folder; warn when AutoClip or the guard finds nothing."""
-        path = os.path.join(os.fspath(folder), STATE_FILE)
-        if not self.state_dict():
-            return
-        if not os.path.isfile(path):
+    def load_state_dict(self, state: dict, checkpoint: str | os.PathLike = "the checkpoint") -> None:
+        """Restore what `state_dict()` gave, read back from a checkpoint's state file; warn when AutoClip or the
+        guard is on and the checkpoint holds nothing for it."""
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
             logger.warning(
-                "No %s in %s: AutoClip's history and the non-finite step counts start afresh.", STATE_FILE, folder
+                "%s holds no %s state: it starts afresh in the resumed run.", checkpoint, " or ".join(missing)
             )
-            return
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
         if self.autoclip is not None and "autoclip" in state:
             self.autoclip.load_state_dict(state["autoclip"])
         if self.guard is not None and "nonfinite_guard" in state:

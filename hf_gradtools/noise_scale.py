@@ -199,3 +199,55 @@ class GradientNoiseScale:
             )
         values = [float(state["grad_sq_norm_ema"]), float(state["trace_cov_ema"]), float(state["steps"])]
         self._state = torch.tensor(values, dtype=self._state.dtype, device=self._state.device)
+
+
+class WindowNoiseMeter:
+    """Feeds a `GradientNoiseScale` from a training loop with exact gradient accumulation (`accumulation.py`).
+
+    Per window of two or more micro-batches: `first_micro_batch` right after the first micro-batch's backward (its
+    `.grad` is that micro-batch's alone, local to the process), then `window_end` after the last backward (under
+    DDP, after the gradients were averaged over the processes) and before clipping. Nothing is read back to the host.
+
+    Units: the accumulation weight of the first micro-batch is `w = b_small * world_size / b_big` (items of that
+    micro-batch on this process, items of the window over all processes), and the window's gradient is the
+    gradient of the mean loss over its `b_big` items. So `|G_small|^2 = |grad|^2 / (w * s)^2` and
+    `|G_big|^2 = |grad|^2 / s^2`, with `s` the grad scaler's loss scale (1 without one), and `b_big` follows from
+    `w`: `b_big = b_small * world_size / w`, with no collective.
+
+    Args:
+        beta: the decay of the moving averages (`grad_noise_scale_beta`).
+    """
+
+    def __init__(self, beta: float = 0.95):
+        self.estimate = GradientNoiseScale(beta)
+        self._small: tuple[torch.Tensor, Number, torch.Tensor] | None = None
+
+    def first_micro_batch(
+        self,
+        parameters: Iterable[torch.Tensor],
+        loss_weight: torch.Tensor,
+        b_small: Number,
+        world_size: int = 1,
+        loss_scale: Number = 1.0,
+    ) -> None:
+        """Measure `|G_small|^2` (`b_small` items, weighted by `loss_weight`) from the `.grad` of `parameters`."""
+        weight = loss_weight.to(torch.float64)
+        small = micro_batch_sq_norm(parameters, weight * loss_scale)
+        b_big = b_small * world_size / weight.to(small.device)
+        self._small = (small, b_small, b_big)
+
+    def window_end(self, parameters: Iterable[torch.Tensor], loss_scale: Number = 1.0) -> bool:
+        """Measure `|G_big|^2` and add the window to the averages; `False` when no first micro-batch was measured."""
+        if self._small is None:
+            return False
+        small, b_small, b_big = self._small
+        self._small = None
+        big = squared_grad_norm(p.grad for p in parameters if p.grad is not None)
+        if isinstance(loss_scale, torch.Tensor):
+            loss_scale = loss_scale.to(big.device, torch.float32)
+        self.estimate.update(small, b_small, big / (loss_scale * loss_scale), b_big)
+        return True
+
+    def cancel(self) -> None:
+        """Forget a measured first micro-batch (a window whose end is not measured)."""
+        self._small = None

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from collections import deque
@@ -34,7 +35,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .accumulation import DECLARED_RULES, ItemRule, label_tensor, micro_batch_loss_weights
+from .accumulation import DECLARED_RULES, ItemRule, count_items, label_tensor, micro_batch_loss_weights
 from .checkpoints import (
     begin_checkpoint_save,
     check_resume_settings,
@@ -48,8 +49,18 @@ from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
 from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step
 from .loss_probe import probe_loss_normalization
+from .noise_scale import WindowNoiseMeter
+from .schedules import (
+    GradualUnfreezeCallback,
+    GradualUnfreezer,
+    all_reduce_grads_,
+    set_frozen_eval_mode,
+    unfreeze_order,
+)
+from .schedules.lr_decay import layerwise_optimizer
 from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
 from .training_args import grad_setting, validate_grad_arguments
+from .training_state import load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +142,10 @@ class GradTrainerMixin:
        `clip_norm_type` norm to `max_grad_norm`; logs the norm before clipping as `grad_norm`;
     4. hands the per-parameter norms to `GradSnapshotCallback`, which is attached when there is something to
        record (a frozen parameter, or `grad_snapshot_steps > 0`).
-    5. with the fields of `grad_insight.py` (issue 9): clips by `clip_algorithm` (norm, AGC, AutoClip), skips
+    5. with the schedule fields (issues 8 and 12): LLRD groups in `create_optimizer`, gradual unfreezing at the end
+       of optimizer steps (`GradualUnfreezeCallback`), frozen modules in eval mode in `compute_loss`, and the
+       gradient noise scale measured in `training_step`, logged in `log`, checkpointed beside the optimizer.
+    6. with the fields of `grad_insight.py` (issue 9): clips by `clip_algorithm` (norm, AGC, AutoClip), skips
        optimizer steps with non-finite gradients, adds per-layer norms to the logs, saves gradient tensors with
        the snapshots, and warns about trainable parameters that received no gradient at the first step.
 
@@ -143,6 +157,7 @@ class GradTrainerMixin:
         if args is not None:
             validate_grad_arguments(args)
         check_engine_support(args)
+        self._refuse_supplied_optimizer(args, super().__init__, model, pargs, kwargs)
         self._setup_grad_insight(model, args)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         # False: not measured yet in this `train()` call; None: not established, the host's scaling is kept.
@@ -151,7 +166,7 @@ class GradTrainerMixin:
         flags = [(p, p.requires_grad) for p in model.parameters()] if model is not None else []
         if model is not None:
             # Before `Trainer.__init__`, which creates `output_dir`: a bad setting must leave nothing behind.
-            apply_freezing(model, args)
+            self._frozen_by_args = apply_freezing(model, args)
         try:
             super().__init__(model, args, *pargs, **kwargs)
         except BaseException:
@@ -201,7 +216,7 @@ class GradTrainerMixin:
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
         if trial is None:
-            apply_freezing(model, self.args)
+            self._frozen_by_args = apply_freezing(model, self.args)
         # With a trial, `_hp_search_setup` applies the trial's arguments afterwards, and freezes then.
         return model
 
@@ -209,7 +224,7 @@ class GradTrainerMixin:
         super()._hp_search_setup(trial)
         if trial is not None and self.model_init is not None:
             validate_grad_arguments(self.args)
-            apply_freezing(self.model, self.args)
+            self._frozen_by_args = apply_freezing(self.model, self.args)
             self._attach_snapshot_callback()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -350,7 +365,7 @@ class GradTrainerMixin:
         # The loss must be the micro-batch's own normalisation; the weights do the rest.
         return batch_samples, None
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def _weighted_training_step(self, model, inputs, num_items_in_batch=None):
         if not self._pending_loss_weights:
             return super().training_step(model, inputs, num_items_in_batch)
         weight = self._pending_loss_weights.popleft()
@@ -466,21 +481,13 @@ class GradTrainerMixin:
             for callback in self._snapshot_callbacks():
                 callback.record_no_grad(self.args, self.state, names)
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """The Trainer's `log`; training logs gain `nonfinite_skips` and the norms of `log_grad_norms`."""
-        if "loss" in logs and self._grad_insight is not None:
-            logs.update(self._grad_insight.log_entries(self.model))
-        return super().log(logs, *args, **kwargs)
+    def _insight_logs(self) -> dict[str, float]:
+        """What a training log gains: `nonfinite_skips` and the norms of `log_grad_norms`."""
+        return self._grad_insight.log_entries(self.model) if self._grad_insight is not None else {}
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self._grad_insight is not None and self.args.should_save:
-            self._grad_insight.save(output_dir)  # AutoClip's history and the guard's counts, when on
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self._grad_insight is not None:
-            self._grad_insight.load(checkpoint)
+    def _insight_state(self) -> dict:
+        """AutoClip's history and the guard's counts, when on, for the checkpoint's `hf_gradtools_state.json`."""
+        return self._grad_insight.state_dict() if self._grad_insight is not None else {}
 
     # ---- issue 10: resuming and checkpoints ----
 
@@ -523,6 +530,193 @@ class GradTrainerMixin:
             begin_checkpoint_save(folder)
             save_run_settings(folder, run_settings(self.args))
         super()._save_checkpoint(model, trial)
+
+    # ---- issues 8 and 12: schedules, noise scale ----
+    # Per `train()` call, from `create_optimizer` (the model is final, no checkpoint loaded yet): the unfreezing
+    # plan and position (`gradual_unfreeze_steps`) and the noise-scale meter (`log_grad_noise_scale`).
+    _frozen_by_args: list[str] | None = None
+    _unfreezer: GradualUnfreezer | None = None
+    _noise_meter: WindowNoiseMeter | None = None
+    _noise_skip_logged = False
+
+    @staticmethod
+    def _refuse_supplied_optimizer(args, host_init, model, pargs, kwargs) -> None:
+        """LLRD builds the optimizer's groups itself: an optimizer instance passed in cannot get them."""
+        if grad_setting(args, "layerwise_lr_decay") is None:
+            return
+        try:
+            optimizers = inspect.signature(host_init).bind_partial(model, args, *pargs, **kwargs).arguments
+        except TypeError:
+            return  # the host's own error follows
+        optimizer = (optimizers.get("optimizers") or (None, None))[0]
+        if optimizer is not None:
+            raise ValueError(
+                f"`layerwise_lr_decay`={grad_setting(args, 'layerwise_lr_decay')} needs to build the optimizer's "
+                f"parameter groups, but an optimizer instance ({type(optimizer).__name__}) was passed in "
+                "`optimizers`. Pass its class and kwargs as `optimizer_cls_and_kwargs` instead (honoured, with the "
+                "LLRD groups), or leave `layerwise_lr_decay` unset."
+            )
+
+    def create_optimizer(self, model=None):
+        """The host's optimizer, with layer-wise rates when `layerwise_lr_decay` is set; then the run's schedules.
+
+        `optimizer_cls_and_kwargs` is honoured: its class gets the LLRD groups, its kwargs are the defaults.
+        """
+        opt_model = self.model if model is None else model
+        decay = grad_setting(self.args, "layerwise_lr_decay")
+        if self.optimizer is None and decay is not None:
+            optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
+            self.optimizer = layerwise_optimizer(
+                opt_model,
+                optimizer_cls,
+                dict(kwargs),
+                base_lr=self.args.learning_rate,
+                decay=decay,
+                weight_decay=self.args.weight_decay,
+                decay_parameter_names=self.get_decay_parameter_names(opt_model),
+            )
+        optimizer = super().create_optimizer(model)
+        self._start_schedules(opt_model)
+        return optimizer
+
+    def _start_schedules(self, model: nn.Module) -> None:
+        args = self.args
+        self._noise_skip_logged = False
+        self._noise_meter = None
+        if grad_setting(args, "log_grad_noise_scale"):
+            self._noise_meter = WindowNoiseMeter(grad_setting(args, "grad_noise_scale_beta"))
+        self._unfreezer = None
+        every = grad_setting(args, "gradual_unfreeze_steps")
+        if not every:
+            return
+        plan = unfreeze_order(model, self._frozen_by_args or ())
+        if not plan:
+            raise ValueError(
+                f"`gradual_unfreeze_steps`={every} but {type(model).__name__} has no block frozen by "
+                "`freeze_embeddings` / `freeze_first_n_layers`: there is nothing to unfreeze."
+            )
+        self._unfreezer = GradualUnfreezer(
+            plan,
+            every,
+            base_lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            decay_parameter_names=self.get_decay_parameter_names(model),
+            layerwise_lr_decay=grad_setting(args, "layerwise_lr_decay"),
+        )
+        callback = next(
+            (cb for cb in self.callback_handler.callbacks if isinstance(cb, GradualUnfreezeCallback)), None
+        )
+        if callback is None:
+            callback = GradualUnfreezeCallback()
+            self.add_callback(callback)
+        callback.unfreezer = self._unfreezer
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training and grad_setting(self.args, "frozen_eval_mode"):
+            set_frozen_eval_mode(model)  # after the Trainer's `model.train()` of this step
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        weight, items = self._noise_first_micro_batch(inputs)
+        loss = self._weighted_training_step(model, inputs, num_items_in_batch)
+        if weight is not None:
+            self._noise_meter.first_micro_batch(
+                self.model.parameters(), weight, items, self.accelerator.num_processes, self._loss_scale()
+            )
+        if self.accelerator.sync_gradients:
+            self._window_end()
+        return loss
+
+    def _noise_first_micro_batch(self, inputs) -> tuple[torch.Tensor | None, object]:
+        """The loss weight and item count of a window's first micro-batch, when the noise scale measures it."""
+        meter, weights = self._noise_meter, self._pending_loss_weights
+        if meter is None or self.current_gradient_accumulation_steps < 2:
+            return None, None
+        rule = DECLARED_RULES.get(grad_setting(self.args, "loss_normalization")) or self._probed_rule or None
+        if not weights or rule is None or rule.kind == "sum":
+            if not self._noise_skip_logged and (
+                not weights or len(weights) == self.current_gradient_accumulation_steps
+            ):
+                self._noise_skip_logged = True
+                logger.warning(
+                    "hf_gradtools: `grad_noise_scale` skips every window whose loss is not a mean over known items; "
+                    "the loss normalisation here is %s. Declare it with `loss_normalization` (token, sample, ...).",
+                    "a sum" if rule is not None and rule.kind == "sum" else "not established",
+                )
+            return None, None
+        if len(weights) != self.current_gradient_accumulation_steps:
+            return None, None
+        return weights[0], count_items(inputs, rule)
+
+    def _loss_scale(self):
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scale = getattr(scaler, "_scale", None)  # a device tensor: no host sync
+        return scale if isinstance(scale, torch.Tensor) else scaler.get_scale()
+
+    def _window_end(self) -> None:
+        """After the window's last backward, before clipping: reduce late-unfrozen blocks, measure |G_big|^2."""
+        if self._unfreezer is not None and self.accelerator.num_processes > 1:
+            # Unfrozen after DDP wrapped the model: DDP does not reduce their gradients.
+            all_reduce_grads_(self._unfreezer.unfrozen_parameters(self.model))
+        if self._noise_meter is not None:
+            self._noise_meter.window_end(self.model.parameters(), self._loss_scale())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training logging step
+            if self._unfreezer is not None:
+                logs["unfrozen_blocks"] = self._unfreezer.position
+            if self._noise_meter is not None:
+                value, windows = torch.stack(
+                    [self._noise_meter.estimate.value, self._noise_meter.estimate.num_updates]
+                )
+                value, windows = value.item(), windows.item()
+                if windows > 0:
+                    logs["grad_noise_scale"] = value
+            logs.update(self._insight_logs())
+        return super().log(logs, start_time)
+
+    def _schedule_state(self) -> dict:
+        state = {}
+        if self._unfreezer is not None:
+            state["unfreezer"] = self._unfreezer.state_dict()
+        if self._noise_meter is not None:
+            state["noise_scale"] = self._noise_meter.estimate.state_dict()
+        return state
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = {**self._schedule_state(), **self._insight_state()}
+        if self.args.should_save and state:
+            save_training_state(output_dir, state)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and (self._unfreezer is not None or self._noise_meter is not None):
+            self._restore_schedules(checkpoint, load_training_state(checkpoint))
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._grad_insight is not None:
+            self._grad_insight.load_state_dict(load_training_state(checkpoint), checkpoint)
+
+    def _restore_schedules(self, checkpoint: str, state: dict) -> None:
+        """Replay the checkpoint's unfreezing events (so the optimizer state loads into the right groups) and
+        restore the noise-scale averages."""
+        if self._unfreezer is not None:
+            if "unfreezer" not in state:
+                raise ValueError(
+                    f"`gradual_unfreeze_steps`={self._unfreezer.every_n_steps} but the checkpoint {checkpoint} holds "
+                    "no unfreezing position (it was trained without gradual unfreezing). Resume with the settings "
+                    "it was trained with."
+                )
+            self._unfreezer.load_state_dict(state["unfreezer"])
+            self._unfreezer.replay(self.model, self.optimizer, self.lr_scheduler)
+        if self._noise_meter is not None:
+            if "noise_scale" in state:
+                self._noise_meter.estimate.load_state_dict(state["noise_scale"])
+            else:
+                logger.info("hf_gradtools: %s holds no noise-scale averages; they start afresh.", checkpoint)
 
 
 class GradTrainer(GradTrainerMixin, Trainer):

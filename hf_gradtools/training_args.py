@@ -29,6 +29,7 @@ from .clip_algorithms import CLIP_ALGORITHMS, check_clip_algorithm
 from .clipping import check_norm_type
 from .guards import NonFiniteGuard
 from .patterns import compile_patterns
+from .schedules.lr_decay import check_layerwise_lr_decay
 
 
 @dataclass
@@ -54,6 +55,19 @@ class GradArgumentsMixin:
         grad_snapshot_total_limit (`int`, *optional*):
             Keep only the newest N gradient snapshots of each snapshot folder, deleting older ones (their JSON and
             tensor files together) after each write; unset keeps all.
+        layerwise_lr_decay (`float`, *optional*):
+            Layer-wise learning-rate decay in (0, 1]: block i of N trains at `learning_rate * d**(N - 1 - i)`, the
+            embeddings at `learning_rate * d**N`, the rest (head, pooler, final norms) at `learning_rate`.
+        gradual_unfreeze_steps (`int`, *optional*, defaults to `0`):
+            Every N optimizer steps unfreeze the highest block that `freeze_first_n_layers` froze, the embeddings
+            last; the new parameters join the live optimizer (0: off).
+        frozen_eval_mode (`bool`, *optional*, defaults to `False`):
+            Keep frozen modules in eval mode while training (no dropout in them, BatchNorm statistics fixed).
+        log_grad_noise_scale (`bool`, *optional*, defaults to `False`):
+            Log `grad_noise_scale`, the gradient noise scale (critical batch size, in items) of McCandlish et al.
+            2018, from the first micro-batch and the whole window; needs `gradient_accumulation_steps >= 2`.
+        grad_noise_scale_beta (`float`, *optional*, defaults to `0.95`):
+            Decay of the moving averages behind `grad_noise_scale`, in [0, 1).
         clip_algorithm (`str`, *optional*, defaults to `"norm"`):
             `norm` (`max_grad_norm` in `clip_norm_type`), `agc` (adaptive gradient clipping, unit-wise, relative to
             the weights) or `autoclip` (to a percentile of all past norms); `clip_grad_value` applies first to each.
@@ -111,6 +125,36 @@ class GradArgumentsMixin:
     grad_snapshot_total_limit: int | None = field(
         default=None,
         metadata={"help": "Keep only the newest N gradient snapshots, deleting older ones (unset: keep all)."},
+    )
+    # ---- issues 8 and 12: schedules, noise scale ----
+    layerwise_lr_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-wise learning-rate decay d in (0, 1]: block i of N trains at lr * d**(N-1-i), the "
+            "embeddings at lr * d**N, the head at lr (unset: off)."
+        },
+    )
+    gradual_unfreeze_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimizer steps unfreeze the highest frozen block, the embeddings last, into the live "
+            "optimizer (0: off; needs freeze_embeddings or freeze_first_n_layers)."
+        },
+    )
+    frozen_eval_mode: bool = field(
+        default=False,
+        metadata={"help": "Keep frozen modules in eval mode during training (no dropout, fixed BatchNorm stats)."},
+    )
+    log_grad_noise_scale: bool = field(
+        default=False,
+        metadata={
+            "help": "Log `grad_noise_scale`, the gradient noise scale (critical batch size, in items); needs "
+            "gradient_accumulation_steps >= 2."
+        },
+    )
+    grad_noise_scale_beta: float = field(
+        default=0.95,
+        metadata={"help": "Decay of the moving averages behind `grad_noise_scale`, in [0, 1)."},
     )
     # ---- issue 9: clipping algorithms, guards, monitoring ----
     clip_algorithm: str = field(
@@ -233,6 +277,52 @@ def validate_grad_arguments(args: Any) -> None:
         if not isinstance(grad_setting(args, name), bool):
             raise ValueError(f"`{name}` must be True or False, got {grad_setting(args, name)!r}.")
     compile_patterns(grad_setting(args, "grad_snapshot_tensors"), "grad_snapshot_tensors")
+    # ---- issues 8 and 12: schedules, noise scale ----
+    validate_schedule_arguments(args)
+
+
+def validate_schedule_arguments(args: Any) -> None:
+    """Check `layerwise_lr_decay`, `gradual_unfreeze_steps`, `frozen_eval_mode` and the noise-scale fields."""
+    decay = grad_setting(args, "layerwise_lr_decay")
+    if decay is not None:
+        check_layerwise_lr_decay(decay)
+    _non_negative_int(args, "gradual_unfreeze_steps")
+    for name in ("frozen_eval_mode", "log_grad_noise_scale"):
+        if not isinstance(grad_setting(args, name), bool):
+            raise ValueError(f"`{name}` must be True or False, got {grad_setting(args, name)!r}.")
+    beta = grad_setting(args, "grad_noise_scale_beta")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+        raise ValueError(f"`grad_noise_scale_beta` must be a number in [0, 1), got {beta!r}.")
+    steps = grad_setting(args, "gradual_unfreeze_steps")
+    if steps:
+        if not grad_setting(args, "freeze_embeddings") and not grad_setting(args, "freeze_first_n_layers"):
+            raise ValueError(
+                f"`gradual_unfreeze_steps`={steps} but nothing is frozen: set `freeze_embeddings` and/or "
+                "`freeze_first_n_layers`, whose blocks it then unfreezes one by one, or leave it at 0."
+            )
+        scheduler = getattr(args, "lr_scheduler_type", "linear")
+        scheduler = getattr(scheduler, "value", scheduler)
+        if scheduler in ("reduce_lr_on_plateau", "greedy"):
+            raise ValueError(
+                f"`gradual_unfreeze_steps`={steps} cannot add parameters under `lr_scheduler_type`={scheduler!r}, "
+                "which keeps no per-group schedule; use any other scheduler (e.g. linear, cosine, constant)."
+            )
+    accumulation = getattr(args, "gradient_accumulation_steps", 1)
+    if grad_setting(args, "log_grad_noise_scale") and accumulation < 2:
+        raise ValueError(
+            "`log_grad_noise_scale`=True needs `gradient_accumulation_steps` >= 2 (the noise scale compares the "
+            f"first micro-batch's gradient with the whole window's), got {accumulation}."
+        )
+    engine = "DeepSpeed" if getattr(args, "deepspeed", None) else ("FSDP" if getattr(args, "fsdp", None) else None)
+    used = [name for name in SCHEDULE_FIELDS if grad_setting(args, name) != GRAD_DEFAULTS[name]]
+    if engine and used:
+        raise ValueError(
+            f"{', '.join(f'`{name}`' for name in used)} are not supported with {engine}, which builds or shards the "
+            "optimizer and the gradients itself. Keep their defaults, or train with DDP or on one device."
+        )
+
+
+SCHEDULE_FIELDS = ("layerwise_lr_decay", "gradual_unfreeze_steps", "log_grad_noise_scale")
 
 
 @dataclass

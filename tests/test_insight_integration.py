@@ -287,7 +287,7 @@ def test_resume_continues_autoclip_history(tmp_path, single_thread):
     )
     full.train()
     checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
-    with open(checkpoint / "grad_insight_state.json") as f:
+    with open(checkpoint / "hf_gradtools_state.json") as f:
         saved = json.load(f)
     assert len(saved["autoclip"]["history"]) == 2
     assert saved["nonfinite_guard"]["nonfinite_skips"] == 0
@@ -325,7 +325,7 @@ def test_defaults_change_nothing(tmp_path, single_thread):
     ]
     grad_files = set(os.listdir(tmp_path / "g" / "out" / "checkpoint-2"))
     assert set(os.listdir(tmp_path / "p" / "out" / "checkpoint-2")) <= grad_files
-    assert "grad_insight_state.json" not in grad_files
+    assert "hf_gradtools_state.json" not in grad_files
 
 
 def test_patterns_matching_nothing_fail_before_training(args_factory):

@@ -9,6 +9,7 @@ One concept per module:
 | `unfreezing.py` | `unfreeze_order`, `GradualUnfreezer`: which block unfreezes when, applied and resumable |
 | `ddp_grads.py` | `all_reduce_grads_`: averages the gradients DDP does not reduce (parameters unfrozen after wrapping) |
 | `eval_mode.py` | `find_frozen_modules`, `set_frozen_eval_mode`: frozen modules stay in eval mode |
+| `unfreeze_callback.py` | `GradualUnfreezeCallback`: a `GradualUnfreezer` in a Trainer run, its events logged and recorded |
 """  # noqa: E501
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from .lr_decay import (
     layerwise_lr_scales,
     param_groups_for,
 )
+from .unfreeze_callback import GradualUnfreezeCallback
 from .unfreezing import GradualUnfreezer, UnfreezeEvent, unfreeze_order
 
 __all__ = [
     "GROUP_KEY",
+    "GradualUnfreezeCallback",
     "GradualUnfreezer",
     "UnfreezeEvent",
     "add_param_groups",

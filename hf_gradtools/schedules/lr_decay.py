@@ -36,6 +36,7 @@ import math
 from collections.abc import Iterable
 
 from torch import nn
+from torch.optim import Optimizer
 
 from ..layout import find_input_embeddings, find_layer_stack
 
@@ -183,3 +184,34 @@ def layerwise_lr_groups(
         decay_parameter_names=decay_parameter_names,
         layerwise_lr_decay=check_layerwise_lr_decay(decay, "decay"),
     )
+
+
+def layerwise_optimizer(
+    model: nn.Module,
+    optimizer_cls,
+    optimizer_kwargs: dict,
+    *,
+    base_lr: float,
+    decay: float,
+    weight_decay: float,
+    decay_parameter_names: Iterable[str],
+):
+    """Build `optimizer_cls(layerwise_lr_groups(...), **optimizer_kwargs)`: the Trainer's optimizer, with LLRD groups.
+
+    `optimizer_cls` and `optimizer_kwargs` are what `Trainer.get_optimizer_cls_and_kwargs` (or the Trainer's
+    `optimizer_cls_and_kwargs`) gives; every group sets its own `lr` and `weight_decay`, so those two kwargs are only
+    defaults. Optimizers that choose their own parameters (factories such as Muon, GaLore's `params`, LOMO's
+    `model`, layer-wise `optimizer_dict`) cannot take these groups and are refused.
+
+    Raises:
+        ValueError: the optimizer builds its own parameter groups.
+    """
+    own = [key for key in ("params", "model", "optimizer_dict") if key in optimizer_kwargs]
+    if own or not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, Optimizer):
+        what = f"its `{own[0]}` argument" if own else f"{getattr(optimizer_cls, '__name__', optimizer_cls)!r}"
+        raise ValueError(
+            f"`layerwise_lr_decay` needs an optimizer that takes parameter groups, but {what} builds its own. Use "
+            "a torch optimizer (e.g. optim='adamw_torch'), or leave `layerwise_lr_decay` unset."
+        )
+    groups = layerwise_lr_groups(model, base_lr, decay, weight_decay, decay_parameter_names)
+    return optimizer_cls(groups, **optimizer_kwargs)
