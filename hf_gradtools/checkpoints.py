@@ -31,7 +31,7 @@ import re
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
-from .training_args import grad_setting
+from .training_args import GRAD_DEFAULTS, grad_setting
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +192,14 @@ def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
         with open(os.path.join(folder, RUN_SETTINGS_FILE), encoding="utf-8") as f:
             saved = json.load(f)
     except FileNotFoundError:
+        # Written only by runs that freeze (so a default run's checkpoints hold the Trainer's files alone).
         logger.info(
-            "%s records no gradient-tool settings (%s): freeze settings not checked.", folder, RUN_SETTINGS_FILE
+            "%s records no gradient-tool settings (%s): it was saved without freezing by hf_gradtools (or by a "
+            "plain Trainer), and is compared as such.",
+            folder,
+            RUN_SETTINGS_FILE,
         )
-        return
+        saved = {name: GRAD_DEFAULTS[name] for name in FROZEN_SETTINGS}
     except (OSError, UnicodeDecodeError, ValueError) as e:
         logger.warning("%s/%s is unreadable (%s): freeze settings not checked.", folder, RUN_SETTINGS_FILE, e)
         return

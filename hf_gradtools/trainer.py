@@ -37,6 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .accumulation import DECLARED_RULES, ItemRule, count_items, label_tensor, micro_batch_loss_weights
 from .checkpoints import (
+    FROZEN_SETTINGS,
     begin_checkpoint_save,
     check_resume_settings,
     checkpoint_step,
@@ -59,7 +60,7 @@ from .schedules import (
 )
 from .schedules.lr_decay import layerwise_optimizer
 from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
-from .training_args import grad_setting, validate_grad_arguments
+from .training_args import GRAD_DEFAULTS, grad_setting, validate_grad_arguments
 from .training_state import load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
@@ -528,7 +529,9 @@ class GradTrainerMixin:
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             begin_checkpoint_save(folder)
-            save_run_settings(folder, run_settings(self.args))
+            settings = run_settings(self.args)
+            if any(settings[name] != GRAD_DEFAULTS[name] for name in FROZEN_SETTINGS):
+                save_run_settings(folder, settings)  # a default run's checkpoints hold the Trainer's files alone
         super()._save_checkpoint(model, trial)
 
     # ---- issues 8 and 12: schedules, noise scale ----

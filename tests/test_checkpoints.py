@@ -24,6 +24,8 @@ from hf_gradtools.checkpoints import (
     last_complete_checkpoint,
     list_checkpoints,
     resolve_resume_checkpoint,
+    run_settings,
+    save_run_settings,
 )
 
 
@@ -127,10 +129,13 @@ def test_what_counts_as_complete(tmp_path):
     assert list_checkpoints(tmp_path / "missing") == [] and last_complete_checkpoint(tmp_path / "missing") is None
 
 
-def test_each_checkpoint_records_its_freeze_settings_and_world_size(run_dir):
-    with open(os.path.join(run_dir, "checkpoint-2", RUN_SETTINGS_FILE)) as f:
-        settings = json.load(f)
-    assert settings == {"freeze_embeddings": False, "freeze_first_n_layers": 0, "world_size": 1, "batch": 2}
+def test_checkpoints_record_freeze_settings_only_when_something_is_frozen(run_dir, args_factory, tmp_path):
+    # A default run's checkpoints hold the Trainer's files alone.
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint-2", RUN_SETTINGS_FILE))
+    settings = run_settings(args_factory(freeze_first_n_layers=1, per_device_train_batch_size=2))
+    save_run_settings(tmp_path, settings)
+    with open(tmp_path / RUN_SETTINGS_FILE) as f:
+        assert json.load(f) == {"freeze_embeddings": False, "freeze_first_n_layers": 1, "world_size": 1, "batch": 2}
 
 
 @pytest.mark.parametrize(
@@ -155,7 +160,7 @@ def test_resume_with_other_freeze_settings_is_refused_before_anything_changes(ru
 
 
 def test_checkpoint_without_settings_resumes_unchecked(run_dir, args_factory, caplog):
-    os.remove(os.path.join(run_dir, "checkpoint-2", RUN_SETTINGS_FILE))  # saved by a plain Trainer, say
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint-2", RUN_SETTINGS_FILE))  # a default run writes none
     with caplog.at_level(logging.INFO, logger="hf_gradtools.checkpoints"):
         trainer = train(args_factory, resume=True)
     assert trainer.state.global_step == 4
