@@ -526,7 +526,7 @@ def one_class_message(split: str, count: int, class_id, share: float, label_list
     name = f" {label_list[class_id]!r}" if 0 <= class_id < len(label_list) else ""
     return (
         f"Degenerate run: all {count} predictions on {split!r} are class {class_id}{name} (100%); the model answers "
-        "one class, so it scores no better than a constant guess. Train longer, on more rows or with another "
+        "one class, and its score is that of a constant guess. Train longer, on more rows or with another "
         "learning rate (examples/recipes/ holds settings that learn)."
     )
 
@@ -705,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if model_args.model_name_or_path is None:
         model_args.model_name_or_path = default_model_path()
     stale = check_output_dir(data_args, training_args)
-    if training_args.dataloader_pin_memory and not torch.accelerator.is_available():
+    if training_args.dataloader_pin_memory and (training_args.use_cpu or not torch.accelerator.is_available()):
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on CPU otherwise
 
     raw = load_raw_splits(data_args, model_args.cache_dir)
