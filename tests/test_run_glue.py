@@ -588,3 +588,13 @@ def test_one_class_message():
     message = run_glue.one_class_message("test", 5, 0, 1.0, ["no", "yes"])
     assert message.startswith("Degenerate run: all 5 predictions on 'test' are class 0 'no' (100%)")
     assert run_glue.prediction_spread(np.array([2, 2, 0, 2])) == {"top_class": 2, "top_class_share": 0.75}
+
+
+def test_missing_dataset_folder_is_one_sentence(encoder, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-glue")
+    line = _assert_cli_error(
+        _common(encoder, str(tmp_path / "out")) + ["--task_name", "sst2", "--dataset_name", missing, "--do_train"],
+        capsys,
+        r"Could not load `dataset_name` '.*no-such-glue' with config 'sst2'",
+    )
+    assert ".." not in line.replace("../shared", "")
