@@ -3,6 +3,7 @@
 
     python examples/glue_results.py                          # SST-2, MRPC, CoLA x full, frozen 2, frozen 4, LoRA
     python examples/glue_results.py --tasks sst2 --setups full lora --max_train_samples 500
+    python examples/glue_results.py --seeds 42 43 44 --jobs 2  # 3 seeds per row, two runs at a time
     python examples/glue_results.py --dry_run                # print the commands only
 
 Each run is a fresh `python examples/run_glue.py ...` process, so that its peak memory is its own: the table's
@@ -10,21 +11,29 @@ Each run is a fresh `python examples/run_glue.py ...` process, so that its peak 
 data, optimizer state; the same measure as `resource.getrusage`). Training time and samples/s are the Trainer's
 `train_runtime` and `train_samples_per_second`; trainable parameters come from `frozen_parameters.json`.
 
-Writes `<output_dir>/results.md` (the table) and `<output_dir>/results.json`, and every run's folder
-`<output_dir>/<task>-<setup>/` with its `run.log`, metrics, snapshots and `grad_norms.png`. Rerunning some
-(task, setup) pairs replaces their rows and keeps the others of the same budget (`--fresh`: a new table).
+With several `--seeds`, each row is the mean over the seeds with the sample standard deviation (`0.861 ± 0.004`)
+and the seed count; times and throughput are means, peak RSS the largest. `--jobs N` runs N runs at once, each
+with its share of the CPU threads (faster overall, but each run's time then reflects the sharing).
+
+Writes `<output_dir>/results.md` (the table) and `<output_dir>/results.json` (one entry per run), and every run's
+folder `<output_dir>/<task>-<setup>-seed<seed>/` with its `run.log`, metrics, snapshots and `grad_norms.png`.
+Rerunning some (task, setup, seed) runs replaces them and keeps the others of the same budget (`--fresh`: a new
+table).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from hf_gradtools.atomic import write_json_atomic, write_text_atomic
 
@@ -58,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="full and frozen setups")
     parser.add_argument("--lora_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="one run per seed (default: 42)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: 1)")
     parser.add_argument("--output_dir", default="outputs/glue_results")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     parser.add_argument(
@@ -69,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(args: argparse.Namespace, task: str, setup: str, out: str) -> list[str]:
-    """The `run_glue.py` command line of one (task, setup) pair."""
+def run_command(args: argparse.Namespace, task: str, setup: str, out: str, seed: int = 42) -> list[str]:
+    """The `run_glue.py` command line of one (task, setup, seed) run."""
     single = task in ("cola", "sst2")
     lr = args.lora_learning_rate if setup == "lora" else args.learning_rate
     command = [
@@ -81,7 +92,7 @@ def run_command(args: argparse.Namespace, task: str, setup: str, out: str) -> li
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "64",
         "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
         "--learning_rate", str(lr), "--warmup_steps", "0.1", "--max_grad_norm", "1.0", "--clip_norm_type", "2",
-        "--grad_snapshot_steps", "10", "--logging_steps", "20", "--save_strategy", "no", "--seed", "42",
+        "--grad_snapshot_steps", "10", "--logging_steps", "20", "--save_strategy", "no", "--seed", str(seed),
         "--disable_tqdm", "true", "--output_dir", out, "--overwrite_output_dir",
     ]  # fmt: skip
     if args.model_name_or_path:
@@ -89,9 +100,11 @@ def run_command(args: argparse.Namespace, task: str, setup: str, out: str) -> li
     return command + SETUPS[setup][1]
 
 
-def run_and_measure(command: list[str], log_path: str) -> tuple[int, float, float]:
+def run_and_measure(command: list[str], log_path: str, threads: int | None = None) -> tuple[int, float, float]:
     """Run `command` with its output in `log_path`; return exit status, wall seconds and peak RSS in MiB."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -101,10 +114,19 @@ def run_and_measure(command: list[str], log_path: str) -> tuple[int, float, floa
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
-def collect(task: str, setup: str, out: str, wall: float, peak_mib: float, args: argparse.Namespace) -> dict:
-    """One row of results from a finished run's `all_results.json` and `frozen_parameters.json`."""
-    from hf_gradtools.glue_metrics import glue_metric_names
+def glue_metric_names(task: str) -> tuple[str, ...]:
+    """The result keys of the GLUE metric of `task`, from the example's metric module."""
+    path = os.path.join(HERE, "metrics", "glue", "glue.py")
+    spec = importlib.util.spec_from_file_location("glue_metric_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.glue_metric_names(task)
 
+
+def collect(
+    task: str, setup: str, out: str, wall: float, peak_mib: float, args: argparse.Namespace, seed: int = 42
+) -> dict:
+    """One run's results from its `all_results.json` and `frozen_parameters.json`."""
     with open(os.path.join(out, "all_results.json"), encoding="utf-8") as f:
         results = json.load(f)
     with open(os.path.join(out, "frozen_parameters.json"), encoding="utf-8") as f:
@@ -113,6 +135,7 @@ def collect(task: str, setup: str, out: str, wall: float, peak_mib: float, args:
     return {
         "task": task,
         "setup": setup,
+        "seed": seed,
         "metrics": {name: results[f"eval_{name}"] for name in glue_metric_names(task)},
         "train_runtime_s": results["train_runtime"],
         "train_samples_per_second": results["train_samples_per_second"],
@@ -123,6 +146,7 @@ def collect(task: str, setup: str, out: str, wall: float, peak_mib: float, args:
         "peak_rss_mib": peak_mib,
         "wall_s": wall,
         "learning_rate": args.lora_learning_rate if setup == "lora" else args.learning_rate,
+        "top_class_share": results.get("eval_top_class_share"),
         "budget": budget_key(args),
     }
 
@@ -134,37 +158,84 @@ def budget_key(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in keys}
 
 
+def _run_key(row: dict) -> tuple:
+    return row["task"], row["setup"], row.get("seed", 42)
+
+
 def merge(previous: list[dict], new: list[dict], budget: dict) -> list[dict]:
-    """`new` rows, plus the `previous` rows of the same budget that `new` does not redo, in table order."""
-    redone = {(row["task"], row["setup"]) for row in new}
-    kept = [r for r in previous if r.get("budget") == budget and (r["task"], r["setup"]) not in redone]
+    """`new` runs, plus the `previous` runs of the same budget that `new` does not redo, in table order."""
+    redone = {_run_key(row) for row in new}
+    kept = [r for r in previous if r.get("budget") == budget and _run_key(r) not in redone]
     order = {task: i for i, task in enumerate(TASKS)}
     setups = {setup: i for i, setup in enumerate(SETUPS)}
-    return sorted(kept + new, key=lambda r: (order.get(r["task"], len(order)), r["task"], setups[r["setup"]]))
+    return sorted(
+        kept + new, key=lambda r: (order.get(r["task"], len(order)), r["task"], setups[r["setup"]], _run_key(r)[2])
+    )
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (task, setup): metric means and sample standard deviations over its seeds, in run order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["setup"]), []).append(run)
+    rows = []
+    for group in groups.values():
+        first = group[0]
+
+        def mean(key: str, group=group) -> float:
+            return statistics.fmean(run[key] for run in group)
+
+        metrics = {}
+        for name in first["metrics"]:
+            values = [run["metrics"][name] for run in group]
+            spread = statistics.stdev(values) if len(values) > 1 else None
+            metrics[name] = (statistics.fmean(values), spread)
+        rows.append(
+            {
+                **{key: first[key] for key in ("task", "setup", "learning_rate", "trainable_params", "total_params")},
+                "seeds": sorted(run.get("seed", 42) for run in group),
+                "metrics": metrics,
+                "train_runtime_s": mean("train_runtime_s"),
+                "train_samples_per_second": mean("train_samples_per_second"),
+                "peak_rss_mib": max(run["peak_rss_mib"] for run in group),
+                "one_class_runs": sum(1 for run in group if (run.get("top_class_share") or 0) >= 1.0),
+            }
+        )
+    return rows
+
+
+def _format_metric(name: str, value) -> str:
+    mean, spread = value if isinstance(value, (tuple, list)) else (value, None)
+    text = f"{METRIC_NAMES.get(name, name)} {mean:.3f}"
+    return text if spread is None else f"{text} ± {spread:.3f}"
 
 
 def format_table(rows: list[dict]) -> str:
-    """The results as a markdown table.
+    """The results as a markdown table: one row per (task, setup), a run or the `aggregate` of its seeds.
 
     Example:
-        >>> print(format_table([{"task": "sst2", "setup": "full", "metrics": {"accuracy": 0.8612},
-        ...     "train_runtime_s": 61.2, "train_samples_per_second": 32.7, "trainable_params": 22713986,
-        ...     "total_params": 22713986, "peak_rss_mib": 1510.4, "learning_rate": 1e-4}]).splitlines()[2])
-        | SST-2 | full fine-tune | 0.0001 | acc 0.861 | 61 | 32.7 | 22.71M (100%) | 1510 |
+        >>> print(format_table([{"task": "sst2", "setup": "full", "metrics": {"accuracy": (0.8612, 0.0043)},
+        ...     "seeds": [42, 43, 44], "train_runtime_s": 61.2, "train_samples_per_second": 32.7,
+        ...     "trainable_params": 22713986, "total_params": 22713986, "peak_rss_mib": 1510.4,
+        ...     "learning_rate": 1e-4}]).splitlines()[2])
+        | SST-2 | full fine-tune | 0.0001 | acc 0.861 ± 0.004 | 3 | 61 | 32.7 | 22.71M (100%) | 1510 |
     """
     names = {"sst2": "SST-2", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
              "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}  # fmt: skip
     lines = [
-        "| task | setup | learning rate | validation metric | train time (s) | samples/s | trainable params "
-        "| peak RSS (MiB) |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| task | setup | learning rate | validation metric (mean ± sd) | seeds | train time (s) | samples/s "
+        "| trainable params | peak RSS (MiB) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        metric = ", ".join(f"{METRIC_NAMES.get(k, k)} {v:.3f}" for k, v in row["metrics"].items())
+        metric = ", ".join(_format_metric(k, v) for k, v in row["metrics"].items())
+        if row.get("one_class_runs"):
+            metric += f" ({row['one_class_runs']} run(s) predict one class)"
         share = 100 * row["trainable_params"] / row["total_params"]
         task = names.get(row["task"], row["task"])
         lines.append(
             f"| {task} | {SETUPS[row['setup']][0]} | {row['learning_rate']:g} | {metric} "
+            f"| {len(row.get('seeds', [row.get('seed', 42)]))} "
             f"| {row['train_runtime_s']:.0f} | {row['train_samples_per_second']:.1f} "
             f"| {row['trainable_params'] / 1e6:.2f}M ({share:.{0 if share >= 10 else 1}f}%) "
             f"| {row['peak_rss_mib']:.0f} |"
@@ -172,12 +243,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def budget_line(args: argparse.Namespace) -> str:
+def budget_line(args: argparse.Namespace, seeds: Sequence[int] | None = None) -> str:
+    seeds = ", ".join(str(seed) for seed in sorted(set(seeds or args.seeds)))
     return (
         f"Budget per run: the first {args.max_train_samples} training rows (all of them if fewer), "
         f"{args.num_train_epochs:g} epoch, batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation "
         f"steps, max_seq_length {args.seq_len} (sentence pairs {args.pair_seq_len}), AdamW with the learning rate "
-        "of the table, 10% warmup then linear decay, L2 clipping at 1.0, seed 42; full validation split. "
+        f"of the table, 10% warmup then linear decay, L2 clipping at 1.0, seeds {seeds}; full validation split. "
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch CPU."
     )
 
@@ -185,37 +257,55 @@ def budget_line(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    rows, failed = [], []
+    planned = []
     for task in args.tasks:
         for setup in args.setups:
-            out = os.path.join(args.output_dir, f"{task}-{setup}")
-            command = run_command(args, task, setup, out)
-            if args.dry_run:
-                print(" ".join(command))
-                continue
-            os.makedirs(out, exist_ok=True)
-            print(f"[{task} / {setup}] running ...", flush=True)
-            status, wall, peak = run_and_measure(command, os.path.join(out, "run.log"))
-            if status != 0:
-                print(f"[{task} / {setup}] FAILED with status {status}; see {out}/run.log", flush=True)
-                failed.append(f"{task}-{setup}")
-                continue
-            rows.append(collect(task, setup, out, wall, peak, args))
-            subprocess.run([sys.executable, "-m", "hf_gradtools", "plot", out], cwd=ROOT, check=False,
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-            metrics = ", ".join(f"{k} {v:.4f}" for k, v in rows[-1]["metrics"].items())
-            print(f"[{task} / {setup}] {metrics}; {wall:.0f} s wall, peak RSS {peak:.0f} MiB", flush=True)
+            for seed in args.seeds:
+                out = os.path.join(args.output_dir, f"{task}-{setup}-seed{seed}")
+                planned.append((task, setup, seed, out, run_command(args, task, setup, out, seed)))
     if args.dry_run:
+        for *_, command in planned:
+            print(" ".join(command))
         return 0
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def run_one(plan):
+        task, setup, seed, out, command = plan
+        name = f"{task} / {setup} / seed {seed}"
+        os.makedirs(out, exist_ok=True)
+        print(f"[{name}] running ...", flush=True)
+        status, wall, peak = run_and_measure(command, os.path.join(out, "run.log"), threads)
+        if status != 0:
+            print(f"[{name}] FAILED with status {status}; see {out}/run.log", flush=True)
+            return None
+        row = collect(task, setup, out, wall, peak, args, seed)
+        subprocess.run([sys.executable, "-m", "hf_gradtools", "plot", out], cwd=ROOT, check=False,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
+        print(f"[{name}] {metrics}; {wall:.0f} s wall, peak RSS {peak:.0f} MiB", flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        outcomes = list(pool.map(run_one, planned))
+    runs = [row for row in outcomes if row is not None]
+    failed = [
+        f"{task}-{setup}-seed{seed}"
+        for (task, setup, seed, *_), row in zip(planned, outcomes, strict=True)
+        if row is None
+    ]
+
     results_file = os.path.join(args.output_dir, "results.json")
     if os.path.isfile(results_file) and not args.fresh:
         with open(results_file, encoding="utf-8") as f:
-            rows = merge(json.load(f).get("runs", []), rows, budget_key(args))
-    table = format_table(rows)
-    write_text_atomic(os.path.join(args.output_dir, "results.md"), table + "\n\n" + budget_line(args) + "\n")
-    write_json_atomic(results_file, {"budget": budget_line(args), "runs": rows})
+            runs = merge(json.load(f).get("runs", []), runs, budget_key(args))
+    else:
+        runs = merge([], runs, budget_key(args))
+    table = format_table(aggregate(runs))
+    budget = budget_line(args, [run.get("seed", 42) for run in runs])
+    write_text_atomic(os.path.join(args.output_dir, "results.md"), table + "\n\n" + budget + "\n")
+    write_json_atomic(results_file, {"budget": budget, "runs": runs})
     print(table)
-    print(budget_line(args))
+    print(budget)
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1

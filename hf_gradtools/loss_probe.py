@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,12 +61,15 @@ class ProbeResult:
     conclusive: bool = True  # False: these micro-batches could not tell; a later window may
 
 
-def candidate_rules(batch: Mapping, ignore_indices: Sequence[int] = ()) -> list[ItemRule]:
+def candidate_rules(
+    batch: Mapping, ignore_indices: Sequence[int] = (), label_key: str | None = None
+) -> list[ItemRule]:
     """The rules that could describe a loss over `batch`, in priority order.
 
     `ignore_indices`: label values other than -100 that a head ignores (e.g. `semantic_loss_ignore_index`).
+    `label_key`: the batch key of the labels when it is not `labels`.
     """
-    labels = label_tensor(batch)
+    labels = label_tensor(batch, label_key)
     rules: list[ItemRule] = []
     if labels is not None and not labels.is_floating_point():
         if labels.dim() >= 2 and "shift_labels" not in batch:
@@ -74,7 +78,7 @@ def candidate_rules(batch: Mapping, ignore_indices: Sequence[int] = ()) -> list[
         rules.append(TOKEN)
     if labels is not None and labels.is_floating_point():
         rules.append(ELEMENT)
-    return rules + [SAMPLE, SUM]
+    return [dataclasses.replace(rule, label_key=label_key) for rule in rules + [SAMPLE, SUM]]
 
 
 def split_rows(batch: Mapping, k: int) -> tuple[dict, dict] | None:
@@ -109,12 +113,12 @@ def join_rows(a: Mapping, b: Mapping) -> dict | None:
     return joined
 
 
-def mask_positions(batch: Mapping, keep_even: bool, ignore_index: int) -> dict:
+def mask_positions(batch: Mapping, keep_even: bool, ignore_index: int, label_key: str | None = None) -> dict:
     """`batch` with the odd (or even) label positions of each row set to `ignore_index`.
 
     Interleaved halves give both halves targets whenever a row has two or more, wherever they sit in the row.
     """
-    key = "shift_labels" if isinstance(batch.get("shift_labels"), torch.Tensor) else "labels"
+    key = label_key or ("shift_labels" if isinstance(batch.get("shift_labels"), torch.Tensor) else "labels")
     labels = batch[key]
     flat = labels.reshape(labels.shape[0], -1).clone()
     flat[:, 1 if keep_even else 0 :: 2] = ignore_index
@@ -186,6 +190,7 @@ def probe_loss_normalization(
     rtol: float = 2e-4,
     reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
     allow_join: bool = True,
+    label_key: str | None = None,
 ) -> ProbeResult:
     """Measure which `ItemRule` the loss `loss_of(batch)` follows, from the micro-batches of one window.
 
@@ -197,11 +202,12 @@ def probe_loss_normalization(
         reduce_max: element-wise max over data-parallel processes, so that every process decides alike.
         allow_join: join two one-row micro-batches for the row probe (off under data parallelism, where the
             processes must run the same number of forward passes).
+        label_key: the batch key of the labels when it is not `labels` (the Trainer's `label_names`).
 
     Returns:
         `ProbeResult` with the rule, or `None` and the reason it could not be established.
     """
-    rules = candidate_rules(batches[0], ignore_indices)
+    rules = candidate_rules(batches[0], ignore_indices, label_key)
     errors = torch.full((len(rules),), -1.0, dtype=torch.float64)  # -1: not tested; else the largest error seen
 
     def record(i: int, error: float | None) -> None:
@@ -229,12 +235,12 @@ def probe_loss_normalization(
 
     token_rules = [i for i, rule in enumerate(rules) if rule.kind == "token"]
     for batch in batches[:attempts] if token_rules else ():
-        labels = label_tensor(batch)
+        labels = label_tensor(batch, label_key)
         if labels is None or labels[0].numel() < 2:
             break
         whole = loss_of(batch)
         for ignore in dict.fromkeys(rules[i].ignore_index for i in token_rules):
-            halves = [mask_positions(batch, even, ignore) for even in (True, False)]
+            halves = [mask_positions(batch, even, ignore, label_key) for even in (True, False)]
             try:
                 losses = [(loss_of(half), half) for half in halves]
             except (RuntimeError, ValueError, IndexError):  # an ignore value the head does not accept as a label
@@ -247,22 +253,23 @@ def probe_loss_normalization(
         if position_done:
             break
 
-    shift = rules.index(SHIFTED_TOKEN) if SHIFTED_TOKEN in rules else None
+    shifted = dataclasses.replace(SHIFTED_TOKEN, label_key=label_key)
+    shift = rules.index(shifted) if shifted in rules else None
     if shift is not None:
         # Exact test: does the label at position 0 take part in the loss? A shifted loss never reads it.
         for batch in batches[:attempts]:
-            labels = label_tensor(batch)
+            labels = label_tensor(batch, label_key)
             if not bool(labels[:, 0].ne(IGNORE_INDEX).any()):
                 continue
             whole = loss_of(batch)
             first = torch.full_like(labels[:, :1], IGNORE_INDEX)
             try:
-                masked = loss_of({**batch, "labels": torch.cat([first, labels[:, 1:]], 1)})
+                masked = loss_of({**batch, label_key or "labels": torch.cat([first, labels[:, 1:]], 1)})
             except (RuntimeError, ValueError, IndexError):  # the head does not accept -100 as a label
                 break
             if _finite(whole, masked):
                 change = abs(whole - masked) / max(abs(whole), 1e-12)
-                unshifted = rules.index(TOKEN)
+                unshifted = rules.index(dataclasses.replace(TOKEN, label_key=label_key))
                 record(shift, 0.0 if change <= 1e-7 else math.inf)
                 record(unshifted, math.inf if change <= 1e-7 else 0.0)
             break

@@ -24,9 +24,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import os
+import sys
 from collections import deque
 
 import torch
@@ -154,6 +156,15 @@ class GradTrainerMixin:
     (`trainer.args is args`), and a gradient field it lacks reads as its default.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(GradTrainerMixin):
+            raise TypeError(
+                f"{cls.__name__} lists a Trainer class before GradTrainerMixin, so the Trainer's methods hide the "
+                f"mixin's and no gradient tool would run. Write `class {cls.__name__}(GradTrainerMixin, <Trainer>)`."
+            )
+
     def __init__(self, model: nn.Module | None = None, args=None, *pargs, **kwargs):
         if args is not None:
             validate_grad_arguments(args)
@@ -164,10 +175,12 @@ class GradTrainerMixin:
         # False: not measured yet in this `train()` call; None: not established, the host's scaling is kept.
         self._probed_rule: ItemRule | None | bool = False
         self._probe_windows = 0
+        self._window_rule: ItemRule | None = None  # the rule of the window being accumulated
         flags = [(p, p.requires_grad) for p in model.parameters()] if model is not None else []
         if model is not None:
             # Before `Trainer.__init__`, which creates `output_dir`: a bad setting must leave nothing behind.
             self._frozen_by_args = apply_freezing(model, args)
+        self._applied_freezing = tuple(grad_setting(args, name) for name in FROZEN_SETTINGS)
         try:
             super().__init__(model, args, *pargs, **kwargs)
         except BaseException:
@@ -234,6 +247,7 @@ class GradTrainerMixin:
         `resume_from_checkpoint=True` resumes from the last complete checkpoint (see `_resume_checkpoint`).
         """
         validate_grad_arguments(self.args)
+        self._apply_changed_freezing()
         if self.args.max_grad_norm is None:
             raise ValueError("`max_grad_norm` must be a number, got None. Use 0 to turn norm clipping off.")
         self._probed_rule, self._probe_windows = False, 0
@@ -244,6 +258,22 @@ class GradTrainerMixin:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._close_snapshot_callbacks()
+
+    def _apply_changed_freezing(self) -> None:
+        """Freeze what `args` asks for now, when its freeze fields grew since construction; refuse a shrink."""
+        now = tuple(grad_setting(self.args, name) for name in FROZEN_SETTINGS)
+        then = getattr(self, "_applied_freezing", now)
+        if now == then or self.model_init is not None:  # `model_init` freezes every fresh model itself
+            return
+        if any(a < b for a, b in zip(now, then, strict=True)):
+            raise ValueError(
+                f"`freeze_embeddings`/`freeze_first_n_layers` went from {then} to {now} after the trainer froze the "
+                "model: frozen parameters cannot be thawed this way. Build a new trainer (or use "
+                "`gradual_unfreeze_steps`)."
+            )
+        self._frozen_by_args = (self._frozen_by_args or []) + apply_freezing(self.model, self.args)
+        self._applied_freezing = now
+        self._attach_snapshot_callback()
 
     def _close_snapshot_callbacks(self) -> None:
         """Flush and stop every snapshot writer; an error is raised unless another one is already on its way."""
@@ -271,10 +301,15 @@ class GradTrainerMixin:
         if setting == "trainer" or not batch_samples:
             return None
         if setting in DECLARED_RULES:
-            return DECLARED_RULES[setting]
+            return dataclasses.replace(DECLARED_RULES[setting], label_key=self._label_key())
         if self._probed_rule is False:
             self._probed_rule = self._measure_loss_rule(batch_samples)
         return self._probed_rule or None
+
+    def _label_key(self) -> str | None:
+        """The batch key of the labels when the Trainer's `label_names` name one other than `labels`."""
+        names = self.label_names or []
+        return names[0] if len(names) == 1 and names[0] != "labels" else None
 
     def _measure_loss_rule(self, batch_samples: list) -> ItemRule | None | bool:
         model = self.model
@@ -301,6 +336,7 @@ class GradTrainerMixin:
                     rtol=2e-2 if low_precision else 2e-4,
                     reduce_max=self._reduce_max if self.accelerator.num_processes > 1 else None,
                     allow_join=self.accelerator.num_processes == 1,
+                    label_key=self._label_key(),
                 )
         except Exception as error:
             result = None
@@ -331,18 +367,20 @@ class GradTrainerMixin:
         return result.rule
 
     def _probe_inputs(self, batch: dict, base: nn.Module) -> dict:
-        """The batch on the device; seq2seq models get their decoder inputs from the labels, as in training."""
+        """The batch on the device. A seq2seq model that builds its decoder inputs from the labels gets them here,
+        built as it builds them, so that the probes' masked labels leave the decoder inputs unchanged."""
         batch = self._prepare_inputs(dict(batch))
-        labels = label_tensor(batch)
-        prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+        labels = label_tensor(batch, self._label_key())
         config = getattr(base, "config", None)
-        if (
-            labels is not None
-            and "decoder_input_ids" not in batch
-            and callable(prepare)
-            and getattr(config, "is_encoder_decoder", False)
-        ):
+        if labels is None or "decoder_input_ids" in batch or not getattr(config, "is_encoder_decoder", False):
+            return batch
+        prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+        shift = getattr(sys.modules.get(type(base).__module__), "shift_tokens_right", None)
+        if callable(prepare):
             batch["decoder_input_ids"] = prepare(labels=labels)
+        elif callable(shift):  # Whisper, Speech2Text and others shift the labels with their module's function
+            start = getattr(config, "decoder_start_token_id", None)
+            batch["decoder_input_ids"] = shift(labels, config.pad_token_id, start)
         return batch
 
     def _reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -352,7 +390,7 @@ class GradTrainerMixin:
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        rule = self._loss_rule(batch_samples)
+        rule = self._window_rule = self._loss_rule(batch_samples)
         if rule is None:
             self._pending_loss_weights = deque()
             return batch_samples, num_items_in_batch
@@ -637,7 +675,7 @@ class GradTrainerMixin:
         meter, weights = self._noise_meter, self._pending_loss_weights
         if meter is None or self.current_gradient_accumulation_steps < 2:
             return None, None
-        rule = DECLARED_RULES.get(grad_setting(self.args, "loss_normalization")) or self._probed_rule or None
+        rule = self._window_rule
         if not weights or rule is None or rule.kind == "sum":
             if not self._noise_skip_logged and (
                 not weights or len(weights) == self.current_gradient_accumulation_steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -281,3 +282,43 @@ def test_hist_errors_are_one_line(hand_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["hist", hand_run])
     assert exit_info.value.code == 2 and "--param" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import hf_gradtools
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hf-gradtools {hf_gradtools.__version__}"
+
+
+def _with_results(run_dir: str, folder, results: dict) -> str:
+    copy = str(folder / "run")
+    shutil.copytree(run_dir, copy)
+    with open(os.path.join(copy, "all_results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f)
+    with open(os.path.join(copy, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"id2label": {"0": "not_equivalent", "1": "equivalent"}}, f)
+    return copy
+
+
+def test_summary_flags_a_run_that_predicts_one_class(run_dir, tmp_path, capsys):
+    results = {"eval_accuracy": 0.684, "eval_top_class": 1, "eval_top_class_share": 1.0, "eval_samples": 408}
+    assert main(["summary", _with_results(run_dir, tmp_path, results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    flagged = [line for line in lines if "DEGENERATE" in line]
+    assert flagged == [
+        "DEGENERATE eval predictions: all 408 are class 1 'equivalent' (100%): the model answers one class"
+    ]
+
+
+def test_summary_shows_the_most_predicted_class_of_a_healthy_run(run_dir, tmp_path, capsys):
+    results = {"eval_top_class": 0, "eval_top_class_share": 0.5417, "eval_samples": 408}
+    assert main(["summary", _with_results(run_dir, tmp_path, results)]) == 0
+    out = capsys.readouterr().out
+    assert "DEGENERATE" not in out
+    assert "eval predictions: most often class 0 'not_equivalent' (54.2%)" in out.splitlines()
+    # A run without result files (GradTrainer alone) shows no prediction line.
+    assert main(["summary", run_dir]) == 0
+    assert "predictions" not in capsys.readouterr().out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -64,10 +63,9 @@ def test_two_processes_log_the_one_process_numbers_and_resume_in_one(tmp_path, c
     args = script.make_args(GradTrainingArguments, str(tmp_path / "resumed"), world=1, save=False)
     trainer = GradTrainer(model=script.build_model(), args=args, train_dataset=script.dataset())
     saved = out / "world2" / "GradTrainer"
-    with caplog.at_level(logging.WARNING, logger="hf_gradtools.checkpoints"):
-        trainer.train(resume_from_checkpoint=str(saved / "checkpoint-1"))
-    (warning,) = [r.getMessage() for r in caplog.records]
-    assert "saved by 2 process(es), with 1" in warning and "still takes 4 rows" in warning
+    # A default run records no settings file (its checkpoints hold the Trainer's files alone), so no world-size
+    # warning here: `tests/test_checkpoints.py` checks that warning on a recorded checkpoint.
+    trainer.train(resume_from_checkpoint=str(saved / "checkpoint-1"))
     final = load_file(str(saved / "checkpoint-2" / "model.safetensors"))
     for name, value in trainer.model.state_dict().items():
         if name in final:

@@ -17,6 +17,7 @@ from hf_gradtools import (
     GradSeq2SeqTrainingArguments,
     GradSnapshotCallback,
     GradTrainer,
+    GradTrainerMixin,
     LayerStackNotFoundError,
     load_grad_snapshots,
 )
@@ -373,3 +374,146 @@ def test_probe_failure_keeps_the_trainers_scaling_and_says_so(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="hf_gradtools"):
         MaxLoss(model=tiny_classifier(), args=args, train_dataset=classification_data(8)).train()
     assert caplog.text.count("could not establish how the loss") == 1
+
+
+class TargetModel(torch.nn.Module):
+    """A custom model whose labels are called `target` (the Trainer's `label_names`): a per-token mean loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.out = torch.nn.Linear(8, 5)
+
+    def forward(self, input_ids, target=None):
+        logits = self.out(self.embed(input_ids))
+        return {"loss": torch.nn.functional.cross_entropy(logits.reshape(-1, 5), target.reshape(-1)), "logits": logits}
+
+
+@pytest.mark.parametrize("normalization", ["auto", "token"])
+def test_labels_under_another_name(tmp_path, normalization, caplog):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (4, 6), generator=g)
+    target = torch.randint(0, 5, (4, 6), generator=g)
+    for row, start in enumerate([0, 5, 2, 4]):
+        target[row, :start] = -100
+    rows = [{"input_ids": i, "target": t} for i, t in zip(ids, target, strict=True)]
+    model = TargetModel()
+    expected = torch.autograd.grad(model(ids, target)["loss"], list(model.parameters()))
+    grads = []
+
+    class Capture(T.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.append([p.grad.clone() for p in model.parameters()])
+
+    args = grad_args(
+        tmp_path,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        max_steps=1,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        label_names=["target"],
+        loss_normalization=normalization,
+        remove_unused_columns=False,
+    )
+    trainer = GradTrainer(
+        model=TargetModel(),
+        args=args,
+        train_dataset=rows,
+        data_collator=T.default_data_collator,
+        callbacks=[Capture()],
+    )
+    with caplog.at_level(logging.INFO, logger="hf_gradtools"):
+        trainer.train()
+    assert "could not establish" not in caplog.text
+    for got, want in zip(grads[0], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_whisper_decoder_inputs_come_from_its_own_shift(tmp_path, caplog):
+    cfg = T.WhisperConfig(
+        vocab_size=VOCAB,
+        num_mel_bins=8,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=8,
+        max_target_positions=16,
+        pad_token_id=0,
+        decoder_start_token_id=1,
+        eos_token_id=2,
+        bos_token_id=1,
+        dropout=0.0,
+    )
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(3, VOCAB, (4, 6), generator=g)
+    for row, length in enumerate([6, 2, 4, 3]):
+        labels[row, length:] = -100
+    batch = {"input_features": torch.randn(4, 8, 16, generator=g), "labels": labels}
+    torch.manual_seed(0)
+    model = T.WhisperForConditionalGeneration(cfg)
+    model.train()
+    expected = {
+        n: g_
+        for n, g_ in zip(
+            [n for n, p in model.named_parameters() if p.requires_grad],
+            torch.autograd.grad(model(**batch).loss, [p for p in model.parameters() if p.requires_grad]),
+            strict=True,
+        )
+    }
+    grads = []
+
+    class Capture(T.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    args = GradSeq2SeqTrainingArguments(
+        str(tmp_path / "whisper"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+    )
+    torch.manual_seed(0)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    trainer = GradSeq2SeqTrainer(
+        model=T.WhisperForConditionalGeneration(cfg),
+        args=args,
+        train_dataset=rows,
+        data_collator=T.default_data_collator,
+        callbacks=[Capture()],
+    )
+    with caplog.at_level(logging.INFO, logger="hf_gradtools"):
+        trainer.train()
+    assert "could not establish" not in caplog.text
+    num = sum(float((grads[0][n] - expected[n]).norm() ** 2) for n in expected) ** 0.5
+    assert num / sum(float(expected[n].norm() ** 2) for n in expected) ** 0.5 < 1e-5
+
+
+def test_freeze_fields_changed_after_construction_are_applied_or_refused(tmp_path):
+    args = grad_args(tmp_path, max_steps=1)
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(8))
+    args.freeze_embeddings = True
+    trainer.train()
+    assert not trainer.model.bert.embeddings.word_embeddings.weight.requires_grad
+    args.freeze_embeddings = False
+    with pytest.raises(ValueError, match="cannot be thawed"):
+        trainer.train()
+
+
+def test_mixin_listed_after_the_trainer_is_refused():
+    with pytest.raises(TypeError, match="lists a Trainer class before GradTrainerMixin"):
+
+        class Wrong(T.Trainer, GradTrainerMixin):
+            pass

@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
+import re
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,23 +22,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer  # noqa: E402
 
 from hf_gradtools import load_grad_snapshots  # noqa: E402
-from hf_gradtools.glue_metrics import compute_glue_metrics  # noqa: E402
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "run_glue.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "run_glue.py")
 WORDS = "the a movie film plot actor is was not very good great fun bad awful boring and or".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 NUM_LAYERS = 3
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("run_glue", SCRIPT)
+def _load_script(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["run_glue"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-run_glue = _load_script()
+run_glue = _load_script("run_glue", SCRIPT)
+compute_glue_metrics = _load_script(
+    "glue_metric", os.path.join(ROOT, "examples", "metrics", "glue", "glue.py")
+).compute_glue_metrics
 
 
 def _tiny_config(**kwargs) -> BertConfig:
@@ -422,3 +428,173 @@ def test_mnli_from_a_local_folder_laid_out_like_the_hub(encoder, tmp_path):
         assert 0.0 <= results[key] <= 1.0
     # Three classes: a three-way head, named by the dataset's (here unnamed) class ids.
     assert _read_json(os.path.join(out, "config.json"))["id2label"] == {"0": "0", "1": "1", "2": "2"}
+
+
+# ---- string labels, from every file format ----
+
+STRING_LABEL_CASES = [
+    # (file extension, text columns, --task_name or None)
+    ("csv", "single", "sst2"),
+    ("csv", "pair", None),
+    ("json", "single", None),
+    ("json", "pair", "mrpc"),
+    ("jsonl", "single", "sst2"),
+    ("jsonl", "pair", None),
+]
+
+
+def _string_label_rows(kind: str, n: int, seed: int) -> list[dict]:
+    names = ("negative", "positive") if kind == "single" else ("different", "same")
+    return [
+        {**{k: v for k, v in row.items() if k != "idx"}, "label": names[row["label"]]} for row in _rows(kind, n, seed)
+    ]
+
+
+def _write_any(path: str, rows: list[dict]) -> str:
+    """csv, JSON lines for .jsonl, and one JSON array for .json (datasets reads both json layouts)."""
+    if path.endswith(".json"):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(rows, f)
+        return path
+    return _write(path, rows)
+
+
+@pytest.mark.parametrize("ext,kind,task_name", STRING_LABEL_CASES)
+def test_string_labels_train_evaluate_predict(encoder, tmp_path, recwarn, ext, kind, task_name):
+    train = _write_any(str(tmp_path / f"train.{ext}"), _string_label_rows(kind, 16, seed=20))
+    dev_rows = _string_label_rows(kind, 12, seed=21)
+    dev = _write_any(str(tmp_path / f"dev.{ext}"), dev_rows)
+    test = _write_any(str(tmp_path / f"test.{ext}"), [{k: v for k, v in r.items() if k != "label"} for r in dev_rows])
+    out = str(tmp_path / "out")
+    flags = ["--task_name", task_name] if task_name else []
+    results = run_glue.main(
+        _common(encoder, out)
+        + flags
+        + ["--train_file", train, "--validation_file", dev, "--test_file", test, "--do_train", "--do_eval"]
+        + ["--do_predict", "--max_steps", "2"]
+    )
+    names = ["negative", "positive"] if kind == "single" else ["different", "same"]
+    # The classes are the sorted distinct names, and the model's config names them.
+    assert _read_json(os.path.join(out, "config.json"))["id2label"] == {"0": names[0], "1": names[1]}
+    predictions = _read_predictions(os.path.join(out, f"predict_results_{task_name or 'test'}.txt"))
+    assert len(predictions) == 12 and set(predictions) <= set(names)
+    # The test rows are the validation rows without labels: the predictions give the validation accuracy.
+    correct = [p == r["label"] for p, r in zip(predictions, dev_rows, strict=True)]
+    assert results["eval_accuracy"] == pytest.approx(sum(correct) / len(correct))
+    assert not [w for w in recwarn if "pin_memory" in str(w.message)], "no pin_memory warning on a CPU run"
+
+
+# ---- bad inputs: one line, exit status 2, nothing written ----
+
+
+def _assert_cli_error(args: list[str], capsys, match: str) -> str:
+    assert run_glue.cli(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("run_glue.py: error: ")
+    assert re.search(match, lines[0]), lines[0]
+    assert "Traceback" not in captured.out + captured.err
+    return lines[0]
+
+
+def test_output_dir_that_is_a_file(encoder, tmp_path, capsys):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=22))
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    before = sorted(os.listdir(tmp_path))
+    base = ["--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "1"]
+    _assert_cli_error(_common(encoder, str(target)) + base, capsys, r"`output_dir` '.*results.txt' is a file")
+    _assert_cli_error(
+        _common(encoder, str(target / "run")) + base, capsys, r"is inside '.*results.txt', which is a file"
+    )
+    assert target.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == before
+
+
+def test_bad_flag_value_is_one_line_that_names_the_allowed_values(encoder, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    base = _common(encoder, out) + ["--task_name", "sst2", "--do_train"]
+    line = _assert_cli_error(base + ["--clip_norm_type", "abc"], capsys, r"`clip_norm_type` must be")
+    assert "'inf'" in line and "'abc'" in line
+    _assert_cli_error(base + ["--max_steps", "ten"], capsys, r"`max_steps` must be an integer, got 'ten'")
+    _assert_cli_error(base + ["--no_such_flag", "1"], capsys, r"not used by the HfArgumentParser.*--no_such_flag")
+    assert not os.path.exists(out)
+
+
+def test_help_lists_the_gradient_flags_first(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    usage, rest = text.split("\n", 1)
+    assert len(usage) < 120  # a short usage line, not every flag
+    first_group = rest.index("gradient tools (hf_gradtools):")
+    for flag in ("--freeze_embeddings", "--freeze_first_n_layers", "--clip_norm_type", "--clip_grad_value",
+                 "--grad_snapshot_steps", "--max_grad_norm", "--gradient_accumulation_steps"):  # fmt: skip
+        assert first_group < rest.index(flag) < rest.index("model and LoRA:") < rest.index("--learning_rate")
+    # A help text that states its default gets no second "(default: ...)".
+    for action in run_glue.build_parser()._actions:
+        if action.help and "default" in action.help.lower():
+            assert "(default: " not in run_glue._HelpFormatter("x")._get_help_string(action).replace(action.help, "")
+
+
+# ---- the degenerate-run warning ----
+
+
+def _classifier_checkpoint(folder: str, split_at_median: bool) -> str:
+    """A tiny classifier that answers class 1 for everything, or one whose bias splits the dev rows in two."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_tiny_config(num_labels=2)).eval()
+    _save_tokenizer(folder)
+    with torch.no_grad():
+        if split_at_median:
+            model.classifier.weight.mul_(1000.0)
+            tokenizer = BertTokenizer.from_pretrained(folder)
+            texts = [row["sentence"] for row in _rows("single", 24, seed=23)]
+            logits = torch.cat([model(**tokenizer(text, return_tensors="pt")).logits for text in texts])
+            margin = logits[:, 1] - logits[:, 0]
+            model.classifier.bias[1] -= margin.median() + 1e-3 * margin.std()
+        else:
+            model.classifier.bias.copy_(torch.tensor([0.0, 50.0]))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _evaluate_only(model: str, tmp_path, caplog) -> dict:
+    dev = _write(str(tmp_path / "dev.csv"), _rows("single", 24, seed=23))
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="run_glue"):
+        return run_glue.main(_common(model, out) + ["--task_name", "sst2", "--validation_file", dev, "--do_eval"])
+
+
+def test_degenerate_warning_fires_when_every_prediction_is_one_class(tmp_path, caplog):
+    model = _classifier_checkpoint(str(tmp_path / "always-positive"), split_at_median=False)
+    results = _evaluate_only(model, tmp_path, caplog)
+    assert results["eval_top_class"] == 1 and results["eval_top_class_share"] == 1.0
+    warnings = [r.getMessage() for r in caplog.records if "Degenerate run" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "all 24 predictions on 'validation' are class 1 '1' (100%)" in warnings[0]
+
+
+def test_degenerate_warning_stays_quiet_when_predictions_differ(tmp_path, caplog):
+    model = _classifier_checkpoint(str(tmp_path / "mixed"), split_at_median=True)
+    results = _evaluate_only(model, tmp_path, caplog)
+    assert 0.5 <= results["eval_top_class_share"] < 0.7
+    assert not [r for r in caplog.records if "Degenerate run" in r.getMessage()]
+
+
+def test_one_class_message():
+    assert run_glue.one_class_message("test", 5, 0, 0.8, ["no", "yes"]) is None
+    message = run_glue.one_class_message("test", 5, 0, 1.0, ["no", "yes"])
+    assert message.startswith("Degenerate run: all 5 predictions on 'test' are class 0 'no' (100%)")
+    assert run_glue.prediction_spread(np.array([2, 2, 0, 2])) == {"top_class": 2, "top_class_share": 0.75}
+
+
+def test_missing_dataset_folder_is_one_sentence(encoder, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-glue")
+    line = _assert_cli_error(
+        _common(encoder, str(tmp_path / "out")) + ["--task_name", "sst2", "--dataset_name", missing, "--do_train"],
+        capsys,
+        r"Could not load `dataset_name` '.*no-such-glue' with config 'sst2'",
+    )
+    assert ".." not in line.replace("../shared", "")

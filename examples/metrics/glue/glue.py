@@ -1,22 +1,23 @@
-"""The GLUE metrics, computed offline with scikit-learn and SciPy.
+"""The GLUE metrics as a local `evaluate` module: it loads without network, from this folder.
 
-`evaluate.load("glue", task)` fetches its code from the Hugging Face Hub; this module computes the same numbers
-locally, under the same task names and result keys:
+    >>> import evaluate
+    >>> metric = evaluate.load("examples/metrics/glue", "mrpc")  # the folder, from the repository root
+    >>> metric.compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1])
+    {'accuracy': 0.75, 'f1': 0.8}
 
-| task | keys |
+`evaluate.load("glue", task)` fetches its script from the Hugging Face Hub; this one is read from disk, gives the
+same task names (the config name) and result keys, and computes them with scikit-learn and SciPy:
+
+| config name | keys |
 |---|---|
 | `cola` | `matthews_correlation` |
 | `sst2`, `qnli`, `rte`, `wnli`, `mnli`, `mnli_matched`, `mnli_mismatched` | `accuracy` |
 | `mrpc`, `qqp` | `accuracy`, `f1` (F1 of the positive class, label 1) |
 | `stsb` | `pearson`, `spearmanr` |
 
-scikit-learn and SciPy are imported only when a metric needs them (`pip install 'hf_gradtools[examples]'`).
-
-Example:
-    >>> compute_glue_metrics("mrpc", predictions=[1, 0, 1, 1], references=[1, 0, 0, 1])
-    {'accuracy': 0.75, 'f1': 0.8}
-    >>> GlueMetric("cola").compute(predictions=[1, 0, 1, 0], references=[1, 0, 1, 0])
-    {'matthews_correlation': 1.0}
+Classification predictions are class ids (the argmax of the logits); `stsb` predictions are one float per example.
+`compute_glue_metrics(task, predictions, references)` and `glue_metric_names(task)` are plain functions in this
+file, for code that imports it by path instead of through `evaluate.load`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import datasets
+import evaluate
 import numpy as np
 
 _ACCURACY = ("accuracy",)
 _ACCURACY_F1 = ("accuracy", "f1")
 
-#: Task name -> the keys of its result, in the order `evaluate`'s GLUE metric returns them.
+#: Config (task) name -> the keys of its result, in the order they are returned.
 GLUE_METRICS: dict[str, tuple[str, ...]] = {
     "cola": ("matthews_correlation",),
     "sst2": _ACCURACY,
@@ -44,11 +47,38 @@ GLUE_METRICS: dict[str, tuple[str, ...]] = {
     "wnli": _ACCURACY,
 }
 
+_DESCRIPTION = """\
+GLUE (General Language Understanding Evaluation) scores of one task: accuracy, F1 of class 1, Matthews
+correlation, or Pearson and Spearman correlation, as the benchmark reports them. Computed locally."""
 
-def glue_metric_names(task_name: str) -> tuple[str, ...]:
-    """The keys `compute_glue_metrics(task_name, ...)` returns, e.g. `("accuracy", "f1")` for `mrpc`."""
+_INPUTS = """
+Args:
+    predictions: class ids, or for `stsb` one float score per example.
+    references: the gold labels, as many as the predictions.
+Returns:
+    a dict of floats, keyed by the task's metric names (`accuracy`, `f1`, `matthews_correlation`, `pearson`,
+    `spearmanr`). A correlation of constant input is nan (Pearson, Spearman) or 0.0 (Matthews).
+Example:
+    >>> glue = evaluate.load("examples/metrics/glue", "sst2")
+    >>> glue.compute(predictions=[1, 1, 0, 0], references=[1, 0, 0, 0])
+    {'accuracy': 0.75}
+"""
+
+_CITATION = """\
+@inproceedings{wang2019glue,
+  title={{GLUE}: A Multi-Task Benchmark and Analysis Platform for Natural Language Understanding},
+  author={Wang, Alex and Singh, Amanpreet and Michael, Julian and Hill, Felix and Levy, Omer and Bowman, Samuel R.},
+  booktitle={International Conference on Learning Representations},
+  year={2019}
+}"""
+
+
+def glue_metric_names(task_name: str | None) -> tuple[str, ...]:
+    """The keys the metric of `task_name` returns, e.g. `("accuracy", "f1")` for `mrpc`."""
     if task_name not in GLUE_METRICS:
-        raise ValueError(f"`task_name` must be one of {sorted(GLUE_METRICS)} for the GLUE metric, got {task_name!r}.")
+        raise ValueError(
+            f"The GLUE metric's config name (the task) must be one of {sorted(GLUE_METRICS)}, got {task_name!r}."
+        )
     return GLUE_METRICS[task_name]
 
 
@@ -83,8 +113,7 @@ def compute_glue_metrics(
         references: the gold labels, same length.
 
     Returns:
-        A dict of Python floats keyed as in the module docstring. A correlation of constant input is `nan`
-        (Pearson, Spearman) or `0.0` (Matthews), as SciPy and scikit-learn define them.
+        A dict of Python floats keyed as in the module docstring.
 
     Example:
         >>> compute_glue_metrics("stsb", predictions=[0.1, 0.4, 0.2], references=[1.0, 3.0, 2.0])
@@ -106,9 +135,7 @@ def compute_glue_metrics(
 
         if len(preds) < 2:
             return {"pearson": math.nan, "spearmanr": math.nan}
-        pearson = float(pearsonr(preds, refs)[0])
-        spearman = float(spearmanr(preds, refs)[0])
-        return {"pearson": pearson, "spearmanr": spearman}
+        return {"pearson": float(pearsonr(preds, refs)[0]), "spearmanr": float(spearmanr(preds, refs)[0])}
 
     results: dict[str, float] = {}
     if "matthews_correlation" in keys:
@@ -124,21 +151,20 @@ def compute_glue_metrics(
     return results
 
 
-class GlueMetric:
-    """`compute_glue_metrics` behind the interface of `evaluate.load("glue", task_name)`.
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _INPUTS)
+class Glue(evaluate.Metric):
+    """`evaluate.load("examples/metrics/glue", task)`: the GLUE metric of `task` (the config name)."""
 
-    Example:
-        >>> metric = GlueMetric("sst2")
-        >>> metric.compute(predictions=[1, 1, 0, 0], references=[1, 0, 0, 0])
-        {'accuracy': 0.75}
-    """
+    def _info(self) -> evaluate.MetricInfo:
+        glue_metric_names(self.config_name)  # an unknown task fails here, when the metric is loaded
+        value = datasets.Value("float64" if self.config_name == "stsb" else "int64")
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_INPUTS,
+            features=datasets.Features({"predictions": value, "references": value}),
+            reference_urls=["https://gluebenchmark.com/"],
+        )
 
-    def __init__(self, task_name: str):
-        glue_metric_names(task_name)
-        self.task_name = task_name
-
-    def compute(self, *, predictions, references) -> dict[str, float]:
-        return compute_glue_metrics(self.task_name, predictions, references)
-
-    def __repr__(self) -> str:
-        return f"GlueMetric({self.task_name!r})"
+    def _compute(self, predictions, references) -> dict[str, float]:
+        return compute_glue_metrics(self.config_name, predictions, references)
