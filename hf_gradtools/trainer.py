@@ -374,6 +374,9 @@ class GradTrainerMixin:
         config = getattr(base, "config", None)
         if labels is None or "decoder_input_ids" in batch or not getattr(config, "is_encoder_decoder", False):
             return batch
+        get_output_embeddings = getattr(base, "get_output_embeddings", None)
+        if labels.dim() != 2 or not callable(get_output_embeddings) or get_output_embeddings() is None:
+            return batch  # not a generation head (e.g. BART sequence classification decodes its inputs)
         prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
         shift = getattr(sys.modules.get(type(base).__module__), "shift_tokens_right", None)
         if callable(prepare):
