@@ -1,13 +1,18 @@
 """`hf-gradtools`: look at what the gradients of a GradTrainer run did, from its `output_dir`.
 
     hf-gradtools plot outputs/sst2                 # per-layer gradient norms over steps -> outputs/sst2/grad_norms.png
-    hf-gradtools plot outputs/sst2 --output a.png
+    hf-gradtools plot outputs/sst2 --output a.png  # a logged noise scale goes to ./grad_noise_scale.png, beside it
     hf-gradtools plot outputs/sst2 --params attention --params ^classifier   # chosen parameters, not groups
     hf-gradtools summary outputs/sst2 --top 5      # frozen/trainable counts, largest gradients of the last snapshot
     hf-gradtools summary outputs/sst2 --mean       # ... averaged over every snapshot instead
     hf-gradtools hist outputs/sst2 --step 10 --param classifier.weight   # histogram of a saved gradient tensor
 
     hf-gradtools --version
+
+When the run logged `grad_noise_scale` (`log_grad_noise_scale`) and its `trainer_state.json` is there
+(`trainer.save_state()`, as `examples/run_glue.py` does), `plot` also draws it over the logging steps to
+`grad_noise_scale.png` in the folder of the gradient-norm PNG; a run that logged it but took no snapshots gets that
+figure alone, with a note on stderr.
 
 `python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots is
 reported in one line on stderr, with exit status 1.
@@ -27,7 +32,16 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .plotting import PLOT_FILE, frozen_groups, group_norms, load_run, plot_grad_histogram, plot_grad_norms
+from .plotting import (
+    NOISE_PLOT_FILE,
+    PLOT_FILE,
+    frozen_groups,
+    group_norms,
+    load_run,
+    plot_grad_histogram,
+    plot_grad_noise_scale,
+    plot_grad_norms,
+)
 from .snapshots import SNAPSHOT_DIR, summary_line
 
 PROG = "hf-gradtools"
@@ -151,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{plot,summary,hist}")
 
-    plot = commands.add_parser("plot", help="draw per-layer gradient norms over steps to a PNG")
+    plot = commands.add_parser(
+        "plot",
+        help=f"draw per-layer gradient norms over steps to a PNG (and a logged noise scale to {NOISE_PLOT_FILE})",
+    )
     plot.add_argument("output_dir", help="the run's output_dir (holding frozen_parameters.json and grad_snapshots/)")
     plot.add_argument("--output", "-o", default=None, help=f"PNG to write (default: <output_dir>/{PLOT_FILE})")
     plot.add_argument(
@@ -184,13 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plot(args: argparse.Namespace) -> None:
+    """`plot`: the gradient norms, and the noise scale beside them when the run logged it."""
+    noise_output = os.path.join(os.path.dirname(args.output), NOISE_PLOT_FILE) if args.output else None
+    try:
+        path = plot_grad_norms(args.output_dir, args.output, params=args.params)
+    except FileNotFoundError as error:
+        noise = plot_grad_noise_scale(args.output_dir, noise_output)
+        if noise is None:
+            raise
+        print(f"wrote {noise}")
+        print(f"{PROG}: note: no gradient-norm plot: {error}", file=sys.stderr)
+        return
+    print(f"wrote {path}")
+    noise = plot_grad_noise_scale(args.output_dir, noise_output)
+    if noise is not None:
+        print(f"wrote {noise}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 on success, 1 on a bad run folder, 2 on bad usage)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "plot":
-            path = plot_grad_norms(args.output_dir, args.output, params=args.params)
-            print(f"wrote {path}")
+            _plot(args)
         elif args.command == "hist":
             path = plot_grad_histogram(args.output_dir, args.param, step=args.step, output=args.output, bins=args.bins)
             print(f"wrote {path}")

@@ -10,6 +10,9 @@ The figure has two panels over the snapshot steps: the groups' norms (or, with `
 norms), and the total-norm panel: the total norm before and after clipping, the clip coefficient (after / before)
 on its right axis, and a red line at each step skipped for non-finite gradients (snapshots with
 `"skipped": true`). `plot_grad_histogram` draws the values of one saved gradient tensor (`grad_snapshot_tensors`).
+`plot_grad_noise_scale` draws the `grad_noise_scale` that a run with `log_grad_noise_scale` logged, read from the
+log history of its `trainer_state.json` (`trainer.save_state()`), to `grad_noise_scale.png`; runs that did not log
+it get no such figure.
 
 matplotlib is imported only when drawing (`pip install 'hf_gradtools[plot]'`), with the `Agg` backend.
 
@@ -41,6 +44,9 @@ from .patterns import example_names, match_names
 from .snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, load_grad_snapshots
 
 PLOT_FILE = "grad_norms.png"
+NOISE_PLOT_FILE = "grad_noise_scale.png"
+TRAINER_STATE_FILE = "trainer_state.json"
+NOISE_SCALE_KEY = "grad_noise_scale"
 
 
 def _run_folder(path: str | os.PathLike) -> str:
@@ -313,6 +319,75 @@ def plot_grad_norms(
     description, snapshots = load_run(output_dir)
     output = os.fspath(output) if output is not None else os.path.join(_run_folder(output_dir), PLOT_FILE)
     return _save(draw_grad_norms(description, snapshots, params), output)
+
+
+def noise_scale_series(output_dir: str | os.PathLike) -> tuple[list[int], list[float]]:
+    """Steps and values of `grad_noise_scale` in the log history of the run's `trainer_state.json`.
+
+    Empty lists when the file is missing or no log entry holds the value (a run without `log_grad_noise_scale`).
+
+    Raises:
+        ValueError: `trainer_state.json` is not valid JSON.
+
+    Example:
+        >>> noise_scale_series("outputs/sst2")  # doctest: +SKIP
+        ([5, 10, 15], [80.2, 61.5, 57.0])
+    """
+    path = os.path.join(_run_folder(output_dir), TRAINER_STATE_FILE)
+    if not os.path.isfile(path):
+        return [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path!r} is not valid JSON: {error}") from None
+    history = state.get("log_history") if isinstance(state, dict) else None
+    entries = [e for e in history or [] if isinstance(e, dict) and NOISE_SCALE_KEY in e and "step" in e]
+    return [int(e["step"]) for e in entries], [float(e[NOISE_SCALE_KEY]) for e in entries]
+
+
+def draw_grad_noise_scale(steps: Sequence[int], values: Sequence[float]):
+    """The figure of `plot_grad_noise_scale`: `grad_noise_scale` (items) over the logging steps, one panel.
+
+    A log axis when every value is positive and they span more than a factor 20; a zero line when one is not
+    positive (early estimates can be, while the `|G|^2` average is near zero).
+    """
+    plt = _pyplot()
+    values = _finite(values)
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    marker = "o" if len(steps) <= 60 else None
+    ax.plot(list(steps), values, color="tab:purple", marker=marker, markersize=3, linewidth=1.4, label=NOISE_SCALE_KEY)
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0:
+        _use_log_scale(ax, [finite])
+    elif finite:
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+    last = f"; last {finite[-1]:.3g}" if finite else ""
+    ax.set_title(
+        f"Gradient noise scale (critical batch size, in items) at {len(steps)} logging steps{last}", fontsize=10
+    )
+    ax.set_ylabel("grad_noise_scale (items)")
+    ax.set_xlabel("optimizer step")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_grad_noise_scale(output_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> str | None:
+    """Draw the logged `grad_noise_scale` of the run in `output_dir` to a PNG, if the run logged it.
+
+    Args:
+        output_dir: a run's `output_dir` (with `trainer_state.json`, as `trainer.save_state()` writes it).
+        output: the PNG to write; default `<output_dir>/grad_noise_scale.png`.
+
+    Returns:
+        The path written, or `None` (nothing written) when the log history holds no `grad_noise_scale`.
+    """
+    steps, values = noise_scale_series(output_dir)
+    if not steps:
+        return None
+    output = os.fspath(output) if output is not None else os.path.join(_run_folder(output_dir), NOISE_PLOT_FILE)
+    return _save(draw_grad_noise_scale(steps, values), output)
 
 
 def histogram_file(step: int, param: str) -> str:

@@ -322,3 +322,58 @@ def test_summary_shows_the_most_predicted_class_of_a_healthy_run(run_dir, tmp_pa
     # A run without result files (GradTrainer alone) shows no prediction line.
     assert main(["summary", run_dir]) == 0
     assert "predictions" not in capsys.readouterr().out
+
+
+def _with_noise_scale(folder, values: dict[int, float]) -> None:
+    """A `trainer_state.json` as `trainer.save_state()` writes it, logging `grad_noise_scale` at `values`' steps."""
+    history = [{"step": step, "loss": 0.7, "learning_rate": 1e-4, "grad_noise_scale": value, "epoch": step / 8}
+               for step, value in values.items()]  # fmt: skip
+    history.insert(2, {"step": 3, "eval_loss": 0.6, "epoch": 0.4})  # an eval entry: no noise scale
+    history.append({"step": 8, "train_runtime": 1.0, "train_loss": 0.65, "epoch": 1.0})
+    state = {"global_step": 8, "max_steps": 8, "train_batch_size": 4, "log_history": history}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_plot_draws_the_logged_noise_scale(hand_run, tmp_path, capsys):
+    from hf_gradtools.plotting import draw_grad_noise_scale, noise_scale_series
+
+    logged = {2: -3.5, 4: 40.0, 6: 25.0, 8: 31.25}
+    _with_noise_scale(tmp_path / "run", logged)
+    steps, values = noise_scale_series(hand_run)
+    assert (steps, values) == ([2, 4, 6, 8], [-3.5, 40.0, 25.0, 31.25])
+
+    assert main(["plot", hand_run]) == 0
+    norms, noise = os.path.join(hand_run, "grad_norms.png"), os.path.join(hand_run, "grad_noise_scale.png")
+    assert capsys.readouterr().out.splitlines() == [f"wrote {norms}", f"wrote {noise}"]
+    with open(noise, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    # The drawn line holds the logged values at the logged steps; a negative early value adds a zero line.
+    (ax,) = draw_grad_noise_scale(steps, values).axes
+    (line,) = [line for line in ax.lines if line.get_label() == "grad_noise_scale"]
+    assert list(line.get_xdata()) == [2, 4, 6, 8] and list(line.get_ydata()) == [-3.5, 40.0, 25.0, 31.25]
+    assert ax.get_yscale() == "linear" and "4 logging steps; last 31.2" in ax.get_title()
+
+    # --output elsewhere: the noise figure goes beside it.
+    target = tmp_path / "plots" / "norms.png"
+    assert main(["plot", hand_run, "-o", str(target)]) == 0
+    assert (tmp_path / "plots" / "grad_noise_scale.png").read_bytes()[:8] == PNG_SIGNATURE
+    capsys.readouterr()
+
+    # Logged but no snapshots: the noise figure alone, and a note.
+    shutil.rmtree(os.path.join(hand_run, "grad_snapshots"))
+    os.remove(noise)
+    assert main(["plot", hand_run]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote {noise}" and os.path.isfile(noise)
+    assert captured.err.startswith("hf-gradtools: note: no gradient-norm plot: No gradient snapshot")
+
+
+def test_plot_without_a_logged_noise_scale_draws_no_noise_figure(hand_run, tmp_path, capsys):
+    from hf_gradtools.plotting import noise_scale_series
+
+    # A trainer_state.json without the value (log_grad_noise_scale off): only grad_norms.png, as before.
+    (tmp_path / "run" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 0.7}]}))
+    assert noise_scale_series(hand_run) == ([], [])
+    assert main(["plot", hand_run]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {os.path.join(hand_run, 'grad_norms.png')}"
+    assert not os.path.exists(os.path.join(hand_run, "grad_noise_scale.png"))
