@@ -297,4 +297,6 @@ def probe_loss_normalization(
     if conflict.item() > 0:
         names = ", ".join(rules[i].name for i in [chosen] + rivals)
         return ProbeResult(None, f"the first window cannot tell {names} apart", conclusive=False)
-    return ProbeResult(rules[chosen], f"per {rules[chosen].name}, measured on the first window")
+    labels = label_tensor(batches[0], label_key)
+    per = "label (one a row)" if rules[chosen].kind == "token" and labels is not None and labels.dim() == 1 else None
+    return ProbeResult(rules[chosen], f"per {per or rules[chosen].name}, measured on the first window")

@@ -138,7 +138,8 @@ def test_models_without_embeddings_train(factory, inputs, tmp_path):
 
 
 def test_hyperparameter_search_freezes_each_trial_with_its_own_value(tmp_path):
-    optuna = pytest.importorskip("optuna")
+    import optuna  # a test dependency (the test extra)
+
     frozen_per_trial = []
 
     class Record(T.TrainerCallback):
@@ -304,7 +305,7 @@ def tiny_tokenizer():
 
 
 def test_trl_sft_trainer_with_the_mixin(tmp_path):
-    trl = pytest.importorskip("trl")
+    import trl  # a test dependency (the test extra)
     from datasets import Dataset
     from sft_classes import GradSFTConfig, GradSFTTrainer
 
