@@ -86,7 +86,7 @@ def main(rounds: int = 20, step_rounds: int = 3) -> None:
     step_ms = statistics.median(step_times) * 1e3
     reference = statistics.median(times["L2 clip alone (reference)"]) * 1e3
     print(f"Optimizer step (4 x forward+backward, 16 x 128): {step_ms:.0f} ms (median of {step_rounds})\n")
-    print("| work per optimizer step | ms (median of %d) | added over the L2 clip | share of the step |" % rounds)
+    print(f"| work per optimizer step | ms (median of {rounds}) | added over the L2 clip | share of the step |")
     print("|---|---:|---:|---:|")
     for name, values in times.items():
         ms = statistics.median(values) * 1e3
