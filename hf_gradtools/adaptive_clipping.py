@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .clipping import _is_sharded, _local, _scale_, grad_norms, total_norm
+from .clipping import Partial, Shard, _is_sharded, _local, _scale_, grad_norms, total_norm
 from .layout import model_layout
 from .patterns import compile_patterns
 
@@ -99,12 +99,27 @@ class AgcResult:
 
 
 def _unit_norms(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """L2 norm of each unit, shaped to broadcast against `tensor`, in float32."""
-    if tensor.ndim <= 1:
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
-    unit_dim = tensor.ndim - 1 if transposed else 0
-    dims = tuple(d for d in range(tensor.ndim) if d != unit_dim)
-    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32)
+    """L2 norm of each unit, shaped to broadcast against `tensor` (its local shard, for a DTensor), in float32.
+
+    An FSDP2 shard (DTensor) holds whole units when it is split along the unit dimension (rows, by default): its
+    norms are local. A unit split across processes (a 1-D tensor, or a transposed weight) sums its squares over the
+    processes that hold it, with one all-reduce per sharded mesh dimension.
+    """
+    unit_dim = None if tensor.ndim <= 1 else (tensor.ndim - 1 if transposed else 0)
+    local = _local([tensor])[0]
+    if unit_dim is None:
+        dims, keepdim = tuple(range(local.ndim)), False
+    else:
+        dims, keepdim = tuple(d for d in range(local.ndim) if d != unit_dim), True
+    if local is tensor:
+        return torch.linalg.vector_norm(tensor, dim=dims or None, keepdim=keepdim, dtype=torch.float32)
+    squares = local.float().pow(2).sum(dim=dims, keepdim=keepdim) if dims else local.float().pow(2)
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Partial):
+            raise ValueError(f"AGC cannot clip a tensor with a pending reduction (placements {tensor.placements}).")
+        if isinstance(placement, Shard) and placement.dim != unit_dim:
+            torch.distributed.all_reduce(squares, group=tensor.device_mesh.get_group(mesh_dim))
+    return squares.sqrt()
 
 
 def agc_clip_(
@@ -140,19 +155,15 @@ def agc_clip_(
         grad = param.grad
         if grad is None:
             continue
-        if _is_sharded([grad]):
-            raise ValueError(
-                f"AGC (`clip_algorithm`='agc') does not support gradients sharded by FSDP2 (DTensor), such as that "
-                f"of {name!r}; use `clip_algorithm`='norm' or 'autoclip' with FSDP2."
-            )
         grads.append(grad)
-        device = device or grad.device
+        local = _local([grad])[0]  # FSDP2 (DTensor): this process's shard, sharing the gradient's storage
+        device = device or local.device
         if any(regex.search(name) for regex in regexes):
             continue
         is_transposed = name in transposed
         max_norm = _unit_norms(param.detach(), is_transposed).clamp_min(eps) * clip_factor
         norm = _unit_norms(grad, is_transposed)
-        grad.mul_((max_norm / norm.clamp_min(_GRAD_NORM_FLOOR)).clamp(max=1.0).to(grad.dtype))
+        local.mul_((max_norm / norm.clamp_min(_GRAD_NORM_FLOOR)).clamp(max=1.0).to(local.dtype))
         clipped.append((norm > max_norm).sum().to(device))
         num_units += norm.numel()
     device = device or torch.device("cpu")

@@ -36,7 +36,7 @@ import torch
 try:
     from torch.distributed.tensor import DTensor, Partial, Shard
 except ImportError:  # a build of torch without torch.distributed
-    DTensor = None
+    DTensor = Partial = Shard = None
 
 # `torch.nn.utils.clip_grad_norm_` adds this to the total norm before dividing; kept identical so results match.
 _EPS = 1e-6
