@@ -112,6 +112,7 @@ class GradTensorSaver:
 
         Call it before clipping to save the accumulated gradient as the backward passes left it. For CUDA
         gradients the copies go into pinned memory without blocking; `GradTensorCopy.write` waits for them.
+        FSDP2 (DTensor) gradients are gathered whole first: call it on every process.
         """
         tensors, pending = {}, []
         for name, param in self._params:
@@ -120,10 +121,9 @@ class GradTensorSaver:
                 continue
             grad = grad.detach()
             if _is_sharded([grad]):
-                raise ValueError(
-                    f"`grad_snapshot_tensors` cannot save {name!r}: its gradient is sharded by FSDP2 (DTensor), "
-                    "and gathering it is a collective; choose unsharded parameters or leave the field empty."
-                )
+                # FSDP2: gather the whole gradient (a collective: every process copies the same parameters in the
+                # same order, and the trainer calls this on every process); only the main process writes it.
+                grad = grad.full_tensor()
             if grad.is_cuda:
                 host = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
                 host.copy_(grad, non_blocking=True)

@@ -1,5 +1,5 @@
 """FSDP2 (DTensor) gradients in the issue-9 blocks, in one process (a one-rank gloo group, a CPU mesh):
-the non-finite check reads the local shards, AutoClip scales them, AGC and saving gradient tensors refuse."""
+the non-finite check reads the local shards, AutoClip scales them, AGC clips them, gradient tensors are gathered."""
 
 from __future__ import annotations
 
@@ -52,7 +52,15 @@ def test_dtensor_gradients(mesh):
     clipper.clip_(layer.parameters(), total_norm=torch.tensor(3.0))  # median of [1, 3]: 2
     torch.testing.assert_close(layer.weight.grad.to_local(), torch.full((3, 2), 2.0 / (3.0 + 1e-6)))
 
-    with pytest.raises(ValueError, match="AGC .* does not support gradients sharded by FSDP2 .* 'weight'"):
-        agc_clip_(layer.named_parameters())
-    with pytest.raises(ValueError, match="`grad_snapshot_tensors` cannot save 'bias': .* sharded by FSDP2"):
-        GradTensorSaver(layer.named_parameters(), ["bias"]).copy(1)
+    # AGC and gradient tensors work on the shards (two processes: tests/test_fsdp2_agc.py).
+    saved = GradTensorSaver(layer.named_parameters(), ["bias"]).copy(1).tensors
+    torch.testing.assert_close(saved["bias"], layer.bias.grad.full_tensor())
+    plain = nn.Linear(2, 3)
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight.full_tensor())
+        plain.bias.copy_(layer.bias.full_tensor())
+    plain.weight.grad, plain.bias.grad = layer.weight.grad.full_tensor(), layer.bias.grad.full_tensor()
+    agc_clip_(plain.named_parameters(), clip_factor=0.05)
+    agc_clip_(layer.named_parameters(), clip_factor=0.05)
+    torch.testing.assert_close(layer.weight.grad.full_tensor(), plain.weight.grad)
+    torch.testing.assert_close(layer.bias.grad.full_tensor(), plain.bias.grad)

@@ -1,4 +1,4 @@
-"""AGC on FSDP2 (DTensor) gradients equals AGC on the same gradients unsharded: two gloo processes on CPU."""
+"""AGC and gradient-tensor saving on FSDP2 (DTensor) gradients equal the unsharded results: two gloo processes."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def test_agc_on_sharded_gradients_equals_unsharded(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, str(out)]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    worst, clipped = out.read_text().split()
+    worst, clipped, tensors_equal = out.read_text().split()
+    assert tensors_equal == "1", "gathered gradient tensors must equal the full gradients"
     assert int(clipped) > 0, "the comparison must cover clipped units"
     assert float(worst) < 1e-5  # without the cross-process sum of a split unit's squares: about 0.1

@@ -22,6 +22,7 @@ from conftest import tiny_config, token_rows  # noqa: E402
 
 from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.adaptive_clipping import agc_clip_, default_agc_exclude  # noqa: E402
+from hf_gradtools.grad_tensors import GradTensorSaver  # noqa: E402
 
 
 def main(out_file: str) -> None:
@@ -45,6 +46,12 @@ def main(out_file: str) -> None:
         copy = torch.nn.Parameter(param.detach().full_tensor().clone())
         copy.grad = param.grad.full_tensor().clone()
         plain.append((name, copy))
+    # Gradient tensors of sharded parameters, gathered whole on every process (before clipping changes them).
+    saved = GradTensorSaver(model.named_parameters(), [r"layer\.1\.output\.dense"]).copy(1).tensors
+    tensors_equal = (
+        all(torch.equal(saved[name], param.grad.full_tensor()) for name, param in named if name in saved)
+        and len(saved) == 2
+    )
     exclude = default_agc_exclude(model)
     # A small factor so that most units clip: the comparison then covers the clipped path.
     agc_clip_(plain, clip_factor=1e-3, eps=1e-3, exclude=exclude)
@@ -57,7 +64,7 @@ def main(out_file: str) -> None:
     clipped = int(result.num_clipped)
     if dist.get_rank() == 0:
         with open(out_file, "w") as f:
-            f.write(f"{worst} {clipped}")
+            f.write(f"{worst} {clipped} {int(tensors_equal)}")
     dist.barrier()
     dist.destroy_process_group()
 
