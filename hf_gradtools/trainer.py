@@ -250,7 +250,9 @@ class GradTrainerMixin:
         self._apply_changed_freezing()
         if self.args.max_grad_norm is None:
             raise ValueError("`max_grad_norm` must be a number, got None. Use 0 to turn norm clipping off.")
-        self._probed_rule, self._probe_windows = False, 0
+        if self.model_init is not None or self._probed_rule is None:
+            # A fresh model (or an earlier run that could not tell) is measured again; the same model keeps its rule.
+            self._probed_rule, self._probe_windows = False, 0
         self._attach_snapshot_callback()
         resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
         self._start_grad_insight()
