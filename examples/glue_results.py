@@ -46,6 +46,11 @@ SETUPS = {
     "frozen2": ("frozen emb + layers 0-1", ["--freeze_embeddings", "--freeze_first_n_layers", "2"]),
     "frozen4": ("frozen emb + layers 0-3", ["--freeze_embeddings", "--freeze_first_n_layers", "4"]),
     "lora": ("LoRA r=8 (query, value)", ["--use_lora"]),
+    "llrd": ("layer-wise LR decay 0.8", ["--layerwise_lr_decay", "0.8"]),
+    "unfreeze": (
+        "gradual unfreezing from emb + layers 0-3, every 10 steps",
+        ["--freeze_embeddings", "--freeze_first_n_layers", "4", "--gradual_unfreeze_steps", "10"],
+    ),
 }
 METRIC_NAMES = {"accuracy": "acc", "f1": "F1", "matthews_correlation": "MCC", "pearson": "Pearson",
                 "spearmanr": "Spearman"}  # fmt: skip

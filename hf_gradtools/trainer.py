@@ -51,6 +51,7 @@ from .clipping import ClipResult, grad_norms, total_norm
 from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
 from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step
+from .layout import find_input_embeddings, find_layer_stack
 from .loss_probe import probe_loss_normalization
 from .noise_scale import WindowNoiseMeter
 from .schedules import (
@@ -92,6 +93,20 @@ def apply_freezing(model: nn.Module, args) -> list[str]:
         restore_requires_grad(flags)
         raise
     return frozen
+
+
+def frozen_by_settings(model: nn.Module, args) -> list[str]:
+    """Names of the frozen parameters that `freeze_embeddings` / `freeze_first_n_layers` cover, whoever froze them
+    (the GLUE example freezes before it builds the trainer, to report a bad setting early)."""
+    modules = []
+    if grad_setting(args, "freeze_embeddings"):
+        modules += [module for _, module in find_input_embeddings(model)]
+    layers = grad_setting(args, "freeze_first_n_layers")
+    if layers:
+        stack = find_layer_stack(model)
+        modules += [stack.blocks[i] for i in stack.blocks_of_first(layers)]
+    covered = {id(p) for module in modules for p in module.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in covered and not p.requires_grad]
 
 
 def restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
@@ -637,7 +652,7 @@ class GradTrainerMixin:
         every = grad_setting(args, "gradual_unfreeze_steps")
         if not every:
             return
-        plan = unfreeze_order(model, self._frozen_by_args or ())
+        plan = unfreeze_order(model, self._frozen_by_args or frozen_by_settings(model, args))
         if not plan:
             raise ValueError(
                 f"`gradual_unfreeze_steps`={every} but {type(model).__name__} has no block frozen by "

@@ -518,3 +518,16 @@ def test_mixin_listed_after_the_trainer_is_refused():
 
         class Wrong(T.Trainer, GradTrainerMixin):
             pass
+
+
+def test_gradual_unfreezing_of_a_model_frozen_before_the_trainer(tmp_path):
+    """The GLUE example freezes the model itself before building the trainer: the unfreezing plan still holds."""
+    from hf_gradtools.trainer import apply_freezing
+
+    args = grad_args(tmp_path, max_steps=4, freeze_embeddings=True, freeze_first_n_layers=2, gradual_unfreeze_steps=2)
+    model = tiny_classifier()
+    apply_freezing(model, args)
+    trainer = GradTrainer(model=model, args=args, train_dataset=classification_data(16))
+    trainer.train()
+    assert [h["unfrozen_blocks"] for h in trainer.state.log_history if "unfrozen_blocks" in h][-1] == 2
+    assert model.bert.encoder.layer[0].attention.self.query.weight.requires_grad
