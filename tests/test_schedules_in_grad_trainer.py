@@ -12,7 +12,7 @@ import transformers as T
 from conftest import classification_data, grad_args, tiny_classifier, tiny_config
 from torch import nn
 
-from hf_gradtools import GradTrainer, GradTrainingArguments, freeze
+from hf_gradtools import GradTrainer, GradTrainingArguments, freeze, unfreeze
 from hf_gradtools.schedules import GROUP_KEY, layerwise_lr_groups
 from hf_gradtools.training_state import TRAINING_STATE_FILE
 
@@ -285,7 +285,7 @@ def test_a_model_with_nothing_left_to_unfreeze_is_refused_before_training(tmp_pa
     config = tiny_config("bert")
     model = T.AutoModelForSequenceClassification.from_config(config)
     args = grad_args(tmp_path, freeze_embeddings=True, gradual_unfreeze_steps=2, max_steps=1)
-    freeze(model.bert.embeddings)  # already frozen: freezing changes nothing, so there is nothing to unfreeze
     trainer = GradTrainer(model=model, args=args, train_dataset=classification_data(8))
+    unfreeze(model.bert.embeddings)  # thawed by hand after construction: nothing the settings froze is left frozen
     with pytest.raises(ValueError, match=r"`gradual_unfreeze_steps`=2 but BertForSequenceClassification has no block"):
         trainer.train()
