@@ -377,6 +377,40 @@ def test_probe_failure_keeps_the_trainers_scaling_and_says_so(tmp_path, caplog):
     assert caplog.text.count("could not establish how the loss") == 1
 
 
+class GradCapture(T.TrainerCallback):
+    """Copies every gradient right before each optimizer step, by parameter name."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_default_grad_seq2seq_trainer_is_the_seq2seq_trainer(tmp_path):
+    """Side by side with every new field at its default: same callbacks, files, logs and parameters."""
+    rows = [{"input_ids": torch.randint(3, VOCAB, (8,)), "labels": torch.randint(3, VOCAB, (5,))} for _ in range(8)]
+    trainers = {}
+    for name, cls in (("plain", T.Seq2SeqTrainer), ("grad", GradSeq2SeqTrainer)):
+        torch.manual_seed(0)
+        args = T.Seq2SeqTrainingArguments(str(tmp_path / name), **COMMON)
+        trainers[name] = cls(
+            model=T.T5ForConditionalGeneration(tiny_config("t5")),
+            args=args,
+            train_dataset=rows,
+            data_collator=T.default_data_collator,
+        )
+        assert trainers[name].args is args
+        trainers[name].train()
+    plain, grad = trainers["plain"], trainers["grad"]
+    assert [type(c) for c in grad.callback_handler.callbacks] == [type(c) for c in plain.callback_handler.callbacks]
+    for (name, p), (_, q) in zip(plain.model.named_parameters(), grad.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    strip = lambda h: {k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}  # noqa: E731
+    assert [strip(h) for h in grad.state.log_history] == [strip(h) for h in plain.state.log_history]
+    assert listing(tmp_path / "grad") == listing(tmp_path / "plain")
+
+
 class TargetModel(torch.nn.Module):
     """A custom model whose labels are called `target` (the Trainer's `label_names`): a per-token mean loss."""
 
@@ -401,11 +435,7 @@ def test_labels_under_another_name(tmp_path, normalization, caplog):
     rows = [{"input_ids": i, "target": t} for i, t in zip(ids, target, strict=True)]
     model = TargetModel()
     expected = torch.autograd.grad(model(ids, target)["loss"], list(model.parameters()))
-    grads = []
-
-    class Capture(T.TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads.append([p.grad.clone() for p in model.parameters()])
+    capture = GradCapture()
 
     args = grad_args(
         tmp_path,
@@ -423,12 +453,12 @@ def test_labels_under_another_name(tmp_path, normalization, caplog):
         args=args,
         train_dataset=rows,
         data_collator=T.default_data_collator,
-        callbacks=[Capture()],
+        callbacks=[capture],
     )
     with caplog.at_level(logging.INFO, logger="hf_gradtools"):
         trainer.train()
     assert "could not establish" not in caplog.text
-    for got, want in zip(grads[0], expected, strict=True):
+    for got, want in zip(capture.grads[0].values(), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
@@ -467,11 +497,7 @@ def test_whisper_decoder_inputs_come_from_its_own_shift(tmp_path, caplog):
             strict=True,
         )
     }
-    grads = []
-
-    class Capture(T.TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    capture = GradCapture()
 
     args = GradSeq2SeqTrainingArguments(
         str(tmp_path / "whisper"),
@@ -493,11 +519,12 @@ def test_whisper_decoder_inputs_come_from_its_own_shift(tmp_path, caplog):
         args=args,
         train_dataset=rows,
         data_collator=T.default_data_collator,
-        callbacks=[Capture()],
+        callbacks=[capture],
     )
     with caplog.at_level(logging.INFO, logger="hf_gradtools"):
         trainer.train()
     assert "could not establish" not in caplog.text
+    grads = capture.grads
     num = sum(float((grads[0][n] - expected[n]).norm() ** 2) for n in expected) ** 0.5
     assert num / sum(float(expected[n].norm() ** 2) for n in expected) ** 0.5 < 1e-5
 
