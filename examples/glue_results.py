@@ -31,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -202,7 +203,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
                 "metrics": metrics,
                 "train_runtime_s": mean("train_runtime_s"),
                 "train_samples_per_second": mean("train_samples_per_second"),
-                "peak_rss_mib": max(run["peak_rss_mib"] for run in group),
+                # None where a run's process was not measured (a table rebuilt from run folders)
+                "peak_rss_mib": max(
+                    (r["peak_rss_mib"] for r in group if r.get("peak_rss_mib") is not None), default=None
+                ),
                 "one_class_runs": sum(1 for run in group if (run.get("top_class_share") or 0) >= 1.0),
             }
         )
@@ -243,20 +247,39 @@ def format_table(rows: list[dict]) -> str:
             f"| {len(row.get('seeds', [row.get('seed', 42)]))} "
             f"| {row['train_runtime_s']:.0f} | {row['train_samples_per_second']:.1f} "
             f"| {row['trainable_params'] / 1e6:.2f}M ({share:.{0 if share >= 10 else 1}f}%) "
-            f"| {row['peak_rss_mib']:.0f} |"
+            f"| {'n/a' if row['peak_rss_mib'] is None else format(row['peak_rss_mib'], '.0f')} |"
         )
     return "\n".join(lines)
 
 
 def budget_line(args: argparse.Namespace, seeds: Sequence[int] | None = None) -> str:
     seeds = ", ".join(str(seed) for seed in sorted(set(seeds or args.seeds)))
+    epochs = f"{args.num_train_epochs:g} epoch{'' if args.num_train_epochs == 1 else 's'}"
+    sharing = f", {args.jobs} runs at a time (train time and samples/s under that sharing)" if args.jobs > 1 else ""
     return (
-        f"Budget per run: the first {args.max_train_samples} training rows (all of them if fewer), "
-        f"{args.num_train_epochs:g} epoch, batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation "
-        f"steps, max_seq_length {args.seq_len} (sentence pairs {args.pair_seq_len}), AdamW with the learning rate "
-        f"of the table, 10% warmup then linear decay, L2 clipping at 1.0, seeds {seeds}; full validation split. "
-        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch CPU."
+        f"Budget per run: the first {args.max_train_samples} training rows (all of them if fewer), {epochs}, "
+        f"batch {args.batch_size} x {args.gradient_accumulation_steps} accumulation steps, max_seq_length "
+        f"{args.seq_len} (sentence pairs {args.pair_seq_len}), AdamW with the learning rate of the table, 10% warmup "
+        f"then linear decay, L2 clipping at 1.0, seeds {seeds}; full validation split. Machine: {machine()}{sharing}."
     )
+
+
+def machine() -> str:
+    """Where the runs train: the GPU the Trainer picks if torch sees one, else the CPU cores."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name(0)} GPU, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch CPU"
+
+
+def write_results(args: argparse.Namespace, runs: list[dict]) -> tuple[str, str]:
+    """Write `results.md` and `results.json` of `runs` atomically; return the table and its budget line."""
+    table = format_table(aggregate(runs))
+    budget = budget_line(args, [run.get("seed", 42) for run in runs])
+    write_text_atomic(os.path.join(args.output_dir, "results.md"), table + "\n\n" + budget + "\n")
+    write_json_atomic(os.path.join(args.output_dir, "results.json"), {"budget": budget, "runs": runs})
+    return table, budget
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,25 +313,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{name}] {metrics}; {wall:.0f} s wall, peak RSS {peak:.0f} MiB", flush=True)
         return row
 
+    results_file = os.path.join(args.output_dir, "results.json")
+    previous = []
+    if os.path.isfile(results_file) and not args.fresh:
+        with open(results_file, encoding="utf-8") as f:
+            previous = json.load(f).get("runs", [])
+    finished: list[dict] = []
+    lock = threading.Lock()
+
+    def run_and_record(plan):
+        row = run_one(plan)
+        if row is not None:  # the table on disk grows run by run: a killed sweep keeps what it finished
+            with lock:
+                finished.append(row)
+                write_results(args, merge(previous, finished, budget_key(args)))
+        return row
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        outcomes = list(pool.map(run_one, planned))
-    runs = [row for row in outcomes if row is not None]
+        outcomes = list(pool.map(run_and_record, planned))
     failed = [
         f"{task}-{setup}-seed{seed}"
         for (task, setup, seed, *_), row in zip(planned, outcomes, strict=True)
         if row is None
     ]
-
-    results_file = os.path.join(args.output_dir, "results.json")
-    if os.path.isfile(results_file) and not args.fresh:
-        with open(results_file, encoding="utf-8") as f:
-            runs = merge(json.load(f).get("runs", []), runs, budget_key(args))
-    else:
-        runs = merge([], runs, budget_key(args))
-    table = format_table(aggregate(runs))
-    budget = budget_line(args, [run.get("seed", 42) for run in runs])
-    write_text_atomic(os.path.join(args.output_dir, "results.md"), table + "\n\n" + budget + "\n")
-    write_json_atomic(results_file, {"budget": budget, "runs": runs})
+    table, budget = write_results(args, merge(previous, finished, budget_key(args)))
     print(table)
     print(budget)
     if failed:

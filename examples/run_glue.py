@@ -463,6 +463,9 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
             config=config,
             cache_dir=model_args.cache_dir,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            # float32 master weights whatever the checkpoint stores: `--fp16`/`--bf16` autocast on top of them,
+            # and fp16's grad scaler refuses half-precision gradients.
+            dtype=torch.float32,
         )
     except Exception as error:
         raise GlueSetupError(

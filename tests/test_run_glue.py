@@ -408,6 +408,22 @@ def test_checkpoint_with_the_same_labels_in_another_order_keeps_its_order(tmp_pa
     assert config.id2label == {0: "positive", 1: "negative"} and model.config.num_labels == 2
 
 
+def test_half_precision_checkpoint_loads_as_float32_master_weights(tmp_path):
+    """A checkpoint stored in fp16 trains from float32 weights (`--fp16` is autocast on top, as the Trainer
+    expects); loaded as stored, fp16's grad scaler would refuse its fp16 gradients."""
+    folder = str(tmp_path / "half")
+    torch.manual_seed(0)
+    stored = BertForSequenceClassification(_tiny_config(num_labels=2)).half()
+    stored.save_pretrained(folder)
+    _save_tokenizer(folder)
+    model_args = run_glue.ModelArguments(model_name_or_path=folder)
+    data_args = run_glue.DataTrainingArguments(task_name="sst2")
+    task = run_glue.TaskData(("sentence",), False, ["negative", "positive"], None, "train", [], [])
+    _, _, model = run_glue.load_model_and_tokenizer(model_args, data_args, task)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    torch.testing.assert_close(model.classifier.weight, stored.classifier.weight.float(), rtol=0, atol=0)
+
+
 def test_mnli_from_a_local_folder_laid_out_like_the_hub(encoder, tmp_path):
     from datasets import Dataset
 
