@@ -614,3 +614,45 @@ def test_missing_dataset_folder_is_one_sentence(encoder, tmp_path, capsys):
         r"Could not load `dataset_name` '.*no-such-glue' with config 'sst2'",
     )
     assert ".." not in line.replace("../shared", "")
+
+
+# ---- class weights ----
+
+
+def test_balanced_class_weights_weigh_each_row_by_its_class():
+    from datasets import Dataset
+
+    task = run_glue.TaskData(("sentence",), False, ["no", "yes"], None, "train", [], [])
+    loss = run_glue.class_weighted_loss(Dataset.from_dict({"label": [1, 1, 1, 0]}), task)
+    logits = torch.tensor([[0.2, -0.4], [1.0, 0.5], [-0.3, 0.9]])
+    labels = torch.tensor([0, 1, 1])
+    # 4 rows, 2 classes: class 0 (1 row) weighs 4 / (2 x 1) = 2, class 1 (3 rows) 4 / (2 x 3) = 2/3.
+    per_row = -torch.log_softmax(logits, dim=-1)[torch.arange(3), labels]
+    weighted = per_row * torch.tensor([2.0, 2 / 3, 2 / 3])
+    torch.testing.assert_close(loss({"logits": logits}, labels), weighted.mean())
+    # Given the window's row count, the Trainer's convention: a sum over that count.
+    torch.testing.assert_close(loss({"logits": logits}, labels, num_items_in_batch=5), weighted.sum() / 5)
+
+
+def test_balanced_class_weights_train_and_are_logged(encoder, tmp_path, caplog):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 12, seed=30))
+    counts = np.bincount([r["label"] for r in _rows("single", 12, seed=30)], minlength=2)
+    args = _common(encoder, str(tmp_path / "out")) + [
+        "--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "2", "--class_weights", "balanced",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="run_glue"):
+        run_glue.main(args)
+    expected = ", ".join(f"{12 / (2 * c):.3f}" for c in counts)
+    assert f"Class weights (balanced), by label id: {expected}" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["regression", "no training"])
+def test_balanced_class_weights_refused_before_anything_is_written(encoder, tmp_path, capsys, kind):
+    rows = _rows("regression" if kind == "regression" else "single", 8, seed=31)
+    data = _write(str(tmp_path / "data.csv"), rows)
+    out = str(tmp_path / "out")
+    task = ["--task_name", "stsb", "--train_file", data, "--do_train"] if kind == "regression" else [
+        "--task_name", "sst2", "--validation_file", data, "--do_eval"]  # fmt: skip
+    why = "this task is a regression" if kind == "regression" else "it counts the training rows: pass --do_train"
+    _assert_cli_error(_common(encoder, out) + task + ["--class_weights", "balanced"], capsys, re.escape(why))
+    assert not os.path.exists(out)
