@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -106,6 +107,11 @@ def run_command(args: argparse.Namespace, task: str, setup: str, out: str, seed:
     return command + SETUPS[setup][1]
 
 
+# The `run_glue.py` processes running now, so that a stopped sweep stops them too instead of leaving orphans.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
 def run_and_measure(command: list[str], log_path: str, threads: int | None = None) -> tuple[int, float, float]:
     """Run `command` with its output in `log_path`; return exit status, wall seconds and peak RSS in MiB."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -114,10 +120,27 @@ def run_and_measure(command: list[str], log_path: str, threads: int | None = Non
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        # wait4 reaps this child and returns its own resource usage (ru_maxrss in KiB on Linux).
-        _, status, usage = os.wait4(process.pid, 0)
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
+        try:
+            # wait4 reaps this child and returns its own resource usage (ru_maxrss in KiB on Linux).
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(process)
     process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def stop_running_runs() -> None:
+    """Terminate every `run_glue.py` process this sweep started that is still running."""
+    with _RUNNING_LOCK:
+        for process in _RUNNING:
+            process.terminate()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the sweep as Ctrl-C does: its runs are stopped, its table kept
 
 
 def glue_metric_names(task: str) -> tuple[str, ...]:
@@ -303,12 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(out, exist_ok=True)
         print(f"[{name}] running ...", flush=True)
         status, wall, peak = run_and_measure(command, os.path.join(out, "run.log"), threads)
+        if stopping.is_set():
+            print(f"[{name}] stopped with the sweep", flush=True)
+            return None
         if status != 0:
             print(f"[{name}] FAILED with status {status}; see {out}/run.log", flush=True)
             return None
         row = collect(task, setup, out, wall, peak, args, seed)
-        subprocess.run([sys.executable, "-m", "hf_gradtools", "plot", out], cwd=ROOT, check=False,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        snapshots = os.path.join(out, "grad_snapshots")
+        if os.path.isdir(snapshots) and os.listdir(snapshots):  # a run of fewer than 10 steps has none to draw
+            subprocess.run([sys.executable, "-m", "hf_gradtools", "plot", out], cwd=ROOT, check=False,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
         print(f"[{name}] {metrics}; {wall:.0f} s wall, peak RSS {peak:.0f} MiB", flush=True)
         return row
@@ -329,8 +357,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_results(args, merge(previous, finished, budget_key(args)))
         return row
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    stopping = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    try:
         outcomes = list(pool.map(run_and_record, planned))
+    except KeyboardInterrupt:
+        # Stop the runs in flight; a run that had already ended still records its row before the sweep stops.
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_running_runs()
+        pool.shutdown(wait=True)
+        print(f"Stopped. {len(finished)} finished run(s) are in {results_file}.", file=sys.stderr)
+        raise
+    pool.shutdown()
     failed = [
         f"{task}-{setup}-seed{seed}"
         for (task, setup, seed, *_), row in zip(planned, outcomes, strict=True)
@@ -346,4 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)  # stopped (Ctrl-C or SIGTERM): the message above says what was kept

@@ -490,12 +490,17 @@ def class_weighted_loss(train_dataset, task: TaskData):
     """A `compute_loss_func` of cross-entropy with each row weighted by `rows / (classes x rows of its class)`.
 
     The loss stays a mean over rows (over `num_items_in_batch` rows when the Trainer gives that count), so exact
-    accumulation applies as to the model's own loss. Example: 70 rows of class 1 and 30 of class 0 weigh
+    accumulation applies as to the model's own loss. The Trainer computes the eval loss with it too (the metrics
+    do not use it); a class without training rows weighs 1. Example: 70 rows of class 1 and 30 of class 0 weigh
     100 / (2 x 70) = 0.71 and 100 / (2 x 30) = 1.67.
     """
     counts = np.bincount(np.asarray(train_dataset[LABEL]), minlength=len(task.label_list))
-    weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+    weights = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 1.0)
+    weights = torch.tensor(weights, dtype=torch.float32)
     logger.info("Class weights (balanced), by label id: %s", ", ".join(f"{w:.3f}" for w in weights.tolist()))
+    if (counts == 0).any():
+        missing = ", ".join(str(i) for i in np.flatnonzero(counts == 0))
+        logger.warning("No training row has label id %s: weight 1 for it (it only matters to the eval loss).", missing)
 
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"].float()

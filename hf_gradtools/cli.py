@@ -122,7 +122,14 @@ def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
         frozen: 53 tensors, 12,870,912 elements; trainable: 49 tensors, 9,843,074 elements (43.3% of 22,713,986)
         ...
     """
-    description, snapshots = load_run(output_dir)
+    try:
+        description, snapshots = load_run(output_dir)
+    except FileNotFoundError as error:
+        # A run without a gradient record still has its predictions to report (e.g. one that answers one class).
+        predictions = prediction_lines(output_dir) if os.path.isdir(output_dir) else []
+        if not predictions:
+            raise
+        return "\n".join([*predictions, f"no gradient record: {error}"])
     last = snapshots[-1]
     norm_type = _format_norm_type(last.get("norm_type", 2.0))
     steps = [s["step"] for s in snapshots]

@@ -71,8 +71,9 @@ def load_run(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     path = os.path.join(folder, FROZEN_PARAMETERS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"No {FROZEN_PARAMETERS_FILE} in {folder!r}: not the `output_dir` of a GradTrainer run, "
-            "or its training did not start."
+            f"No {FROZEN_PARAMETERS_FILE} in {folder!r}: GradTrainer writes it, and gradient snapshots, only when "
+            "something is frozen or `grad_snapshot_steps` > 0 (e.g. --grad_snapshot_steps 10); otherwise this is "
+            "not the `output_dir` of a GradTrainer run, or its training did not start."
         )
     try:
         with open(path, encoding="utf-8") as f:

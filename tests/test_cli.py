@@ -377,3 +377,14 @@ def test_plot_without_a_logged_noise_scale_draws_no_noise_figure(hand_run, tmp_p
     assert main(["plot", hand_run]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {os.path.join(hand_run, 'grad_norms.png')}"
     assert not os.path.exists(os.path.join(hand_run, "grad_noise_scale.png"))
+
+
+def test_summary_of_a_run_without_gradient_record_still_flags_one_class(tmp_path, capsys):
+    """Every field at its default writes no file of GradTrainer's own; the predictions are still reported."""
+    with open(tmp_path / "all_results.json", "w", encoding="utf-8") as f:
+        json.dump({"eval_top_class": 1, "eval_top_class_share": 1.0, "eval_samples": 408}, f)
+    assert main(["summary", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "DEGENERATE eval predictions: all 408 are class 1 (100%): the model answers one class"
+    assert lines[1].startswith("no gradient record: No frozen_parameters.json in")
+    assert "grad_snapshot_steps" in lines[1]

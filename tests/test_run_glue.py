@@ -656,3 +656,16 @@ def test_balanced_class_weights_refused_before_anything_is_written(encoder, tmp_
     why = "this task is a regression" if kind == "regression" else "it counts the training rows: pass --do_train"
     _assert_cli_error(_common(encoder, out) + task + ["--class_weights", "balanced"], capsys, re.escape(why))
     assert not os.path.exists(out)
+
+
+def test_a_class_without_training_rows_weighs_one(caplog):
+    from datasets import Dataset
+
+    task = run_glue.TaskData(("sentence",), False, ["neg", "neu", "pos"], None, "train", [], [])
+    with caplog.at_level(logging.WARNING, logger="run_glue"):
+        loss = run_glue.class_weighted_loss(Dataset.from_dict({"label": [0, 0, 0, 2]}), task)
+    assert "No training row has label id 1" in caplog.text
+    logits, labels = torch.zeros(3, 3), torch.tensor([0, 1, 2])
+    # 4 rows, 3 classes: 4 / (3 x 3), 1 (absent), 4 / (3 x 1); uniform logits: each row's loss is log 3.
+    expected = math.log(3) * (4 / 9 + 1 + 4 / 3) / 3
+    assert loss({"logits": logits}, labels).item() == pytest.approx(expected, rel=1e-6)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import classification_data, tiny_classifier  # noqa: E402
+from conftest import classification_data, exit_without_teardown, tiny_classifier  # noqa: E402
 
 from hf_gradtools import GradTrainer, GradTrainingArguments  # noqa: E402
 
@@ -75,3 +75,4 @@ def main(prefix: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_without_teardown()

@@ -15,7 +15,7 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # conftest, and this checkout's package
 
 import torch  # noqa: E402
-from conftest import classification_data, tiny_classifier  # noqa: E402
+from conftest import classification_data, exit_without_teardown, tiny_classifier  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_gradtools import GradTrainer, GradTrainingArguments  # noqa: E402
@@ -93,3 +93,4 @@ def main(mode: str, out_file: str, batch: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    exit_without_teardown()

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from conftest import exit_without_teardown, tiny_config  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from hf_gradtools import GradTrainer, GradTrainingArguments  # noqa: E402
@@ -68,3 +68,4 @@ def main(out_file: str, batch: int, accumulation: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    exit_without_teardown()

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import tiny_config, token_rows  # noqa: E402
+from conftest import exit_without_teardown, tiny_config, token_rows  # noqa: E402
 
 from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.adaptive_clipping import agc_clip_, default_agc_exclude  # noqa: E402
@@ -71,3 +71,4 @@ def main(out_file: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_without_teardown()

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import tiny_config, token_rows  # noqa: E402
+from conftest import exit_without_teardown, tiny_config, token_rows  # noqa: E402
 from transformers import TrainerState  # noqa: E402
 from transformers.trainer_optimizer import has_mixed_dtensor  # noqa: E402
 
@@ -182,3 +182,4 @@ def main(out_file: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_without_teardown()
