@@ -355,8 +355,7 @@ def describe_task(raw, data_args: DataTrainingArguments, training_args: GradTrai
     else:
         is_regression = feature is not None and getattr(feature, "dtype", "").startswith("float")
 
-    if data_args.class_weights == "balanced":
-        check_class_weights(data_args, training_args, is_regression)
+    check_class_weights(data_args, training_args, is_regression)  # now that the data says if it is a regression
 
     label_list: list[str] = []
     label_to_id = None

@@ -40,6 +40,16 @@ def listing(folder):
     return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
 
 
+def assert_same_run(plain, grad, plain_dir, grad_dir):
+    """Two trained trainers are indistinguishable: callbacks, parameters bit for bit, logs (but times), files."""
+    assert [type(c) for c in grad.callback_handler.callbacks] == [type(c) for c in plain.callback_handler.callbacks]
+    for (name, p), (_, q) in zip(plain.model.named_parameters(), grad.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    strip = lambda h: {k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}  # noqa: E731
+    assert [strip(h) for h in grad.state.log_history] == [strip(h) for h in plain.state.log_history]
+    assert listing(grad_dir) == listing(plain_dir)
+
+
 def test_default_grad_trainer_is_the_trainer(tmp_path):
     data = classification_data(16)
     plain_args = T.TrainingArguments(output_dir=str(tmp_path / "plain"), **COMMON)
@@ -50,12 +60,7 @@ def test_default_grad_trainer_is_the_trainer(tmp_path):
     assert [type(c) for c in grad.callback_handler.callbacks] == [type(c) for c in plain.callback_handler.callbacks]
     plain.train()
     grad.train()
-    assert [type(c) for c in grad.callback_handler.callbacks] == [type(c) for c in plain.callback_handler.callbacks]
-    for (name, p), (_, q) in zip(plain.model.named_parameters(), grad.model.named_parameters(), strict=True):
-        assert torch.equal(p, q), name
-    strip = lambda h: {k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}  # noqa: E731
-    assert [strip(h) for h in grad.state.log_history] == [strip(h) for h in plain.state.log_history]
-    assert listing(tmp_path / "grad") == listing(tmp_path / "plain")
+    assert_same_run(plain, grad, tmp_path / "plain", tmp_path / "grad")
     assert "frozen_parameters.json" not in os.listdir(tmp_path / "grad")
 
 
@@ -402,13 +407,31 @@ def test_default_grad_seq2seq_trainer_is_the_seq2seq_trainer(tmp_path):
         )
         assert trainers[name].args is args
         trainers[name].train()
-    plain, grad = trainers["plain"], trainers["grad"]
-    assert [type(c) for c in grad.callback_handler.callbacks] == [type(c) for c in plain.callback_handler.callbacks]
-    for (name, p), (_, q) in zip(plain.model.named_parameters(), grad.model.named_parameters(), strict=True):
-        assert torch.equal(p, q), name
-    strip = lambda h: {k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}  # noqa: E731
-    assert [strip(h) for h in grad.state.log_history] == [strip(h) for h in plain.state.log_history]
-    assert listing(tmp_path / "grad") == listing(tmp_path / "plain")
+    assert_same_run(trainers["plain"], trainers["grad"], tmp_path / "plain", tmp_path / "grad")
+
+
+def test_default_grad_sft_trainer_is_the_sft_trainer(tmp_path):
+    """TRL's SFTTrainer with the mixin, every new field at its default, side by side with SFTTrainer itself,
+    with accumulation (SFTTrainer's own is exact for Llama: its loss takes the item count)."""
+    import trl
+    from datasets import Dataset
+    from sft_classes import GradSFTTrainer
+
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=g)) for n in (3, 7, 5, 6)]
+    data = Dataset.from_dict({"text": texts * 2})
+    trainers = {}
+    for name, cls in (("plain", trl.SFTTrainer), ("grad", GradSFTTrainer)):
+        torch.manual_seed(0)
+        settings = {**COMMON, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2}
+        args = trl.SFTConfig(str(tmp_path / name), max_length=16, **settings)
+        trainers[name] = cls(
+            model=T.LlamaForCausalLM(tiny_config("llama")), args=args, train_dataset=data,
+            processing_class=tiny_tokenizer(),
+        )  # fmt: skip
+        assert trainers[name].args is args
+        trainers[name].train()
+    assert_same_run(trainers["plain"], trainers["grad"], tmp_path / "plain", tmp_path / "grad")
 
 
 class TargetModel(torch.nn.Module):
