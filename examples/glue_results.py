@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from hf_gradtools.atomic import write_json_atomic, write_text_atomic
+from hf_gradtools.snapshots import SNAPSHOT_DIR
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -333,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{name}] FAILED with status {status}; see {out}/run.log", flush=True)
             return None
         row = collect(task, setup, out, wall, peak, args, seed)
-        snapshots = os.path.join(out, "grad_snapshots")
+        snapshots = os.path.join(out, SNAPSHOT_DIR)
         if os.path.isdir(snapshots) and os.listdir(snapshots):  # a run of fewer than 10 steps has none to draw
             subprocess.run([sys.executable, "-m", "hf_gradtools", "plot", out], cwd=ROOT, check=False,
                            stdout=subprocess.DEVNULL)  # fmt: skip
@@ -358,8 +359,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return row
 
     stopping = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     try:
         outcomes = list(pool.map(run_and_record, planned))
@@ -387,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)  # the script only: `main()` called from Python leaves signals alone
     try:
         sys.exit(main())
     except KeyboardInterrupt:
