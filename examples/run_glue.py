@@ -92,6 +92,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
 
 DATA_EXTENSIONS = ("csv", "json", "jsonl")
 LABEL = "label"
+CLASS_WEIGHTS = ("none", "balanced")
+POOLINGS = ("cls", "mean")
 # Files a finished or interrupted run leaves in `output_dir`; their presence means the folder holds a run.
 RUN_MARKERS = (FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, "checkpoint-*", "model.safetensors", "adapter_model.safetensors")
 
@@ -135,6 +137,16 @@ class ModelArguments:
         default_factory=lambda: ["query", "value"],
         metadata={"help": "Module names that get a LoRA adapter (BERT: query key value dense)."},
     )
+    classifier_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the classifier head reads: 'cls' (the first token, the model's own head) or 'mean' (the "
+            "token states averaged over the attention mask, the representation sentence-transformers checkpoints such "
+            "as all-MiniLM-L6-v2 were trained to give). Default: what the checkpoint's config.json records, else "
+            "'cls'. 'mean' needs a BERT-style pooler or a model with its own `classifier_pooling` (ModernBERT).",
+            "choices": list(POOLINGS),
+        },
+    )
     lora_modules_to_save: list[str] | None = field(
         default=None,
         metadata={
@@ -148,6 +160,10 @@ class ModelArguments:
         _check_positive("lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.classifier_pooling is not None and self.classifier_pooling not in POOLINGS:
+            raise ValueError(
+                f"`classifier_pooling` must be one of {', '.join(POOLINGS)}, got {self.classifier_pooling!r}."
+            )
         if not self.lora_target_modules:
             raise ValueError("`lora_target_modules` must name at least one module, e.g. `query value`.")
 
@@ -184,7 +200,7 @@ class DataTrainingArguments:
         metadata={
             "help": "Weight each row's loss by its class: 'none', or 'balanced' (rows / (classes x rows of its "
             "class), counted on the training rows), for data where one class dominates (CoLA: 70% acceptable).",
-            "choices": ["none", "balanced"],
+            "choices": list(CLASS_WEIGHTS),
         },
     )
     max_eval_samples: int | None = field(
@@ -215,6 +231,8 @@ class DataTrainingArguments:
             path = getattr(self, name)
             if path is not None and _extension(path) not in DATA_EXTENSIONS:
                 raise ValueError(f"`{name}` must be a .csv, .json or .jsonl file, got {path!r}.")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"`class_weights` must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}.")
         for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples"):
             _check_positive(name, getattr(self, name))
 
@@ -465,6 +483,10 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
         config.finetuning_task = data_args.task_name
     task.label_to_id = label_to_id
 
+    native_pooling = "classifier_pooling" in type(config)().to_dict()  # ModernBERT: its own head pools
+    if native_pooling and model_args.classifier_pooling:
+        config.classifier_pooling = model_args.classifier_pooling
+
     tokenizer_path = model_args.tokenizer_name or path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, cache_dir=model_args.cache_dir)
@@ -482,7 +504,51 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
             f"Could not load the tokenizer or model from {tokenizer_path!r} / {path!r}: {type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}"
         ) from error
+    config = model.config  # from_pretrained keeps a copy of the config it was given
+    if not native_pooling:
+        pooling = model_args.classifier_pooling or getattr(config, "classifier_pooling", "cls")
+        if pooling == "mean":
+            use_mean_pooling(model)
+        elif hasattr(config, "classifier_pooling"):
+            del config.classifier_pooling  # `--classifier_pooling cls` on a model saved with 'mean'
+    if getattr(config, "classifier_pooling", "cls") == "mean":
+        logger.info("The classifier reads the mean of the token states (`classifier_pooling` 'mean').")
     return config, tokenizer, model
+
+
+def use_mean_pooling(model) -> None:
+    """Make a BERT-style classifier read the mean of the token states over the attention mask, not the first token.
+
+    The pooler's dense layer and activation stay, applied to the mean instead of the first token's state, so the
+    weights and their names do not change. `config.classifier_pooling = "mean"` records the choice in the saved
+    config.json; run_glue applies it again when it loads that folder (other code must call this function too).
+
+    >>> model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+    >>> use_mean_pooling(model)  # logits now come from tanh(dense(mean of the unpadded token states))
+    """
+    base = model.base_model
+    pooler = getattr(base, "pooler", None)
+    if not isinstance(getattr(pooler, "dense", None), torch.nn.Linear) or not callable(
+        getattr(pooler, "activation", None)
+    ):
+        raise GlueSetupError(
+            f"`classifier_pooling` 'mean' needs a BERT-style pooler (`pooler.dense` and `pooler.activation`) in "
+            f"{type(model).__name__}; this model has none. Use 'cls'."
+        )
+
+    def pool(module, args, kwargs, output):
+        hidden = output[0]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = hidden.new_ones(hidden.shape[:2]) if mask is None else mask.to(hidden.dtype)
+        mean = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        pooled = module.pooler.activation(module.pooler.dense(mean))
+        if isinstance(output, tuple):
+            return (hidden, pooled, *output[2:])
+        output.pooler_output = pooled
+        return output
+
+    base.register_forward_hook(pool, with_kwargs=True)
+    model.config.classifier_pooling = "mean"
 
 
 def class_weighted_loss(train_dataset, task: TaskData):

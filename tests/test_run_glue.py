@@ -669,3 +669,87 @@ def test_a_class_without_training_rows_weighs_one(caplog):
     # 4 rows, 3 classes: 4 / (3 x 3), 1 (absent), 4 / (3 x 1); uniform logits: each row's loss is log 3.
     expected = math.log(3) * (4 / 9 + 1 + 4 / 3) / 3
     assert loss({"logits": logits}, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mean_pooling_feeds_the_classifier_the_masked_mean_of_the_token_states():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_tiny_config(num_labels=2)).eval()
+    ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 9, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    cls_logits = model(input_ids=ids, attention_mask=mask).logits
+    run_glue.use_mean_pooling(model)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+
+    hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    mean = torch.stack([hidden[0].mean(0), hidden[1, :4].mean(0)])  # the padding token is left out
+    expected = model.classifier(torch.tanh(model.bert.pooler.dense(mean)))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(logits, cls_logits, atol=1e-4)
+    # The same sentence without its padding gets the same logits.
+    torch.testing.assert_close(model(input_ids=ids[1:, :4]).logits[0], logits[1], rtol=0, atol=1e-6)
+    assert model.config.classifier_pooling == "mean"
+
+
+def test_mean_pooling_is_recorded_and_applied_again_when_the_saved_model_is_loaded(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 24, seed=30))
+    dev = _write(str(tmp_path / "dev.csv"), _rows("single", 16, seed=31))
+    data = ["--task_name", "sst2", "--validation_file", dev, "--do_eval"]
+    out = str(tmp_path / "out")
+    trained = run_glue.main(
+        _common(encoder, out) + data + ["--train_file", train, "--do_train", "--classifier_pooling", "mean"]
+    )
+    assert _read_json(os.path.join(out, "config.json"))["classifier_pooling"] == "mean"
+
+    # Evaluating the saved folder reads the mean again without being told; `cls` overrides it.
+    again = run_glue.main(_common(out, str(tmp_path / "again")) + data)
+    assert again["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-6)
+    first_token = run_glue.main(_common(out, str(tmp_path / "cls")) + data + ["--classifier_pooling", "cls"])
+    assert abs(first_token["eval_loss"] - trained["eval_loss"]) > 1e-4
+    retrained = str(tmp_path / "retrained")
+    run_glue.main(
+        _common(out, retrained) + data + ["--train_file", train, "--do_train", "--max_steps", "1"]
+        + ["--classifier_pooling", "cls"]
+    )  # fmt: skip
+    assert "classifier_pooling" not in _read_json(os.path.join(retrained, "config.json"))
+
+    # Without the flag nothing is recorded: the config is the Trainer example's.
+    plain = str(tmp_path / "plain")
+    run_glue.main(_common(encoder, plain) + data + ["--train_file", train, "--do_train"])
+    assert "classifier_pooling" not in _read_json(os.path.join(plain, "config.json"))
+
+
+def test_mean_pooling_needs_a_bert_style_pooler():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    with pytest.raises(run_glue.GlueSetupError, match=r"`classifier_pooling` 'mean' needs a BERT-style pooler"):
+        run_glue.use_mean_pooling(RobertaForSequenceClassification(config))
+
+
+@pytest.mark.parametrize(
+    "field,value,allowed",
+    [("classifier_pooling", "max", "cls, mean"), ("class_weights", "inverse", "none, balanced")],
+    ids=["pooling", "weights"],
+)
+def test_a_bad_choice_in_a_json_config_names_the_field(encoder, tmp_path, capsys, field, value, allowed):
+    out = str(tmp_path / "out")
+    config = tmp_path / "run.json"
+    config.write_text(
+        json.dumps(
+            {"task_name": "sst2", "model_name_or_path": encoder, "output_dir": out, "do_train": True, field: value}
+        )
+    )
+    _assert_cli_error([str(config)], capsys, rf"`{field}` must be one of {allowed}, got '{value}'")
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("task", ["sst2", "mrpc", "cola"])
+def test_every_recipe_parses_and_reads_the_shared_glue_copy(task):
+    model_args, data_args, training_args = run_glue.parse_args(
+        [os.path.join(ROOT, "examples", "recipes", f"{task}.json")]
+    )
+    assert data_args.task_name == task and data_args.dataset_name == "../shared/glue"
+    assert training_args.do_train and training_args.do_eval and training_args.output_dir == f"outputs/recipes/{task}"
+    assert model_args.model_name_or_path is None  # the default model
