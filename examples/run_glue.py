@@ -199,7 +199,7 @@ class DataTrainingArguments:
         default="none",
         metadata={
             "help": "Weight each row's loss by its class: 'none', or 'balanced' (rows / (classes x rows of its "
-            "class), counted on the training rows), for data where one class dominates (CoLA: 70% acceptable).",
+            "class), counted on the training rows), for data where one class dominates (CoLA: 70%% acceptable).",
             "choices": list(CLASS_WEIGHTS),
         },
     )
@@ -516,6 +516,24 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
     return config, tokenizer, model
 
 
+def pooling_of_checkpoint(model_args: ModelArguments, training_args: GradTrainingArguments) -> None:
+    """A resumed run goes on with the head its checkpoint trained: `classifier_pooling` comes from the checkpoint's
+    config.json unless given, and a different value is refused."""
+    checkpoint = training_args.resume_from_checkpoint
+    path = os.path.join(checkpoint, "config.json") if isinstance(checkpoint, str) else ""
+    if not training_args.do_train or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f).get("classifier_pooling", "cls")
+    if model_args.classifier_pooling is None:
+        model_args.classifier_pooling = saved
+    elif model_args.classifier_pooling != saved:
+        raise GlueSetupError(
+            f"`classifier_pooling` {model_args.classifier_pooling!r}, but checkpoint {checkpoint!r} was trained with "
+            f"{saved!r}; resume with --classifier_pooling {saved} (or leave it out)."
+        )
+
+
 def use_mean_pooling(model) -> None:
     """Make a BERT-style classifier read the mean of the token states over the attention mask, not the first token.
 
@@ -823,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         model_args.model_name_or_path = default_model_path()
     check_class_weights(data_args, training_args)
     stale = check_output_dir(data_args, training_args)
+    pooling_of_checkpoint(model_args, training_args)
     if training_args.dataloader_pin_memory and (training_args.use_cpu or not torch.accelerator.is_available()):
         training_args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns on CPU otherwise
 
@@ -833,6 +852,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     config, tokenizer, model = load_model_and_tokenizer(model_args, data_args, task)
     if model_args.use_lora:
         model = add_lora(model, model_args)
+        if getattr(config, "classifier_pooling", None) == "mean":
+            logger.warning(
+                "With --use_lora the output folder holds the adapter only, no config.json: nothing there records "
+                "`classifier_pooling` 'mean'. Call use_mean_pooling on the base model before loading the adapter."
+            )
     try:
         # GradTrainer freezes the same way in its constructor (a second call changes nothing); freezing here
         # first turns a bad `freeze_first_n_layers` into a setup error, reported before the data is tokenized.

@@ -548,6 +548,7 @@ def test_help_lists_the_gradient_flags_first(capsys):
     for flag in ("--freeze_embeddings", "--freeze_first_n_layers", "--clip_norm_type", "--clip_grad_value",
                  "--grad_snapshot_steps", "--max_grad_norm", "--gradient_accumulation_steps"):  # fmt: skip
         assert first_group < rest.index(flag) < rest.index("model and LoRA:") < rest.index("--learning_rate")
+    assert "(CoLA: 70% acceptable)" in " ".join(text.split())  # a literal %, not argparse's formatting
     # A help text that states its default gets no second "(default: ...)".
     for action in run_glue.build_parser()._actions:
         if action.help and "default" in action.help.lower():
@@ -716,6 +717,46 @@ def test_mean_pooling_is_recorded_and_applied_again_when_the_saved_model_is_load
     plain = str(tmp_path / "plain")
     run_glue.main(_common(encoder, plain) + data + ["--train_file", train, "--do_train"])
     assert "classifier_pooling" not in _read_json(os.path.join(plain, "config.json"))
+
+
+def test_a_resumed_run_keeps_the_pooling_of_its_checkpoint(encoder, tmp_path):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 16, seed=32))
+    first = str(tmp_path / "first")
+    base = _common(encoder, first) + ["--task_name", "sst2", "--train_file", train, "--do_train"]
+    run_glue.main(
+        base + ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--classifier_pooling", "mean"]
+    )
+    checkpoint = os.path.join(first, "checkpoint-1")
+    resumed = str(tmp_path / "resumed")
+    args = _common(encoder, resumed) + ["--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "2"]
+    run_glue.main(args + ["--resume_from_checkpoint", checkpoint])
+    assert _read_json(os.path.join(resumed, "config.json"))["classifier_pooling"] == "mean"
+    # The resumed run ends on the same weights as the uninterrupted one: it trained the same head.
+    from safetensors.torch import load_file
+
+    for name, weight in load_file(os.path.join(first, "model.safetensors")).items():
+        torch.testing.assert_close(load_file(os.path.join(resumed, "model.safetensors"))[name], weight)
+    other = str(tmp_path / "other")
+    _assert_setup_error(
+        _common(encoder, other) + ["--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "2"]
+        + ["--resume_from_checkpoint", checkpoint, "--classifier_pooling", "cls"],
+        other,
+        r"`classifier_pooling` 'cls', but checkpoint .*checkpoint-1' was trained with 'mean'",
+    )  # fmt: skip
+
+
+def test_lora_with_mean_pooling_warns_that_the_adapter_does_not_record_it(encoder, tmp_path, caplog):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=33))
+    args = _common(encoder, str(tmp_path / "out")) + [
+        "--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "1", "--use_lora",
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="run_glue"):
+        run_glue.main(args + ["--classifier_pooling", "mean"])
+    assert [r for r in caplog.records if "nothing there records `classifier_pooling` 'mean'" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="run_glue"):
+        run_glue.main(args + ["--overwrite_output_dir"])
+    assert not [r for r in caplog.records if "classifier_pooling" in r.getMessage()]
 
 
 def test_mean_pooling_needs_a_bert_style_pooler():
