@@ -483,7 +483,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataTraining
         config.finetuning_task = data_args.task_name
     task.label_to_id = label_to_id
 
-    native_pooling = "classifier_pooling" in type(config)().to_dict()  # ModernBERT: its own head pools
+    native_pooling = hasattr(type(config), "classifier_pooling")  # ModernBERT, EuroBERT: their own head pools
     if native_pooling and model_args.classifier_pooling:
         config.classifier_pooling = model_args.classifier_pooling
 

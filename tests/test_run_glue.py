@@ -759,6 +759,24 @@ def test_lora_with_mean_pooling_warns_that_the_adapter_does_not_record_it(encode
     assert not [r for r in caplog.records if "classifier_pooling" in r.getMessage()]
 
 
+def test_a_model_with_its_own_classifier_pooling_gets_the_flag_in_its_config(tmp_path):
+    from transformers import ModernBertConfig, ModernBertModel
+
+    folder = str(tmp_path / "tiny-modernbert")
+    config = ModernBertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        cls_token_id=2, sep_token_id=3,
+    )  # fmt: skip
+    ModernBertModel(config).save_pretrained(folder)
+    _save_tokenizer(folder)
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=34))
+    out = str(tmp_path / "out")
+    args = _common(folder, out) + ["--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "1"]
+    run_glue.main(args + ["--classifier_pooling", "mean"])
+    assert _read_json(os.path.join(out, "config.json"))["classifier_pooling"] == "mean"  # its own field, no hook
+
+
 def test_mean_pooling_needs_a_bert_style_pooler():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
