@@ -563,6 +563,7 @@ class GradTrainerMixin:
         if checkpoint is None:
             return None
         check_resume_settings(checkpoint, run_settings(self.args))
+        load_training_state(checkpoint)  # a damaged state file is refused here, before anything is deleted or loaded
         if not self.is_world_process_zero():
             return checkpoint
         try:
@@ -755,11 +756,12 @@ class GradTrainerMixin:
             save_training_state(output_dir, state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        state = load_training_state(checkpoint) if checkpoint is not None else {}
         if checkpoint is not None and (self._unfreezer is not None or self._noise_meter is not None):
-            self._restore_schedules(checkpoint, load_training_state(checkpoint))
+            self._restore_schedules(checkpoint, state)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._grad_insight is not None:
-            self._grad_insight.load_state_dict(load_training_state(checkpoint), checkpoint)
+            self._grad_insight.load_state_dict(state, checkpoint)
 
     def _restore_schedules(self, checkpoint: str, state: dict) -> None:
         """Replay the checkpoint's unfreezing events (so the optimizer state loads into the right groups) and
