@@ -191,3 +191,13 @@ def test_a_frozen_model_with_an_optimizer_of_other_tensors_trains_as_with_the_tr
     assert not torch.equal(plain, torch.zeros(2))
     torch.testing.assert_close(grad, plain, rtol=1e-6, atol=1e-7)
 
+
+@pytest.mark.parametrize("field", ["grad_snapshot_tensors", "agc_exclude"])
+def test_a_pattern_list_given_as_none_reads_as_none(tmp_path, field):
+    args = GradTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **{field: None})
+    assert getattr(args, field) == []
+    (parsed,) = HfArgumentParser(GradTrainingArguments).parse_dict(
+        {"output_dir": str(tmp_path / "out"), "report_to": "none", field: None}
+    )
+    assert getattr(parsed, field) == [] and json.loads(parsed.to_json_string())[field] == []
+    assert not os.path.exists(tmp_path / "out")
