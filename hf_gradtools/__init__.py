@@ -4,7 +4,7 @@ Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` f
 from .accumulation import ItemRule, count_items, micro_batch_loss_weights
 from .checkpoints import last_complete_checkpoint, resolve_resume_checkpoint
 from .clipping import ClipResult, clip_gradients
-from .errors import GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
+from .errors import DamagedCheckpointError, GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
     freeze,
     freeze_embeddings,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipResult",
+    "DamagedCheckpointError",
     "DamagedSnapshotError",
     "GradArgumentsMixin",
     "GradSeq2SeqTrainer",

@@ -42,6 +42,7 @@ from torch import nn
 from .clipping import Partial, Shard, _is_sharded, _local, _scale_, grad_norms, total_norm
 from .layout import model_layout
 from .patterns import compile_patterns
+from .state_fields import FLOAT32_MAX, FieldReader
 
 # Floor of a unit's gradient norm before dividing by it (a zero gradient needs no clipping).
 _GRAD_NORM_FLOOR = 1e-6
@@ -334,12 +335,17 @@ class AutoClip:
         """`{"history": [float, ...]}`, oldest first."""
         return {"history": self.history}
 
+    @staticmethod
+    def check_state(state) -> dict:
+        """`state` as `state_dict()` writes it, or `StateFieldError` naming the field: each norm of the history is
+        a non-negative float32 number, or NaN (a step whose norm was not finite)."""
+        fields = FieldReader(state, "AutoClip state must be {'history': [float, ...]}")
+        history = fields.numbers("history", low=0.0, high=FLOAT32_MAX, nan=True)
+        fields.done()
+        return {"history": history}
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore the history saved by `state_dict()`; the next norm is appended after it."""
-        history = state.get("history") if isinstance(state, dict) else None
-        if not isinstance(history, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in history
-        ):
-            raise ValueError(f"AutoClip state must be {{'history': [float, ...]}}, got {state!r}.")
-        self._buffer = torch.tensor([float(v) for v in history], dtype=torch.float32)
+        """Restore the history saved by `state_dict()` (checked by `check_state`); the next norm is appended."""
+        history = self.check_state(state)["history"]
+        self._buffer = torch.tensor(history, dtype=torch.float32)
         self._count = len(history)

@@ -31,6 +31,8 @@ import re
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
+from .errors import GradToolsError
+from .state_fields import FieldReader, read_json_record
 from .training_args import GRAD_DEFAULTS, grad_setting
 
 logger = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ RUN_SETTINGS_FILE = "grad_settings.json"
 FROZEN_SETTINGS = ("freeze_embeddings", "freeze_first_n_layers")
 
 
-class ChangedSettingsError(ValueError):
+class ChangedSettingsError(GradToolsError):
     """A run resumes from a checkpoint saved with other freeze settings."""
 
 
@@ -172,6 +174,20 @@ def run_settings(args) -> dict:
     return {**{name: grad_setting(args, name) for name in FROZEN_SETTINGS}, "world_size": world_size, "batch": batch}
 
 
+def check_run_settings(record) -> dict:
+    """`record` as `save_run_settings` writes it, or `StateFieldError` naming the field: every field present, of its
+    type, in its range, and no other."""
+    fields = FieldReader(record)
+    checked = {
+        "freeze_embeddings": fields.boolean("freeze_embeddings"),
+        "freeze_first_n_layers": fields.integer("freeze_first_n_layers"),
+        "world_size": fields.integer("world_size", low=1),
+        "batch": fields.integer("batch", low=1),
+    }
+    fields.done()
+    return checked
+
+
 def save_run_settings(folder: str | os.PathLike, settings: dict) -> None:
     """Write `settings` (see `run_settings`) atomically to `RUN_SETTINGS_FILE` in the checkpoint `folder`."""
     write_json_atomic(os.path.join(os.fspath(folder), RUN_SETTINGS_FILE), settings)
@@ -180,18 +196,22 @@ def save_run_settings(folder: str | os.PathLike, settings: dict) -> None:
 def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
     """Refuse to resume from `folder` with other freeze settings than it was saved with; warn on another world size.
 
+    A checkpoint without `grad_settings.json` (a default run's, or a plain Trainer's) counts as saved with the
+    default freeze settings. A record that cannot be read, or holds anything else than what `save_run_settings`
+    writes, is refused: it is never passed over.
+
     Args:
         folder: the checkpoint to resume from.
         settings: this run's, from `run_settings`.
 
     Raises:
         ChangedSettingsError: a freeze setting differs; the message names the checkpoint's and this run's values.
+        DamagedCheckpointError: the record is unreadable or damaged; the message names the file and the field.
     """
     folder = os.fspath(folder)
     try:
-        with open(os.path.join(folder, RUN_SETTINGS_FILE), encoding="utf-8") as f:
-            saved = json.load(f)
-    except FileNotFoundError:
+        saved = read_json_record(os.path.join(folder, RUN_SETTINGS_FILE), check_run_settings)
+    except (FileNotFoundError, NotADirectoryError):
         # Written only by runs that freeze (so a default run's checkpoints hold the Trainer's files alone).
         logger.info(
             "%s records no gradient-tool settings (%s): it was saved without freezing by hf_gradtools (or by a "
@@ -200,20 +220,16 @@ def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
             RUN_SETTINGS_FILE,
         )
         saved = {name: GRAD_DEFAULTS[name] for name in FROZEN_SETTINGS}
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        logger.warning("%s/%s is unreadable (%s): freeze settings not checked.", folder, RUN_SETTINGS_FILE, e)
-        return
-    names = [name for name in FROZEN_SETTINGS if name in saved]
-    if any(saved[name] != settings[name] for name in names):
-        then = ", ".join(f"`{name}`={saved[name]!r}" for name in names)
-        now = ", ".join(f"`{name}`={settings[name]!r}" for name in names)
+    if any(saved[name] != settings[name] for name in FROZEN_SETTINGS):
+        then = ", ".join(f"`{name}`={saved[name]!r}" for name in FROZEN_SETTINGS)
+        now = ", ".join(f"`{name}`={settings[name]!r}" for name in FROZEN_SETTINGS)
         raise ChangedSettingsError(
             f"Cannot resume from {folder}: it was saved with {then}, and this run has {now}. Its optimizer state "
             "covers only the parameters trainable then. Resume with the checkpoint's settings, or start a new run "
             "from its weights (load the model from the folder, no `resume_from_checkpoint`)."
         )
     if saved.get("world_size", settings["world_size"]) != settings["world_size"]:
-        then, now = saved.get("batch"), settings["batch"]
+        then, now = saved["batch"], settings["batch"]
         rows = f"still takes {now} rows" if then == now else f"takes {now} rows, where it took {then}"
         logger.warning(
             "Resuming from %s, saved by %d process(es), with %d: the weights, optimizer, scheduler and step carry "

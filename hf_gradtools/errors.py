@@ -13,3 +13,8 @@ class LayerStackNotFoundError(GradToolsError):
 
 class NoTrainableParametersError(GradToolsError):
     """Freezing left the model without a single trainable parameter."""
+
+
+class DamagedCheckpointError(GradToolsError):
+    """A file of a checkpoint is not what hf_gradtools writes there (cut off, edited, or from elsewhere): refused
+    with the file and the field named, before a resume deletes or loads anything."""

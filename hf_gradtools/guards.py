@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .clipping import _is_sharded, _local
 from .errors import GradToolsError
+from .state_fields import FieldReader
 
 # How many parameter names a log line or an error lists.
 SHOWN_NAMES = 5
@@ -169,14 +170,32 @@ class NonFiniteGuard:
             "first_skipped_step": self.first_skipped_step,
         }
 
+    @staticmethod
+    def check_state(state) -> dict:
+        """`state` as `state_dict()` writes it, or `StateFieldError` naming the field: non-negative counts, the
+        current run of skips no longer than all of them, and a first skipped step (1 or more) exactly while a run
+        of skips is under way."""
+        fields = FieldReader(
+            state,
+            "NonFiniteGuard state must be {'nonfinite_skips': int, 'consecutive': int, 'first_skipped_step': int "
+            "or None}",
+        )
+        skips = fields.integer("nonfinite_skips")
+        consecutive = fields.integer("consecutive")
+        first = fields.integer("first_skipped_step", low=1, nullable=True)
+        fields.done()
+        fields.check(
+            consecutive <= skips, "consecutive", f"must be at most `nonfinite_skips`={skips}, got {consecutive}"
+        )
+        fields.check(
+            (first is None) == (consecutive == 0),
+            "first_skipped_step",
+            f"must be null exactly when `consecutive` is 0, got {first!r} with `consecutive`={consecutive}",
+        )
+        return {"nonfinite_skips": skips, "consecutive": consecutive, "first_skipped_step": first}
+
     def load_state_dict(self, state: dict) -> None:
-        try:
-            skips, consecutive = int(state["nonfinite_skips"]), int(state["consecutive"])
-            first = state.get("first_skipped_step")
-            first = None if first is None else int(first)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                "NonFiniteGuard state must be {'nonfinite_skips': int, 'consecutive': int, 'first_skipped_step': "
-                f"int or None}}, got {state!r}."
-            ) from None
-        self.nonfinite_skips, self.consecutive, self.first_skipped_step = skips, consecutive, first
+        """Restore the counts saved by `state_dict()` (checked by `check_state`)."""
+        state = self.check_state(state)
+        self.nonfinite_skips, self.consecutive = state["nonfinite_skips"], state["consecutive"]
+        self.first_skipped_step = state["first_skipped_step"]

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from .clipping import grad_norms
+from .state_fields import FLOAT64_EXACT_INT, FieldReader
 
 Number = float | int | torch.Tensor
 
@@ -190,14 +191,34 @@ class GradientNoiseScale:
         grad_sq_norm, trace_cov, count = self._state.tolist()
         return {"beta": self.beta, "grad_sq_norm_ema": grad_sq_norm, "trace_cov_ema": trace_cov, "steps": int(count)}
 
+    @staticmethod
+    def check_state(state) -> dict:
+        """`state` as `state_dict()` writes it, or `StateFieldError` naming the field: `beta` in [0, 1), finite
+        averages (either may be negative, see the class), and a whole number of windows."""
+        fields = FieldReader(
+            state,
+            "GradientNoiseScale state must be {'beta': float, 'grad_sq_norm_ema': float, 'trace_cov_ema': float, "
+            "'steps': int}",
+        )
+        checked = {
+            "beta": fields.number("beta", low=0.0, high=1.0, below_high=True),
+            "grad_sq_norm_ema": fields.number("grad_sq_norm_ema"),
+            "trace_cov_ema": fields.number("trace_cov_ema"),
+            "steps": fields.integer("steps", high=FLOAT64_EXACT_INT),
+        }
+        fields.done()
+        return checked
+
     def load_state_dict(self, state: dict[str, float | int]) -> None:
-        """Restore what `state_dict` returned; a different `beta` is refused, since the averages would not match."""
+        """Restore what `state_dict` returned (checked by `check_state`); a different `beta` is refused, since the
+        averages would not match."""
+        state = self.check_state(state)
         if state["beta"] != self.beta:
             raise ValueError(
                 f"`grad_noise_scale_beta`={self.beta!r} but the checkpoint's averages were taken with "
                 f"{state['beta']!r}. Resume with the same value."
             )
-        values = [float(state["grad_sq_norm_ema"]), float(state["trace_cov_ema"]), float(state["steps"])]
+        values = [state["grad_sq_norm_ema"], state["trace_cov_ema"], float(state["steps"])]
         self._state = torch.tensor(values, dtype=self._state.dtype, device=self._state.device)
 
 

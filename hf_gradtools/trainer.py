@@ -95,6 +95,29 @@ def apply_freezing(model: nn.Module, args) -> list[str]:
     return frozen
 
 
+def check_something_to_train(model: nn.Module | None, optimizer=None) -> None:
+    """Refuse to train a model none of whose parameters requires a gradient (frozen by hand, or a PEFT model loaded
+    for inference): its first backward would fail with torch's "element 0 of tensors does not require grad". An
+    optimizer passed in that holds a tensor requiring a gradient (trained beside the model) lets it pass.
+
+    Raises:
+        NoTrainableParametersError: naming the model's class (and the class inside a PEFT wrapper).
+    """
+    if model is None or any(p.requires_grad for p in model.parameters()):
+        return
+    if optimizer is not None and any(p.requires_grad for group in optimizer.param_groups for p in group["params"]):
+        return
+    base = _base_model(model)
+    name = type(model).__name__ + (f" (around {type(base).__name__})" if base is not model else "")
+    count = sum(1 for _ in model.parameters())
+    raise NoTrainableParametersError(
+        f"No trainable parameter in {name}: all {count} of its parameter tensors have `requires_grad=False` (frozen "
+        "by hand, or a PEFT model loaded for inference), so training would fail at the first backward. Unfreeze what "
+        "should train (`hf_gradtools.unfreeze`, or `PeftModel.from_pretrained(..., is_trainable=True)`), or pass "
+        "in `optimizers` an optimizer holding the tensors to train."
+    )
+
+
 def frozen_by_settings(model: nn.Module, args) -> list[str]:
     """Names of the frozen parameters that `freeze_embeddings` / `freeze_first_n_layers` cover, whoever froze them
     (the GLUE example freezes before it builds the trainer, to report a bad setting early)."""
@@ -263,6 +286,8 @@ class GradTrainerMixin:
         """
         validate_grad_arguments(self.args)
         self._apply_changed_freezing()
+        if type(self).create_optimizer is GradTrainerMixin.create_optimizer:  # else the optimizer may hold others
+            check_something_to_train(self.model, self.optimizer)  # before anything is deleted or written
         if self.args.max_grad_norm is None:
             raise ValueError("`max_grad_norm` must be a number, got None. Use 0 to turn norm clipping off.")
         if self.model_init is not None or self._probed_rule is None:
@@ -563,6 +588,7 @@ class GradTrainerMixin:
         if checkpoint is None:
             return None
         check_resume_settings(checkpoint, run_settings(self.args))
+        load_training_state(checkpoint)  # a damaged state file is refused here, before anything is deleted or loaded
         if not self.is_world_process_zero():
             return checkpoint
         try:
@@ -755,11 +781,12 @@ class GradTrainerMixin:
             save_training_state(output_dir, state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        state = load_training_state(checkpoint) if checkpoint is not None else {}
         if checkpoint is not None and (self._unfreezer is not None or self._noise_meter is not None):
-            self._restore_schedules(checkpoint, load_training_state(checkpoint))
+            self._restore_schedules(checkpoint, state)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._grad_insight is not None:
-            self._grad_insight.load_state_dict(load_training_state(checkpoint), checkpoint)
+            self._grad_insight.load_state_dict(state, checkpoint)
 
     def _restore_schedules(self, checkpoint: str, state: dict) -> None:
         """Replay the checkpoint's unfreezing events (so the optimizer state loads into the right groups) and

@@ -243,8 +243,12 @@ def _non_negative_int(args: Any, name: str) -> None:
 def validate_grad_arguments(args: Any) -> None:
     """Check every gradient-tool field of `args` (defaults for those it lacks); raise naming field, value, allowed.
 
-    Normalises `clip_norm_type` to a float in place when `args` has the field ("inf" -> `math.inf`).
+    Normalises in place, where `args` has the field: `clip_norm_type` to a float ("inf" -> `math.inf`), and a
+    pattern list given as `None` (`agc_exclude`, `grad_snapshot_tensors`) to `[]`, none.
     """
+    for name in PATTERN_FIELDS:
+        if getattr(args, name, []) is None:
+            setattr(args, name, [])
     for name in ("freeze_first_n_layers", "grad_snapshot_steps"):
         _non_negative_int(args, name)
     freeze_embeddings = grad_setting(args, "freeze_embeddings")
@@ -322,6 +326,8 @@ def validate_schedule_arguments(args: Any) -> None:
         )
 
 
+# Fields holding a list of regex patterns; `None` reads as no pattern.
+PATTERN_FIELDS = ("agc_exclude", "grad_snapshot_tensors")
 SCHEDULE_FIELDS = ("layerwise_lr_decay", "gradual_unfreeze_steps", "log_grad_noise_scale")
 
 

@@ -9,7 +9,10 @@ the noise-scale moving averages (`GradientNoiseScale.state_dict`), each only whe
 and, with issue 9's fields, AutoClip's history (`"autoclip": {"history": [...]}`) and the non-finite guard's counts
 (`"nonfinite_guard": {...}`).
 
-Written atomically (`atomic.py`) by the process that saves; read by every process when resuming.
+Written atomically (`atomic.py`) by the process that saves; read by every process when resuming, as untrusted
+input: each entry is checked by its component's `check_state` (`STATE_CHECKS`), and a file that is not JSON, holds
+an unknown entry or a field of the wrong type or range is refused with one `DamagedCheckpointError` naming the file
+and the field (`autoclip.history[3]`). `GradTrainer` reads it before a resume deletes or loads anything.
 
 Example:
     >>> save_training_state("out/checkpoint-10", {"unfreezer": unfreezer.state_dict()})  # doctest: +SKIP
@@ -19,12 +22,26 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
+from typing import Any
 
+from .adaptive_clipping import AutoClip
 from .atomic import write_json_atomic
+from .guards import NonFiniteGuard
+from .noise_scale import GradientNoiseScale
+from .schedules.unfreezing import GradualUnfreezer
+from .state_fields import FieldReader, read_json_record
 
 TRAINING_STATE_FILE = "hf_gradtools_state.json"
+
+# Each entry the file may hold, and the check of its component (raising `StateFieldError` naming the field).
+STATE_CHECKS: dict[str, Callable[[Any], dict]] = {
+    "unfreezer": GradualUnfreezer.check_state,
+    "noise_scale": GradientNoiseScale.check_state,
+    "autoclip": AutoClip.check_state,
+    "nonfinite_guard": NonFiniteGuard.check_state,
+}
 
 
 def save_training_state(folder: str | os.PathLike, state: dict) -> None:
@@ -32,10 +49,21 @@ def save_training_state(folder: str | os.PathLike, state: dict) -> None:
     write_json_atomic(os.path.join(folder, TRAINING_STATE_FILE), state)
 
 
+def check_training_state(state: Any) -> dict:
+    """`state` with every entry checked by `STATE_CHECKS`, or `StateFieldError` naming the entry and the field."""
+    fields = FieldReader(state)
+    checked = {key: fields.entry(key, check) for key, check in STATE_CHECKS.items() if key in fields.state}
+    fields.done(known=STATE_CHECKS)
+    return checked
+
+
 def load_training_state(folder: str | os.PathLike) -> dict:
-    """What `save_training_state` wrote in `folder`, or `{}` when the checkpoint has no such file."""
-    path = os.path.join(folder, TRAINING_STATE_FILE)
-    if not os.path.isfile(path):
+    """What `save_training_state` wrote in `folder`, checked; `{}` when the checkpoint has no such file.
+
+    Raises:
+        DamagedCheckpointError: the file cannot be read, or an entry or field is not what the package writes.
+    """
+    try:
+        return read_json_record(os.path.join(os.fspath(folder), TRAINING_STATE_FILE), check_training_state)
+    except (FileNotFoundError, NotADirectoryError):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -126,3 +126,78 @@ def test_model_init_is_frozen_too(args_factory):
     assert get_frozen_parameters(trainer.model)[0] == "bert.embeddings.word_embeddings.weight"
     trainer.train()  # train() calls model_init again: the new model is frozen the same way
     assert "bert.encoder.layer.0.output.dense.weight" in get_frozen_parameters(trainer.model)
+
+
+def test_an_all_frozen_model_is_refused_before_anything_is_written(args_factory):
+    from transformers import Trainer
+
+    model = tiny_classifier()
+    freeze(model)  # frozen by hand, every new field at its default
+    args = args_factory()
+    trainer = GradTrainer(model=model, args=args, train_dataset=classification_data(4))
+    assert os.listdir(args.output_dir) == []  # what `Trainer.__init__` writes: the empty output folder
+    with pytest.raises(
+        NoTrainableParametersError,
+        match=r"No trainable parameter in BertForSequenceClassification: all 57 of its parameter tensors have "
+        r"`requires_grad=False`",
+    ):
+        trainer.train()
+    assert os.listdir(args.output_dir) == []  # no frozen_parameters.json, no snapshot, no checkpoint
+    # The refusal takes nothing from a run that succeeds: the plain Trainer fails too, at the first backward.
+    plain = Trainer(model=model, args=args, train_dataset=classification_data(4))
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        plain.train()
+    # Evaluating a frozen model is left as it is.
+    data = classification_data(8)
+    assert trainer.evaluate(data)["eval_loss"] == plain.evaluate(data)["eval_loss"]
+
+
+def test_a_peft_model_loaded_for_inference_is_refused_and_a_trainable_one_trains(args_factory, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+    trainable = peft.get_peft_model(tiny_classifier(), config)
+    trainable.save_pretrained(tmp_path / "adapter")
+    GradTrainer(model=trainable, args=args_factory(max_steps=1), train_dataset=classification_data(4)).train()
+    inference = peft.PeftModel.from_pretrained(tiny_classifier(), tmp_path / "adapter", is_trainable=False)
+    trainer = GradTrainer(model=inference, args=args_factory(max_steps=1), train_dataset=classification_data(4))
+    with pytest.raises(
+        NoTrainableParametersError,
+        match=r"No trainable parameter in PeftModelForSequenceClassification \(around BertForSequenceClassification\)",
+    ):
+        trainer.train()
+
+
+def test_a_frozen_model_with_an_optimizer_of_other_tensors_trains_as_with_the_trainer(args_factory):
+    from transformers import Trainer
+
+    def run(trainer_class):
+        model = tiny_classifier()
+        freeze(model)
+        shift = torch.nn.Parameter(torch.zeros(2))  # trained outside the model, through the loss
+
+        def loss(outputs, labels, num_items_in_batch=None):
+            return torch.nn.functional.cross_entropy(outputs.logits + shift, labels)
+
+        trainer_class(
+            model=model,
+            args=args_factory(max_steps=2),
+            train_dataset=classification_data(8),
+            compute_loss_func=loss,
+            optimizers=(torch.optim.SGD([shift], lr=0.5), None),
+        ).train()
+        return shift.detach()
+
+    grad, plain = run(GradTrainer), run(Trainer)
+    assert not torch.equal(plain, torch.zeros(2))
+    torch.testing.assert_close(grad, plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("field", ["grad_snapshot_tensors", "agc_exclude"])
+def test_a_pattern_list_given_as_none_reads_as_none(tmp_path, field):
+    args = GradTrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **{field: None})
+    assert getattr(args, field) == []
+    (parsed,) = HfArgumentParser(GradTrainingArguments).parse_dict(
+        {"output_dir": str(tmp_path / "out"), "report_to": "none", field: None}
+    )
+    assert getattr(parsed, field) == [] and json.loads(parsed.to_json_string())[field] == []
+    assert not os.path.exists(tmp_path / "out")

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import LayerStackNotFoundError
 from ..layout import find_input_embeddings, find_layer_stack
+from ..state_fields import FieldReader
 from .live_groups import add_param_groups
 from .lr_decay import EMBEDDINGS, _check_non_negative, block_label, check_layerwise_lr_decay, param_groups_for
 
@@ -177,22 +178,37 @@ class GradualUnfreezer:
             "labels": [event.label for event in self.plan],
         }
 
+    @staticmethod
+    def check_state(state) -> dict:
+        """`state` as `state_dict()` writes it, or `StateFieldError` naming the field: an interval of 1 or more,
+        the plan's labels, and a position from 0 to the number of events."""
+        fields = FieldReader(
+            state, "GradualUnfreezer state must be {'position': int, 'every_n_steps': int, 'labels': [str, ...]}"
+        )
+        every = fields.integer("every_n_steps", low=1)
+        labels = fields.strings("labels")
+        position = fields.integer("position", high=len(labels))
+        fields.done()
+        return {"position": position, "every_n_steps": every, "labels": labels}
+
     def load_state_dict(self, state: dict) -> None:
-        """Take the position of a checkpoint; `replay()` must follow. A different plan or interval is refused."""
+        """Take the position of a checkpoint (checked by `check_state`); `replay()` must follow. A different plan
+        or interval is refused."""
+        state = self.check_state(state)
         if state["every_n_steps"] != self.every_n_steps:
             raise ValueError(
                 f"`gradual_unfreeze_steps`={self.every_n_steps} but the checkpoint was trained with "
                 f"{state['every_n_steps']}. Resume with the same value."
             )
         labels = [event.label for event in self.plan]
-        if list(state["labels"]) != labels:
+        if state["labels"] != labels:
             raise ValueError(
-                f"The unfreezing plan {labels} differs from the checkpoint's {list(state['labels'])}: resume with "
+                f"The unfreezing plan {labels} differs from the checkpoint's {state['labels']}: resume with "
                 "the same `freeze_embeddings` and `freeze_first_n_layers`."
             )
         if self.position:
             raise RuntimeError("`load_state_dict()` needs a fresh GradualUnfreezer, before any event is applied.")
-        self._to_replay = int(state["position"])
+        self._to_replay = state["position"]
 
     def replay(self, model: nn.Module, optimizer, scheduler=None) -> list[UnfreezeEvent]:
         """Re-apply the events the checkpoint had applied, to a model and optimizer in the initial frozen state."""
