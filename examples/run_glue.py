@@ -61,10 +61,12 @@ class GlueSetupError(ValueError):
 
 @dataclass(frozen=True)
 class GlueTask:
-    """How one GLUE task is read: its text columns, its label count (1: regression) and its split names."""
+    """How one GLUE task is read: its text columns, its label count (1: regression), its class names in label-id
+    order (those of the Hub's `nyu-mll/glue` features) and its split names."""
 
     sentence_keys: tuple[str, ...]
     num_labels: int
+    label_names: tuple[str, ...] = ()
     eval_splits: tuple[str, ...] = ("validation",)
     test_splits: tuple[str, ...] = ("test",)
 
@@ -74,20 +76,21 @@ class GlueTask:
 
 
 GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask(("sentence",), 2),
-    "sst2": GlueTask(("sentence",), 2),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2),
-    "qqp": GlueTask(("question1", "question2"), 2),
+    "cola": GlueTask(("sentence",), 2, ("unacceptable", "acceptable")),
+    "sst2": GlueTask(("sentence",), 2, ("negative", "positive")),
+    "mrpc": GlueTask(("sentence1", "sentence2"), 2, ("not_equivalent", "equivalent")),
+    "qqp": GlueTask(("question1", "question2"), 2, ("not_duplicate", "duplicate")),
     "stsb": GlueTask(("sentence1", "sentence2"), 1),
     "mnli": GlueTask(
         ("premise", "hypothesis"),
         3,
+        ("entailment", "neutral", "contradiction"),
         eval_splits=("validation_matched", "validation_mismatched"),
         test_splits=("test_matched", "test_mismatched"),
     ),
-    "qnli": GlueTask(("question", "sentence"), 2),
-    "rte": GlueTask(("sentence1", "sentence2"), 2),
-    "wnli": GlueTask(("sentence1", "sentence2"), 2),
+    "qnli": GlueTask(("question", "sentence"), 2, ("entailment", "not_entailment")),
+    "rte": GlueTask(("sentence1", "sentence2"), 2, ("entailment", "not_entailment")),
+    "wnli": GlueTask(("sentence1", "sentence2"), 2, ("not_entailment", "entailment")),
 }
 
 DATA_EXTENSIONS = ("csv", "json", "jsonl")
@@ -386,6 +389,10 @@ def describe_task(raw, data_args: DataTrainingArguments, training_args: GradTrai
             expected = task.num_labels if task else None
             if expected and all(isinstance(v, int) for v in values) and set(values) <= set(range(expected)):
                 label_list = [str(i) for i in range(expected)]
+            elif task is not None and task.label_names and set(values) <= set(task.label_names):
+                # The task's own class names: its order, so that F1 is of the class GLUE scores (id 1).
+                label_list = list(task.label_names)
+                label_to_id = {v: i for i, v in enumerate(label_list)}
             else:
                 label_list = [str(v) for v in values]
                 label_to_id = {v: i for i, v in enumerate(values)}
