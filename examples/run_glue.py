@@ -45,6 +45,7 @@ from transformers import (
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
 from hf_gradtools.atomic import write_text_atomic
+from hf_gradtools.grad_insight import check_patterns
 from hf_gradtools.snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, describe_parameters, summary_line
 from hf_gradtools.trainer import apply_freezing
 
@@ -865,9 +866,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 "`classifier_pooling` 'mean'. Call use_mean_pooling on the base model before loading the adapter."
             )
     try:
-        # GradTrainer freezes the same way in its constructor (a second call changes nothing); freezing here
-        # first turns a bad `freeze_first_n_layers` into a setup error, reported before the data is tokenized.
+        # GradTrainer freezes and checks the name patterns the same way in its constructor (a second call changes
+        # nothing); doing it here first turns a bad `freeze_first_n_layers`, or an `agc_exclude` /
+        # `grad_snapshot_tensors` pattern that matches no parameter, into a setup error before the data is tokenized.
         apply_freezing(model, training_args)
+        check_patterns(model, training_args)
     except ValueError as error:
         raise GlueSetupError(str(error)) from error
     logger.info("Parameters: %s", summary_line(describe_parameters(model)))

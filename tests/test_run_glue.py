@@ -548,10 +548,14 @@ def test_text_labels_named_as_the_task_take_its_order_and_f1_is_of_its_class_1(e
 # ---- bad inputs: one line, exit status 2, nothing written ----
 
 
-def _assert_cli_error(args: list[str], capsys, match: str) -> str:
+def _assert_cli_error(args: list[str], capsys, match: str, after_loading: bool = False) -> str:
+    """One `run_glue.py: error:` line on stderr and exit status 2; `after_loading`: an error found once the data
+    and the model are loaded, after their progress bars (datasets' and transformers' tqdm lines)."""
     assert run_glue.cli(args) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
+    if after_loading:
+        lines = [line for line in lines if line.strip() and not re.search(r"\[\d\d:\d\d", line)]
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("run_glue.py: error: ")
     assert re.search(match, lines[0]), lines[0]
@@ -579,6 +583,22 @@ def test_bad_flag_value_is_one_line_that_names_the_allowed_values(encoder, tmp_p
     assert "'inf'" in line and "'abc'" in line
     _assert_cli_error(base + ["--max_steps", "ten"], capsys, r"`max_steps` must be an integer, got 'ten'")
     _assert_cli_error(base + ["--no_such_flag", "1"], capsys, r"not used by the HfArgumentParser.*--no_such_flag")
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--grad_snapshot_steps", "1", "--grad_snapshot_tensors", r"^clasifier\."], "grad_snapshot_tensors"),
+        (["--clip_algorithm", "agc", "--agc_exclude", "clasifier"], "agc_exclude"),
+    ],
+)
+def test_a_pattern_that_matches_no_parameter_is_one_line(encoder, tmp_path, capsys, flags, field):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=24))
+    out = str(tmp_path / "out")
+    base = _common(encoder, out) + ["--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "1"]
+    line = _assert_cli_error(base + flags, capsys, rf"`{field}` pattern '.*clasifier.*' matches no parameter", True)
+    assert "'bert.embeddings.word_embeddings.weight'" in line  # what the names look like
     assert not os.path.exists(out)
 
 
