@@ -45,6 +45,7 @@ from transformers import (
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
 from hf_gradtools.atomic import write_text_atomic
+from hf_gradtools.grad_insight import check_patterns
 from hf_gradtools.snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, describe_parameters, summary_line
 from hf_gradtools.trainer import apply_freezing
 
@@ -61,10 +62,12 @@ class GlueSetupError(ValueError):
 
 @dataclass(frozen=True)
 class GlueTask:
-    """How one GLUE task is read: its text columns, its label count (1: regression) and its split names."""
+    """How one GLUE task is read: its text columns, its label count (1: regression), its class names in label-id
+    order (those of the Hub's `nyu-mll/glue` features) and its split names."""
 
     sentence_keys: tuple[str, ...]
     num_labels: int
+    label_names: tuple[str, ...] = ()
     eval_splits: tuple[str, ...] = ("validation",)
     test_splits: tuple[str, ...] = ("test",)
 
@@ -74,20 +77,21 @@ class GlueTask:
 
 
 GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask(("sentence",), 2),
-    "sst2": GlueTask(("sentence",), 2),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2),
-    "qqp": GlueTask(("question1", "question2"), 2),
+    "cola": GlueTask(("sentence",), 2, ("unacceptable", "acceptable")),
+    "sst2": GlueTask(("sentence",), 2, ("negative", "positive")),
+    "mrpc": GlueTask(("sentence1", "sentence2"), 2, ("not_equivalent", "equivalent")),
+    "qqp": GlueTask(("question1", "question2"), 2, ("not_duplicate", "duplicate")),
     "stsb": GlueTask(("sentence1", "sentence2"), 1),
     "mnli": GlueTask(
         ("premise", "hypothesis"),
         3,
+        ("entailment", "neutral", "contradiction"),
         eval_splits=("validation_matched", "validation_mismatched"),
         test_splits=("test_matched", "test_mismatched"),
     ),
-    "qnli": GlueTask(("question", "sentence"), 2),
-    "rte": GlueTask(("sentence1", "sentence2"), 2),
-    "wnli": GlueTask(("sentence1", "sentence2"), 2),
+    "qnli": GlueTask(("question", "sentence"), 2, ("entailment", "not_entailment")),
+    "rte": GlueTask(("sentence1", "sentence2"), 2, ("entailment", "not_entailment")),
+    "wnli": GlueTask(("sentence1", "sentence2"), 2, ("not_entailment", "entailment")),
 }
 
 DATA_EXTENSIONS = ("csv", "json", "jsonl")
@@ -386,6 +390,10 @@ def describe_task(raw, data_args: DataTrainingArguments, training_args: GradTrai
             expected = task.num_labels if task else None
             if expected and all(isinstance(v, int) for v in values) and set(values) <= set(range(expected)):
                 label_list = [str(i) for i in range(expected)]
+            elif task is not None and task.label_names and set(values) <= set(task.label_names):
+                # The task's own class names: its order, so that F1 is of the class GLUE scores (id 1).
+                label_list = list(task.label_names)
+                label_to_id = {v: i for i, v in enumerate(label_list)}
             else:
                 label_list = [str(v) for v in values]
                 label_to_id = {v: i for i, v in enumerate(values)}
@@ -858,9 +866,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 "`classifier_pooling` 'mean'. Call use_mean_pooling on the base model before loading the adapter."
             )
     try:
-        # GradTrainer freezes the same way in its constructor (a second call changes nothing); freezing here
-        # first turns a bad `freeze_first_n_layers` into a setup error, reported before the data is tokenized.
+        # GradTrainer freezes and checks the name patterns the same way in its constructor (a second call changes
+        # nothing); doing it here first turns a bad `freeze_first_n_layers`, or an `agc_exclude` /
+        # `grad_snapshot_tensors` pattern that matches no parameter, into a setup error before the data is tokenized.
         apply_freezing(model, training_args)
+        check_patterns(model, training_args)
     except ValueError as error:
         raise GlueSetupError(str(error)) from error
     logger.info("Parameters: %s", summary_line(describe_parameters(model)))

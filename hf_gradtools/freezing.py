@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
 
@@ -23,6 +24,8 @@ from torch import nn
 from .layout import find_input_embeddings, find_layer_stack
 
 ModuleOrModules = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter]
+
+logger = logging.getLogger(__name__)
 
 
 def _as_module(module_or_modules: ModuleOrModules) -> nn.Module:
@@ -110,6 +113,8 @@ def freeze_embeddings(model: nn.Module) -> list[str]:
 def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
     """Freeze the first `n` blocks of the model's main layer stack; return the names frozen.
 
+    A layer is one block of the stack: for ConvNeXt, Swin or ResNet a stage of several blocks (an INFO line of
+    the `hf_gradtools.freezing` logger says what a layer is for the model in hand).
     Encoder-decoder models (T5, BART): the first `n` encoder blocks; the decoder stays trainable.
     ALBERT: its layers share `num_hidden_groups` blocks (one by default), so freezing any layer freezes the
     shared block and with it every layer that runs it; a warning says so.
@@ -130,6 +135,10 @@ def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
             f"(in `{stack.name}`). Allowed: 0 to {stack.num_layers}."
         )
     indices = stack.blocks_of_first(n)
+    logger.info(
+        "hf_gradtools: a layer of %s is %s; freeze_first_n_layers=%d freezes `%s` block(s) %s.",
+        type(model).__name__, stack.layer_meaning(), n, stack.name, indices,
+    )  # fmt: skip
     if stack.shares_blocks:
         runs = sum(1 for layer in range(stack.num_layers) if stack.block_index(layer) in indices)
         warnings.warn(

@@ -3,7 +3,10 @@
 No per-model table: the layer stack is the largest `nn.ModuleList` of identical blocks (searched in the encoder
 for encoder-decoder models), and the embedding block is the `*Embeddings` module that holds the input word
 embedding, or, where the architecture has none (GPT-2, Llama, T5, BART), the embedding modules outside the
-layer stacks. Works through task heads and PEFT wrappers because it only walks `named_modules()`.
+layer stacks; a vision model without `get_input_embeddings()` (ConvNeXt) has its `*Embeddings` module that cuts
+the image into patches. A structure it does not understand is refused, never guessed: blocks split over several
+lists (Funnel's `encoder.blocks`, a list of lists), or a decoder's stack after an encoder's in a model that is not
+an encoder-decoder. Works through task heads and PEFT wrappers because it only walks `named_modules()`.
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -63,6 +66,18 @@ class LayerStack:
         """Indices of the blocks that the first `n` layers run, in order, without repeats."""
         return sorted({self.block_index(i) for i in range(n)})
 
+    def layer_meaning(self) -> str:
+        """What one layer of the stack is, e.g. "one BertLayer (`bert.encoder.layer.<i>`)", or for a stack of
+        stages "one ConvNextStage (`convnext.encoder.stages.<i>`) of 3, 3, 9, 3 ConvNextLayer blocks (`layers`)"."""
+        text = f"one {type(self.blocks[0]).__name__} (`{self.name}.<i>`)"
+        inner = [_inner_blocks(block) for block in self.blocks]
+        if all(inner):
+            counts = ", ".join(str(len(blocks)) for _, blocks in inner)
+            text += f" of {counts} {type(inner[0][1][0]).__name__} blocks (`{inner[0][0]}`)"
+        if self.shares_blocks:
+            text += f", one of {len(self.blocks)} shared by its {self.num_layers} layers"
+        return text
+
 
 def module_names(model: nn.Module) -> dict[int, str]:
     """Map `id(module)` to its first qualified name in `model`."""
@@ -92,6 +107,92 @@ def find_block_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
+def _inner_blocks(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first child of `block` that is a list of identical parameterised blocks (a stage's blocks), or None."""
+    for name, child in block.named_children():
+        items = list(child) if isinstance(child, (nn.ModuleList, nn.Sequential)) else []
+        if items and all(type(item) is type(items[0]) for item in items) and any(True for _ in child.parameters()):
+            return name, child
+    return None
+
+
+def _attribute(name: str) -> str:
+    """`name` as Python code on `model`: `"funnel.encoder.blocks.0"` -> `model.funnel.encoder.blocks[0]`."""
+    return "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part)
+
+
+def _ancestors(name: str) -> list[str]:
+    """Qualified names of the modules above `name`, nearest first, without the root."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def _list_holding(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The nearest `nn.ModuleList` above block list `name`: a list of lists or of unlike blocks, or None."""
+    return next((up for up in _ancestors(name) if isinstance(modules[up], nn.ModuleList)), None)
+
+
+def _decoder_holding(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The outermost module above (or being) block list `name` named, or of a class named, like a decoder."""
+    found = [
+        up
+        for up in [name] + _ancestors(name)
+        if "decoder" in up.rpartition(".")[2].lower() or "Decoder" in type(modules[up]).__name__
+    ]
+    return found[-1] if found else None
+
+
+def _listed(model: nn.Module, lists: list[tuple[str, nn.ModuleList]]) -> str:
+    names = module_names(model)
+    return ", ".join(f"`{names[id(blocks)]}` ({len(blocks)} {type(blocks[0]).__name__})" for _, blocks in lists)
+
+
+def _refuse_unclear_stack(model: nn.Module, root: nn.Module, candidates: list, chosen: str) -> None:
+    """Raise when the block lists found do not make one stack whose order is clear from the structure."""
+    modules = dict(root.named_modules())
+    names = module_names(model)
+    split = [(name, _list_holding(name, modules)) for name, _ in candidates]
+    split = [(name, holder) for name, holder in split if holder is not None]
+    if split:
+        first, holder = split[0]
+        raise LayerStackNotFoundError(
+            f"The layers of {type(model).__name__} are not one list of blocks: `{names[id(modules[holder])]}` "
+            f"holds them in several lists or among other modules ({_listed(model, candidates)}), so which are "
+            '"the first N layers" cannot be read from its structure. Freeze blocks by name instead, e.g. '
+            f"`freeze({_attribute(names[id(modules[first])])}[:2])`."
+        )
+    decoder = _decoder_holding(chosen, modules)
+    outside = [(name, blocks) for name, blocks in candidates if decoder and not name.startswith(decoder + ".")]
+    if decoder is not None and outside:
+        stacks = [item for item in candidates if item in outside or item[0] == chosen]
+        raise LayerStackNotFoundError(
+            f"{type(model).__name__} has layer stacks inside and outside its decoder ({_listed(model, stacks)}) "
+            "but is not an encoder-decoder model (`config.is_encoder_decoder` with `get_encoder()`), so which "
+            'holds "the first N layers" cannot be read from its structure. Freeze blocks by name instead, e.g. '
+            f"`freeze({_attribute(names[id(outside[0][1])])}[:2])`."
+        )
+
+
+def _input_side_module(model: nn.Module, stack: nn.Module | None = None) -> str | None:
+    """The name of a module a hint can point at to freeze a model's input side by hand: its first `*Embeddings`
+    module, else the first parameterised child of its base model that is not (and does not hold) the layer stack."""
+    base = model
+    for _ in range(8):  # PEFT wrapper -> task model -> base model (`base_model` is the module itself at the end)
+        inner = getattr(base, "base_model", None)
+        if not isinstance(inner, nn.Module) or inner is base:
+            break
+        base = inner
+    names = module_names(model)
+    for _, module in base.named_modules():
+        if type(module).__name__.endswith("Embeddings") and any(True for _ in module.parameters()):
+            return names[id(module)]
+    for _, child in base.named_children():
+        holds_stack = stack is not None and any(m is stack for m in child.modules())
+        if not holds_stack and any(True for _ in child.parameters()):
+            return names[id(child)]
+    return None
+
+
 def _config(model: nn.Module):
     config = getattr(model, "config", None)
     return config if config is not None and hasattr(config, "to_dict") else None
@@ -115,11 +216,14 @@ def find_layer_stack(model: nn.Module) -> LayerStack:
     search_root = encoder if encoder is not None else model
     candidates = find_block_lists(search_root)
     if not candidates:
+        first = _input_side_module(model)
+        example = f"`freeze({_attribute(first)})`" if first else "`freeze(model.<module>)`"
         raise LayerStackNotFoundError(
             f"Could not find the transformer layer stack of {type(model).__name__}: it has no nn.ModuleList of "
-            "repeated blocks. Freeze modules by name instead, e.g. `freeze(model.my_blocks[:2])`."
+            f"repeated blocks. Freeze modules by name instead, e.g. {example}."
         )
-    _, blocks = max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    chosen, blocks = max(candidates, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    _refuse_unclear_stack(model, search_root, candidates, chosen)
     name = module_names(model)[id(blocks)]
     num_layers = len(blocks)
     config = _config(model)
@@ -139,22 +243,31 @@ def find_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Return `(name, module)` for every module of the model's input embedding block, in module order.
 
     1. If the input word embedding sits inside a module whose class name ends in `Embeddings` (BERT, RoBERTa,
-       DeBERTa, DistilBERT, ELECTRA, ALBERT, ModernBERT), that whole module (word, position and token-type
-       embeddings and their LayerNorm), plus sibling modules named `*embed*` (ELECTRA's `embeddings_project`).
+       DeBERTa, DistilBERT, ELECTRA, ALBERT, ModernBERT; ViT, Swin, DeiT, whose `get_input_embeddings()` is the
+       patch embedding), that whole module (word, position and token-type embeddings and their LayerNorm), plus
+       sibling modules named `*embed*` (ELECTRA's `embeddings_project`).
     2. Otherwise (GPT-2, Llama, T5, BART) every `nn.Embedding` outside the layer stacks and every module named
        `*embed*` beside one (BART's `layernorm_embedding`), encoder and decoder alike; output heads excluded.
+    3. Without `get_input_embeddings()` (ConvNeXt): the first `*Embeddings` module outside the layer stacks that
+       holds a patch embedding (a child named `*patch*`). A convolution stem without patches (ResNet's
+       `embedder`) is not taken: the error names it, to freeze by hand.
+
+    Raises:
+        LayerStackNotFoundError: none of these is found; the message names a module to freeze by hand instead.
     """
     get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    why = "it has no `get_input_embeddings()`"
     try:
         word = get_input_embeddings() if callable(get_input_embeddings) else None
-    except (NotImplementedError, AttributeError):  # vision, audio and custom models without token embeddings
-        word = None
+        if callable(get_input_embeddings) and word is None:
+            why = "`get_input_embeddings()` returns None"
+    except (NotImplementedError, AttributeError) as error:  # vision, audio and custom models without tokens
+        word, why = None, f"`get_input_embeddings()` raises {type(error).__name__}"
     if word is None:
-        raise LayerStackNotFoundError(
-            f"{type(model).__name__} has no input embeddings (`get_input_embeddings()` gives none), so "
-            "`freeze_embeddings` cannot apply to it. "
-            "Freeze its embedding modules by name instead, e.g. `freeze(model.embed)`."
-        )
+        patches = _patch_embeddings(model)
+        if patches:
+            return patches
+        raise _no_embeddings(model, why + ", and it has no patch embedding outside its layer stack")
     names = module_names(model)
     modules = dict(model.named_modules())
     word_name = names[id(word)]
@@ -189,7 +302,41 @@ def find_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, nn.Embedding) or ("embed" in leaf.lower() and parent in embedding_parents):
             if any(True for _ in module.parameters()):
                 picked.append((name, module))
+    if not picked:
+        raise _no_embeddings(model, f"`get_input_embeddings()` is `{word_name}`, inside a list of blocks")
     return picked
+
+
+def _outside_stacks(model: nn.Module):
+    """`(name, module)` of the model's modules that are not one of its block lists or inside one."""
+    stacks = [name for name, _ in find_block_lists(model)]
+    for name, module in model.named_modules():
+        if name and not any(name == s or name.startswith(s + ".") for s in stacks):
+            yield name, module
+
+
+def _patch_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    for name, module in _outside_stacks(model):
+        patches = any("patch" in child.lower() for child, _ in module.named_children())
+        if type(module).__name__.endswith("Embeddings") and patches and any(True for _ in module.parameters()):
+            return [(name, module)]
+    return []
+
+
+def _no_embeddings(model: nn.Module, why: str) -> LayerStackNotFoundError:
+    try:
+        stack = find_layer_stack(model).blocks
+    except LayerStackNotFoundError:
+        stack = None
+    module = _input_side_module(model, stack)
+    named = dict(model.named_modules())
+    hint = (
+        f"`freeze({_attribute(module)})` ({type(named[module]).__name__})" if module else "`freeze(model.<module>)`"
+    )
+    return LayerStackNotFoundError(
+        f"{type(model).__name__} has no input embeddings ({why}), so `freeze_embeddings` cannot apply to it. "
+        f"Freeze its input modules by name instead, e.g. {hint}."
+    )
 
 
 def model_layout(model: nn.Module) -> tuple[str | None, list[str]]:

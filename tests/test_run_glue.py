@@ -500,13 +500,62 @@ def test_string_labels_train_evaluate_predict(encoder, tmp_path, recwarn, ext, k
     assert not [w for w in recwarn if "pin_memory" in str(w.message)], "no pin_memory warning on a CPU run"
 
 
+SHARED_GLUE = os.path.join(ROOT, "..", "shared", "glue")
+
+
+@pytest.mark.parametrize("task", ["sst2", "mrpc", "cola"])
+def test_glue_label_names_are_the_datasets_in_its_order(task):
+    if not os.path.isdir(os.path.join(SHARED_GLUE, task)):
+        pytest.skip("no local GLUE copy at ../shared/glue")
+    import datasets
+
+    features = datasets.load_dataset(SHARED_GLUE, task, split="validation").features
+    assert run_glue.GLUE_TASKS[task].label_names == tuple(features["label"].names)
+
+
+@pytest.mark.parametrize("ext", ["csv", "json"])
+def test_text_labels_named_as_the_task_take_its_order_and_f1_is_of_its_class_1(encoder, tmp_path, ext):
+    """MRPC labelled `equivalent` / `not_equivalent`: sorted, `equivalent` would be id 0 and F1 of the wrong class."""
+    names = ("not_equivalent", "equivalent")
+
+    def rows(n, seed):  # about 70% equivalent, as in MRPC: the F1 of the two classes differ
+        rng = random.Random(seed)
+        return [{**row, "label": names[int(rng.random() < 0.7)]} for row in _rows("pair", n, seed)]
+
+    train = _write_any(str(tmp_path / f"train.{ext}"), rows(16, seed=30))
+    dev_rows = rows(24, seed=31)
+    dev = _write_any(str(tmp_path / f"dev.{ext}"), dev_rows)
+    test = _write_any(str(tmp_path / f"test.{ext}"), [{k: v for k, v in r.items() if k != "label"} for r in dev_rows])
+    out = str(tmp_path / "out")
+    results = run_glue.main(
+        _common(encoder, out)
+        + ["--task_name", "mrpc", "--train_file", train, "--validation_file", dev, "--test_file", test]
+        + ["--do_train", "--do_eval", "--do_predict", "--max_steps", "2"]
+    )
+    assert _read_json(os.path.join(out, "config.json"))["id2label"] == {"0": "not_equivalent", "1": "equivalent"}
+    predictions = _read_predictions(os.path.join(out, "predict_results_mrpc.txt"))
+    truth = [r["label"] for r in dev_rows]
+
+    def f1_of(name):
+        hit = sum(p == t == name for p, t in zip(predictions, truth, strict=True))
+        return 2 * hit / (predictions.count(name) + truth.count(name))
+
+    assert f1_of("equivalent") != pytest.approx(f1_of("not_equivalent"))
+    assert results["eval_f1"] == pytest.approx(f1_of("equivalent"))
+    assert results["eval_accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predictions, truth)]))
+
+
 # ---- bad inputs: one line, exit status 2, nothing written ----
 
 
-def _assert_cli_error(args: list[str], capsys, match: str) -> str:
+def _assert_cli_error(args: list[str], capsys, match: str, after_loading: bool = False) -> str:
+    """One `run_glue.py: error:` line on stderr and exit status 2; `after_loading`: an error found once the data
+    and the model are loaded, after their progress bars (datasets' and transformers' tqdm lines)."""
     assert run_glue.cli(args) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
+    if after_loading:
+        lines = [line for line in lines if line.strip() and not re.search(r"\[\d\d:\d\d", line)]
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("run_glue.py: error: ")
     assert re.search(match, lines[0]), lines[0]
@@ -534,6 +583,22 @@ def test_bad_flag_value_is_one_line_that_names_the_allowed_values(encoder, tmp_p
     assert "'inf'" in line and "'abc'" in line
     _assert_cli_error(base + ["--max_steps", "ten"], capsys, r"`max_steps` must be an integer, got 'ten'")
     _assert_cli_error(base + ["--no_such_flag", "1"], capsys, r"not used by the HfArgumentParser.*--no_such_flag")
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize(
+    "flags,field",
+    [
+        (["--grad_snapshot_steps", "1", "--grad_snapshot_tensors", r"^clasifier\."], "grad_snapshot_tensors"),
+        (["--clip_algorithm", "agc", "--agc_exclude", "clasifier"], "agc_exclude"),
+    ],
+)
+def test_a_pattern_that_matches_no_parameter_is_one_line(encoder, tmp_path, capsys, flags, field):
+    train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=24))
+    out = str(tmp_path / "out")
+    base = _common(encoder, out) + ["--task_name", "sst2", "--train_file", train, "--do_train", "--max_steps", "1"]
+    line = _assert_cli_error(base + flags, capsys, rf"`{field}` pattern '.*clasifier.*' matches no parameter", True)
+    assert "'bert.embeddings.word_embeddings.weight'" in line  # what the names look like
     assert not os.path.exists(out)
 
 
