@@ -62,6 +62,7 @@ from .schedules import (
     unfreeze_order,
 )
 from .schedules.lr_decay import layerwise_optimizer
+from .side_effects import undo_forward_side_effects
 from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
 from .training_args import GRAD_DEFAULTS, grad_setting, validate_grad_arguments
 from .training_state import load_training_state, save_training_state
@@ -370,7 +371,7 @@ class GradTrainerMixin:
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         try:
             model.eval()
-            with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), undo_forward_side_effects(model):
                 result = probe_loss_normalization(
                     lambda batch: float(self.compute_loss(model, dict(batch)).detach().float().mean()),
                     batches,
