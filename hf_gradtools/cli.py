@@ -14,8 +14,9 @@ When the run logged `grad_noise_scale` (`log_grad_noise_scale`) and its `trainer
 `grad_noise_scale.png` in the folder of the gradient-norm PNG; a run that logged it but took no snapshots gets that
 figure alone, with a note on stderr.
 
-`python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots is
-reported in one line on stderr, with exit status 1.
+`python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots, a
+damaged or foreign file (named, with the field at fault) and a link that leads out of the run folder (not
+followed, `run_folder.py`) are each reported in one line on stderr, with exit status 1.
 
 When the run's `all_results.json` holds the class spread of its predictions (`eval_top_class` and
 `eval_top_class_share`, as `examples/run_glue.py` writes them), `summary` also says which class was predicted most
@@ -25,7 +26,6 @@ often, and flags a degenerate run: one whose predictions are all one class.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -35,14 +35,17 @@ from . import __version__
 from .plotting import (
     NOISE_PLOT_FILE,
     PLOT_FILE,
+    check_description,
     frozen_groups,
     group_norms,
     load_run,
     plot_grad_histogram,
     plot_grad_noise_scale,
     plot_grad_norms,
+    run_folder_of,
 )
-from .snapshots import SNAPSHOT_DIR, summary_line
+from .run_folder import UnreadableRunFileError, is_number, read_run_json
+from .snapshots import FROZEN_PARAMETERS_FILE, summary_line
 
 PROG = "hf-gradtools"
 
@@ -66,13 +69,22 @@ RESULT_FILES = ("all_results.json", "eval_results.json", "predict_results.json")
 SHARE_SUFFIX = "_top_class_share"
 
 
-def _read_json(path: str) -> dict:
+def _read_json(folder: str, name: str) -> dict:
+    """The JSON object of the file `name` in the run `folder`; `{}` when there is no such file.
+
+    A file that is damaged, not an object or a link out of the run folder is refused (`ValueError` naming it)."""
+    path = os.path.join(folder, name)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        data = read_run_json(folder, path)
+    except FileNotFoundError:
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise UnreadableRunFileError(f"{path!r} is a JSON {type(data).__name__}, not an object.")
+    return data
+
+
+def _is_finite(value) -> bool:
+    return is_number(value) and math.isfinite(value)
 
 
 def prediction_lines(output_dir: str) -> list[str]:
@@ -85,20 +97,19 @@ def prediction_lines(output_dir: str) -> list[str]:
         >>> prediction_lines("outputs/mrpc")  # doctest: +SKIP
         ["DEGENERATE eval predictions: all 408 are class 1 'equivalent' (100%): the model answers one class"]
     """
-    folder = output_dir.rstrip("/" + os.sep) or output_dir
-    if os.path.basename(folder) == SNAPSHOT_DIR:
-        folder = os.path.dirname(folder)
+    folder = run_folder_of(output_dir)
     metrics: dict = {}
     for name in RESULT_FILES:
-        metrics = {**_read_json(os.path.join(folder, name)), **metrics}
-    names = _read_json(os.path.join(folder, "config.json")).get("id2label") or {}
+        metrics = {**_read_json(folder, name), **metrics}
+    names = _read_json(folder, "config.json").get("id2label")
+    names = names if isinstance(names, dict) else {}
     lines = []
     for key, share in metrics.items():
-        if not key.endswith(SHARE_SUFFIX) or not isinstance(share, (int, float)):
+        if not key.endswith(SHARE_SUFFIX) or not _is_finite(share):
             continue
         prefix = key[: -len(SHARE_SUFFIX)]
         class_id = metrics.get(f"{prefix}_top_class")
-        if not isinstance(class_id, (int, float)):
+        if not _is_finite(class_id):
             continue
         label = names.get(str(int(class_id)))
         what = f"class {int(class_id)}" + (f" {label!r}" if label is not None else "")
@@ -130,6 +141,7 @@ def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
         if not predictions:
             raise
         return "\n".join([*predictions, f"no gradient record: {error}"])
+    check_description(description, os.path.join(run_folder_of(output_dir), FROZEN_PARAMETERS_FILE), counts=True)
     last = snapshots[-1]
     norm_type = _format_norm_type(last.get("norm_type", 2.0))
     steps = [s["step"] for s in snapshots]

@@ -30,16 +30,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import write_file_atomic
 from .clipping import _is_sharded
+from .errors import GradToolsError
 from .patterns import example_names, match_names
+from .run_folder import SNAPSHOT_DIR, inside_run_folder, locate_snapshots
 
-# The snapshot folder, the same as `snapshots.SNAPSHOT_DIR`; defined here without importing `snapshots`, so that
-# `snapshots` can import this module (`load_grad_snapshots` exposing the tensors) without an import cycle.
-SNAPSHOT_DIR = "grad_snapshots"
 TENSOR_SUFFIX = ".safetensors"
 _STEP_FILE = re.compile(r"step-(\d+)" + re.escape(TENSOR_SUFFIX) + "$")
 
@@ -71,19 +70,20 @@ class GradTensorCopy:
             event.synchronize()
         self._pending = []
 
-    def write(self, path: str | os.PathLike) -> str:
+    def write(self, path: str | os.PathLike, inside: str | os.PathLike | None = None) -> str:
         """Write the tensors to the safetensors file `path` atomically; return the path.
 
-        On any error no temporary file is left and an existing `path` is kept as it was.
+        On any error no temporary file is left and an existing `path` is kept as it was. `inside`: the run folder,
+        which the folder of `path` must not leave through a link (`atomic.write_file_atomic`).
         """
         self.wait()
         metadata = {"step": str(self.step), "names": json.dumps(list(self.tensors))}
-        write_file_atomic(path, lambda tmp: save_file(self.tensors, tmp, metadata=metadata))
+        write_file_atomic(path, lambda tmp: save_file(self.tensors, tmp, metadata=metadata), inside=inside)
         return os.fspath(path)
 
     def write_to_run(self, output_dir: str | os.PathLike, folder: str = SNAPSHOT_DIR) -> str:
-        """`write(grad_tensor_path(output_dir, step, folder))`."""
-        return self.write(grad_tensor_path(output_dir, self.step, folder))
+        """`write(grad_tensor_path(output_dir, step, folder))`, refusing a snapshot folder linked out of the run."""
+        return self.write(grad_tensor_path(output_dir, self.step, folder), inside=output_dir)
 
 
 class GradTensorSaver:
@@ -136,28 +136,47 @@ class GradTensorSaver:
         return GradTensorCopy(step=step, tensors=tensors, _pending=pending)
 
 
+class DamagedTensorFileError(GradToolsError):
+    """A gradient tensor file is not a readable safetensors file of `GradTensorCopy.write`."""
+
+
 class GradTensors(Mapping):
     """The gradients saved in one safetensors file, read from the file when a name is looked up.
 
     A read-only `Mapping[str, torch.Tensor]` (CPU tensors), in parameter order. `step` is the optimizer step.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        DamagedTensorFileError: the file is truncated, not safetensors, or its metadata is not `write`'s; the
+            message names the file (also when a lookup reads a damaged tensor).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"No gradient tensor file at {self.path!r}.")
-        with safe_open(self.path, framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            metadata = f.metadata() or {}
-        order = json.loads(metadata["names"]) if "names" in metadata else []
-        self._names = order if sorted(order) == sorted(keys) else keys
-        self.step = int(metadata["step"]) if "step" in metadata else None
+        try:
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                metadata = f.metadata() or {}
+            order = json.loads(metadata["names"]) if "names" in metadata else []
+            self.step = int(metadata["step"]) if "step" in metadata else None
+        except (SafetensorError, ValueError) as e:  # includes bad `names` JSON and a `step` that is no integer
+            raise self._damaged(e) from None
+        readable = isinstance(order, list) and all(isinstance(name, str) for name in order)
+        self._names = order if readable and sorted(order) == sorted(keys) else keys
+
+    def _damaged(self, error: Exception) -> DamagedTensorFileError:
+        return DamagedTensorFileError(f"{self.path!r} is not a readable gradient tensor file: {error}")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(f"{name!r} is not in {self.path!r}; it holds {example_names(self._names)}.")
-        with safe_open(self.path, framework="pt", device="cpu") as f:
-            return f.get_tensor(name)
+        try:
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise self._damaged(e) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -173,10 +192,12 @@ class GradTensors(Mapping):
 
 
 def grad_tensor_files(path: str | os.PathLike) -> dict[int, str]:
-    """`{step: file}` of every gradient tensor file of a run (its `output_dir` or `grad_snapshots` folder)."""
-    folder = os.fspath(path)
-    if os.path.isdir(os.path.join(folder, SNAPSHOT_DIR)):
-        folder = os.path.join(folder, SNAPSHOT_DIR)
+    """`{step: file}` of every gradient tensor file of a run (its `output_dir` or `grad_snapshots` folder).
+
+    Raises:
+        OutsideRunFolderError: the snapshot folder is a link out of the run folder (`run_folder.py`).
+    """
+    folder = locate_snapshots(path)[1]
     files = {}
     for file in glob.glob(os.path.join(glob.escape(folder), f"step-*{TENSOR_SUFFIX}")):
         match = _STEP_FILE.search(os.path.basename(file))
@@ -195,12 +216,15 @@ def load_grad_tensors(path: str | os.PathLike, step: int | None = None) -> GradT
 
     Raises:
         FileNotFoundError: no such file, or no file for `step` (the message lists the steps there are).
+        OutsideRunFolderError: the file of `step`, or the snapshot folder, leads out of the run folder.
+        DamagedTensorFileError: the file is not a readable tensor file.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
         return GradTensors(path)
     if step is None:
         raise FileNotFoundError(f"{path!r} is not a gradient tensor file; for a run folder, give the `step` to load.")
+    run = locate_snapshots(path)[0]
     files = grad_tensor_files(path)
     if step not in files:
         steps = ", ".join(str(s) for s in files) or "none"
@@ -208,4 +232,4 @@ def load_grad_tensors(path: str | os.PathLike, step: int | None = None) -> GradT
             f"No gradient tensors of step {step} in {path!r} (steps with tensors: {steps}); they are saved with "
             "the snapshots of parameters chosen by `grad_snapshot_tensors`."
         )
-    return GradTensors(files[step])
+    return GradTensors(inside_run_folder(run, files[step]))

@@ -11,8 +11,9 @@ norms), and the total-norm panel: the total norm before and after clipping, the 
 on its right axis, and a red line at each step skipped for non-finite gradients (snapshots with
 `"skipped": true`). `plot_grad_histogram` draws the values of one saved gradient tensor (`grad_snapshot_tensors`).
 `plot_grad_noise_scale` draws the `grad_noise_scale` that a run with `log_grad_noise_scale` logged, read from the
-log history of its `trainer_state.json` (`trainer.save_state()`), to `grad_noise_scale.png`; runs that did not log
-it get no such figure.
+log history of its `trainer_state.json` (`trainer.save_state()`), to `grad_noise_scale.png`, with a line at the
+run's effective batch (`effective_batch`); runs that did not log it get no such figure. Every file of the run is
+read, and every PNG written, without following a link out of the run folder (`run_folder.py`).
 
 matplotlib is imported only when drawing (`pip install 'hf_gradtools[plot]'`), with the `Agg` backend.
 
@@ -28,63 +29,104 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from .atomic import write_file_atomic
 from .clipping import check_norm_type
 from .grad_tensors import grad_tensor_files, load_grad_tensors
 from .monitoring import EMBEDDINGS, HEAD, parameter_group
 from .monitoring import group_order as _group_order
 from .patterns import example_names, match_names
+from .run_folder import UnreadableRunFileError, is_number, read_run_json, training_args_fields
 from .snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, load_grad_snapshots
 
 PLOT_FILE = "grad_norms.png"
 NOISE_PLOT_FILE = "grad_noise_scale.png"
 TRAINER_STATE_FILE = "trainer_state.json"
 NOISE_SCALE_KEY = "grad_noise_scale"
+TOTAL_KEYS = ("total_norm_pre_clip", "total_norm_post_clip")
 
 
-def _run_folder(path: str | os.PathLike) -> str:
+def run_folder_of(path: str | os.PathLike) -> str:
+    """The run folder of `path`: a run's `output_dir`, or its `grad_snapshots` folder."""
     folder = os.fspath(path).rstrip(os.sep) or os.sep
     if os.path.basename(folder) == SNAPSHOT_DIR and not os.path.isdir(os.path.join(folder, SNAPSHOT_DIR)):
         folder = os.path.dirname(folder) or "."
     return folder
 
 
+def check_description(description, path: str, counts: bool = False) -> dict:
+    """`description` when it is the content of a `frozen_parameters.json` (`snapshots.describe_parameters`); with
+    `counts`, also holding `num_frozen` and `num_trainable`.
+
+    Raises:
+        UnreadableRunFileError: it is not; the message names `path` and the field.
+    """
+
+    def problem() -> str | None:
+        if not isinstance(description, dict):
+            return f"a JSON {type(description).__name__}, not an object"
+        for key in ("frozen", "trainable", "embeddings"):
+            names = description.get(key)
+            if key == "embeddings" and names is None:
+                continue
+            if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+                return f"`{key}` is {names!r}, not a list of names"
+        for key in ("num_frozen", "num_trainable") if counts else ():
+            count = description.get(key)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                return f"`{key}` is {count!r}, not a count of elements"
+        stack = description.get("layer_stack")
+        if stack is not None and not isinstance(stack, str):
+            return f"`layer_stack` is {stack!r}, not a module name"
+        return None
+
+    found = problem()
+    if found is not None:
+        raise UnreadableRunFileError(f"{path!r} is not a record of frozen parameters: {found}.")
+    return description
+
+
 def load_run(output_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     """Read a run's `frozen_parameters.json` and its snapshots (in step order).
 
-    `output_dir` is the run's `output_dir`, or its `grad_snapshots` folder.
+    `output_dir` is the run's `output_dir`, or its `grad_snapshots` folder. Nothing is read through a link that
+    leaves the run folder (`run_folder.py`).
 
     Raises:
         FileNotFoundError: the folder, `frozen_parameters.json` or every snapshot is missing.
-        ValueError: a file is not valid JSON.
+        ValueError: `frozen_parameters.json` is not valid JSON or not such a record (the message names the file and
+            the field), or a file leads out of the run folder (`OutsideRunFolderError`).
     """
-    folder = _run_folder(output_dir)
+    folder = run_folder_of(output_dir)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder!r} is not a folder; give the `output_dir` of a GradTrainer run.")
     path = os.path.join(folder, FROZEN_PARAMETERS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(
             f"No {FROZEN_PARAMETERS_FILE} in {folder!r}: GradTrainer writes it, and gradient snapshots, only when "
             "something is frozen or `grad_snapshot_steps` > 0 (e.g. --grad_snapshot_steps 10); otherwise this is "
             "not the `output_dir` of a GradTrainer run, or its training did not start."
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            description = json.load(f)
-        snapshots = load_grad_snapshots(folder) if os.path.isdir(os.path.join(folder, SNAPSHOT_DIR)) else []
-    except json.JSONDecodeError as error:
-        raise ValueError(f"A file of the run in {folder!r} is not valid JSON: {error}") from None
+    description = check_description(read_run_json(folder, path), path)
+    snapshots = load_grad_snapshots(folder) if os.path.lexists(os.path.join(folder, SNAPSHOT_DIR)) else []
     if not snapshots:
         raise FileNotFoundError(
             f"No gradient snapshot in {os.path.join(folder, SNAPSHOT_DIR)!r}: train with `grad_snapshot_steps` > 0 "
             "(e.g. --grad_snapshot_steps 10) for at least that many optimizer steps."
+        )
+    missing = [(s["step"], key) for s in snapshots for key in TOTAL_KEYS if key not in s]
+    if missing:
+        step, key = missing[0]
+        raise UnreadableRunFileError(
+            f"The snapshot of step {step} in {os.path.join(folder, SNAPSHOT_DIR)!r} has no `{key}`: it was not "
+            "written by GradSnapshotCallback."
         )
     return description, snapshots
 
@@ -288,17 +330,17 @@ def draw_grad_norms(description: dict, snapshots: list[dict], params: Sequence[s
     return fig
 
 
-def _save(fig, output: str) -> str:
+def _save(fig, output: str | os.PathLike | None, run_folder: str, name: str) -> str:
+    """Write `fig` as a PNG to `output`, by default to `name` in `run_folder`; atomically, so that a link there is
+    replaced, not written through (`atomic.write_file_atomic`)."""
     import matplotlib.pyplot as plt
 
+    path, inside = (os.fspath(output), None) if output is not None else (os.path.join(run_folder, name), run_folder)
     try:
-        folder = os.path.dirname(output)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        fig.savefig(output, format="png")
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png"), inside=inside)
     finally:
         plt.close(fig)
-    return output
+    return path
 
 
 def plot_grad_norms(
@@ -318,8 +360,19 @@ def plot_grad_norms(
         FileNotFoundError, ValueError: as `load_run`; `ValueError` for a pattern that matches no parameter.
     """
     description, snapshots = load_run(output_dir)
-    output = os.fspath(output) if output is not None else os.path.join(_run_folder(output_dir), PLOT_FILE)
-    return _save(draw_grad_norms(description, snapshots, params), output)
+    return _save(draw_grad_norms(description, snapshots, params), output, run_folder_of(output_dir), PLOT_FILE)
+
+
+def _trainer_state(output_dir: str | os.PathLike) -> dict | None:
+    """The run's `trainer_state.json` as a dict; None when there is none. `ValueError` naming it when damaged."""
+    folder = run_folder_of(output_dir)
+    path = os.path.join(folder, TRAINER_STATE_FILE)
+    if not os.path.lexists(path):
+        return None
+    state = read_run_json(folder, path)
+    if not isinstance(state, dict):
+        raise UnreadableRunFileError(f"{path!r} is not a trainer state: a JSON {type(state).__name__}, not an object.")
+    return state
 
 
 def noise_scale_series(output_dir: str | os.PathLike) -> tuple[list[int], list[float]]:
@@ -328,45 +381,99 @@ def noise_scale_series(output_dir: str | os.PathLike) -> tuple[list[int], list[f
     Empty lists when the file is missing or no log entry holds the value (a run without `log_grad_noise_scale`).
 
     Raises:
-        ValueError: `trainer_state.json` is not valid JSON.
+        ValueError: `trainer_state.json` is not valid JSON, or a logged step or value is not a number (the message
+            names the file).
 
     Example:
         >>> noise_scale_series("outputs/sst2")  # doctest: +SKIP
         ([5, 10, 15], [80.2, 61.5, 57.0])
     """
-    path = os.path.join(_run_folder(output_dir), TRAINER_STATE_FILE)
-    if not os.path.isfile(path):
-        return [], []
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path!r} is not valid JSON: {error}") from None
-    history = state.get("log_history") if isinstance(state, dict) else None
+    state = _trainer_state(output_dir) or {}
+    history = state.get("log_history")
     entries = [e for e in history or [] if isinstance(e, dict) and NOISE_SCALE_KEY in e and "step" in e]
-    return [int(e["step"]) for e in entries], [float(e[NOISE_SCALE_KEY]) for e in entries]
+    for entry in entries:
+        step, value = entry["step"], entry[NOISE_SCALE_KEY]
+        if not (is_number(value) and isinstance(step, int) and not isinstance(step, bool)):
+            raise UnreadableRunFileError(
+                f"{os.path.join(run_folder_of(output_dir), TRAINER_STATE_FILE)!r} logs {NOISE_SCALE_KEY} {value!r} "
+                f"at step {step!r}: not a number at an integer step."
+            )
+    return [e["step"] for e in entries], [float(e[NOISE_SCALE_KEY]) for e in entries]
 
 
-def draw_grad_noise_scale(steps: Sequence[int], values: Sequence[float]):
+@dataclass(frozen=True)
+class EffectiveBatch:
+    """The samples of one optimizer step over all processes: `per_process x accumulation x processes`.
+
+    Attributes:
+        per_process: the batch of one process's forward pass (`trainer_state.json`'s `train_batch_size`:
+            `per_device_train_batch_size` times the GPUs of the process).
+        accumulation: `gradient_accumulation_steps`.
+        processes: the number of processes (`num_processes`).
+    """
+
+    per_process: int
+    accumulation: int
+    processes: int
+
+    @property
+    def total(self) -> int:
+        return self.per_process * self.accumulation * self.processes
+
+    def label(self) -> str:
+        processes = "process" if self.processes == 1 else "processes"
+        return (
+            f"effective batch {self.total} samples ({self.per_process} x {self.accumulation} accumulation x "
+            f"{self.processes} {processes})"
+        )
+
+
+def effective_batch(output_dir: str | os.PathLike) -> EffectiveBatch | None:
+    """The effective batch of the run in `output_dir`, or None when its files do not record it.
+
+    The batch of one process is `train_batch_size` in `trainer_state.json`; the accumulation and the number of
+    processes are read from `training_args.bin` without unpickling it (`run_folder.training_args_fields`).
+
+    Example:
+        >>> effective_batch("outputs/sst2").total  # doctest: +SKIP
+        32
+    """
+    state = _trainer_state(output_dir) or {}
+    per_process = state.get("train_batch_size")
+    fields = training_args_fields(run_folder_of(output_dir), ["gradient_accumulation_steps", "num_processes"])
+    accumulation, processes = fields.get("gradient_accumulation_steps"), fields.get("num_processes")
+    counts = (per_process, accumulation, processes)
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+        return None
+    return EffectiveBatch(per_process, accumulation, processes)
+
+
+def draw_grad_noise_scale(steps: Sequence[int], values: Sequence[float], batch: EffectiveBatch | None = None):
     """The figure of `plot_grad_noise_scale`: `grad_noise_scale` (items) over the logging steps, one panel.
 
-    A log axis when every value is positive and they span more than a factor 20; a zero line when one is not
-    positive (early estimates can be, while the `|G|^2` average is near zero).
+    With `batch`, a horizontal line at the run's effective batch, to compare the noise scale with (for
+    sequence-level losses; for token-level ones the noise scale counts label tokens, not samples). A log axis when
+    every value is positive and they span more than a factor 20; a zero line when one is not positive (early
+    estimates can be, while the `|G|^2` average is near zero).
     """
     plt = _pyplot()
     values = _finite(values)
     fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
     marker = "o" if len(steps) <= 60 else None
     ax.plot(list(steps), values, color="tab:purple", marker=marker, markersize=3, linewidth=1.4, label=NOISE_SCALE_KEY)
+    if batch is not None:
+        ax.axhline(batch.total, color="tab:green", linestyle="--", linewidth=1.2, label=batch.label())
     finite = [v for v in values if math.isfinite(v)]
     if finite and min(finite) > 0:
-        _use_log_scale(ax, [finite])
+        _use_log_scale(ax, [finite + ([batch.total] if batch is not None else [])])
     elif finite:
         ax.axhline(0.0, color="gray", linewidth=0.8)
     last = f"; last {finite[-1]:.3g}" if finite else ""
     ax.set_title(
         f"Gradient noise scale (critical batch size, in items) at {len(steps)} logging steps{last}", fontsize=10
     )
+    if batch is not None:
+        ax.legend(loc="best", fontsize=8, frameon=False)
     ax.set_ylabel("grad_noise_scale (items)")
     ax.set_xlabel("optimizer step")
     ax.grid(True, which="both", alpha=0.3)
@@ -375,7 +482,8 @@ def draw_grad_noise_scale(steps: Sequence[int], values: Sequence[float]):
 
 
 def plot_grad_noise_scale(output_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> str | None:
-    """Draw the logged `grad_noise_scale` of the run in `output_dir` to a PNG, if the run logged it.
+    """Draw the logged `grad_noise_scale` of the run in `output_dir` to a PNG, if the run logged it, with a line at
+    the run's effective batch when its files record it (`effective_batch`).
 
     Args:
         output_dir: a run's `output_dir` (with `trainer_state.json`, as `trainer.save_state()` writes it).
@@ -387,8 +495,8 @@ def plot_grad_noise_scale(output_dir: str | os.PathLike, output: str | os.PathLi
     steps, values = noise_scale_series(output_dir)
     if not steps:
         return None
-    output = os.fspath(output) if output is not None else os.path.join(_run_folder(output_dir), NOISE_PLOT_FILE)
-    return _save(draw_grad_noise_scale(steps, values), output)
+    figure = draw_grad_noise_scale(steps, values, effective_batch(output_dir))
+    return _save(figure, output, run_folder_of(output_dir), NOISE_PLOT_FILE)
 
 
 def histogram_file(step: int, param: str) -> str:
@@ -417,7 +525,7 @@ def plot_grad_histogram(
         FileNotFoundError: no saved tensors in the run, or none for `step`.
         ValueError: `param` was not saved at that step (the message lists some that were).
     """
-    folder = _run_folder(output_dir)
+    folder = run_folder_of(output_dir)
     if step is None:
         files = grad_tensor_files(folder)
         if not files:
@@ -429,8 +537,7 @@ def plot_grad_histogram(
     tensors = load_grad_tensors(folder, step=step)
     if param not in tensors:
         raise ValueError(f"`--param` {param!r} was not saved at step {step}; saved: {example_names(list(tensors))}.")
-    output = os.fspath(output) if output is not None else os.path.join(folder, histogram_file(step, param))
-    return _save(draw_grad_histogram(tensors[param], param, step, bins), output)
+    return _save(draw_grad_histogram(tensors[param], param, step, bins), output, folder, histogram_file(step, param))
 
 
 def draw_grad_histogram(tensor: torch.Tensor, param: str, step: int, bins: int = 100):
@@ -441,7 +548,7 @@ def draw_grad_histogram(tensor: torch.Tensor, param: str, step: int, bins: int =
     values = tensor.detach().float().flatten()
     finite = values[torch.isfinite(values)]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.hist(finite.numpy(), bins=bins, log=True, color="tab:blue")
+    ax.hist(finite.numpy(), bins=bins, log=finite.numel() > 0, color="tab:blue")
     if finite.numel():
         spread = finite.std().item() if finite.numel() > 1 else 0.0
         stats = (

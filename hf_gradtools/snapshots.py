@@ -35,14 +35,21 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .atomic import write_json_atomic
-from .clipping import ClipResult, grad_norms, total_norm
+from .clipping import ClipResult, check_norm_type, grad_norms, total_norm
 from .grad_tensors import TENSOR_SUFFIX, GradTensorCopy, GradTensors, load_grad_tensors
 from .layout import model_layout
+from .run_folder import (
+    SNAPSHOT_DIR,
+    OutsideRunFolderError,
+    inside_run_folder,
+    is_number,
+    locate_snapshots,
+    read_run_file,
+)
 
 logger = logging.getLogger(__name__)
 
 FROZEN_PARAMETERS_FILE = "frozen_parameters.json"
-SNAPSHOT_DIR = "grad_snapshots"
 
 
 def _json_float(value: float) -> float | str:
@@ -117,8 +124,8 @@ class GradSnapshotCallback(TrainerCallback):
             each write (`prune_grad_snapshots`); default `args.grad_snapshot_total_limit` (None: keep all).
     """
 
-    # `(output_dir, folder)` -> `(id of the TrainerState of the run, callback)`: who writes where in a run.
-    _claims: dict[tuple[str, str], tuple[int, int]] = {}
+    # The snapshot folder, links resolved -> `(id of the TrainerState of the run, callback)`: who writes where.
+    _claims: dict[str, tuple[int, int]] = {}
 
     def __init__(
         self,
@@ -168,7 +175,14 @@ class GradSnapshotCallback(TrainerCallback):
         return SNAPSHOT_DIR if self.name is None else f"{SNAPSHOT_DIR}_{self.name}"
 
     def _claim_folder(self, args, state) -> None:
-        key = (os.path.abspath(args.output_dir), self.folder)
+        """Refuse, before any step, a snapshot folder that another callback of this run writes (also through a
+        link inside the run folder), or that is not a folder, or that leads out of `output_dir`."""
+        path = os.path.join(args.output_dir, self.folder)
+        if self.period(args) > 0:
+            inside_run_folder(args.output_dir, path)  # once per run: the writes then go to this folder
+            if os.path.lexists(path) and not os.path.isdir(path):
+                raise NotADirectoryError(f"The gradient snapshot folder {path!r} is a file, not a folder.")
+        key = os.path.realpath(path)
         holder = self._claims.get(key)
         if holder is not None and holder[0] == id(state) and holder[1] != id(self):
             raise ValueError(
@@ -186,7 +200,8 @@ class GradSnapshotCallback(TrainerCallback):
             return
         description = describe_parameters(model)
         self._description = description
-        write_json_atomic(os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE), description)
+        path = os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE)
+        write_json_atomic(path, description, inside=args.output_dir)
         logger.info("hf_gradtools %s", summary_line(description))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -351,16 +366,21 @@ class DamagedSnapshotError(ValueError):
 
 
 def snapshot_folder(path: str | os.PathLike) -> str:
-    """The snapshot folder of `path`: its `grad_snapshots/` sub-folder when it has one, else `path` itself."""
-    folder = os.fspath(path)
-    inner = os.path.join(folder, SNAPSHOT_DIR)
-    return inner if os.path.isdir(inner) else folder
+    """The snapshot folder of `path`: its `grad_snapshots/` sub-folder when it has one, else `path` itself.
+
+    Raises:
+        OutsideRunFolderError: that folder is a link out of the run folder (`run_folder.locate_snapshots`).
+    """
+    return locate_snapshots(path)[1]
 
 
-def _read_snapshot(file: str) -> dict:
-    """One snapshot file as a dict; `ValueError` (or `OSError`) saying why when it is not one."""
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+def _read_snapshot(file: str, run_folder: str) -> dict:
+    """One snapshot file of `run_folder` as a dict; `ValueError` (or `OSError`) saying why when it is not one (a
+    link out of the run folder is not read)."""
+    try:
+        text = read_run_file(run_folder, file).decode("utf-8")
+    except OutsideRunFolderError as e:
+        raise ValueError(f"a link out of the run folder, to {os.path.realpath(file)!r}: not read") from e
     if not text.strip():
         raise ValueError("empty file")
     try:
@@ -372,8 +392,20 @@ def _read_snapshot(file: str) -> dict:
     step = data.get("step")
     if isinstance(step, bool) or not isinstance(step, int):
         raise ValueError(f"not a snapshot: `step` is {step!r}, not an integer")
-    if not isinstance(data.get("norms"), dict):
+    norms = data.get("norms")
+    if not isinstance(norms, dict):
         raise ValueError("not a snapshot: no `norms` object")
+    bad = next((name for name, value in norms.items() if not is_number(value)), None)
+    if bad is not None:
+        raise ValueError(f"not a snapshot: the norm of {bad!r} is {norms[bad]!r}, not a number")
+    for key in ("total_norm_pre_clip", "total_norm_post_clip"):
+        if key in data and not is_number(data[key]):
+            raise ValueError(f"not a snapshot: `{key}` is {data[key]!r}, not a number")
+    if "norm_type" in data:
+        try:
+            check_norm_type(data["norm_type"], "norm_type")
+        except (TypeError, ValueError):
+            raise ValueError(f"not a snapshot: `norm_type` is {data['norm_type']!r}") from None
     return data
 
 
@@ -382,7 +414,8 @@ def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSn
 
     Each is a dict with `step`, `norm_type`, `norms` (`{parameter name: float}`), `total_norm_pre_clip` and
     `total_norm_post_clip`. A `step-*.json` file that is empty, truncated, not JSON or not a snapshot (no integer
-    `step`, no `norms` object) is skipped with one warning that names every such file, and listed in the result's
+    `step`, no `norms` object of numbers, a total norm or `norm_type` that is not one), or a link out of the run
+    folder (not read), is skipped with one warning that names every such file, and listed in the result's
     `skipped` attribute (`{path: reason}`); with `strict=True` it raises `DamagedSnapshotError` instead. Temporary
     files of interrupted writes (`.step-*.tmp`) and other files are not looked at.
     Gradient tensors saved with a snapshot (`grad_snapshot_tensors`) are opened with `snapshots.tensors(step)`,
@@ -390,6 +423,7 @@ def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSn
 
     Raises:
         FileNotFoundError: the folder does not exist.
+        OutsideRunFolderError: the snapshot folder is a link out of the run folder (`run_folder.py`).
         DamagedSnapshotError: with `strict=True`, when a snapshot file cannot be read.
 
     Example:
@@ -397,13 +431,13 @@ def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSn
         >>> [s["step"] for s in snapshots], snapshots.skipped  # doctest: +SKIP
         ([5, 10], {'out/grad_snapshots/step-00000015.json': 'empty file'})
     """
-    folder = snapshot_folder(path)
+    run, folder = locate_snapshots(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"No gradient snapshot folder at {folder!r} (expected `{SNAPSHOT_DIR}/` inside it).")
     snapshots, skipped = [], {}
     for file in sorted(glob.glob(os.path.join(glob.escape(folder), "step-*.json"))):
         try:
-            snapshots.append(_read_snapshot(file))
+            snapshots.append(_read_snapshot(file, run))
         except (OSError, UnicodeDecodeError, ValueError) as e:
             skipped[file] = str(e) if not isinstance(e, UnicodeDecodeError) else "not UTF-8 text"
     if skipped:
@@ -418,13 +452,15 @@ _SNAPSHOT_FILE = re.compile(r"^step-(\d+)(.*)\.(json|safetensors)$")
 
 
 def _snapshot_files(folder: str, variant: str | None) -> list[tuple[int, str, list[str]]]:
-    """`(step, stem, [file names])` of each snapshot in `folder`, oldest first; `[]` when there is no folder."""
+    """`(step, stem, [file names])` of each snapshot in `folder`, oldest first; `[]` when there is no folder.
+
+    Entries that are folders are not snapshot files and are left out."""
     try:
-        names = os.listdir(folder)
+        entries = [entry.name for entry in os.scandir(folder) if not entry.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return []
     stems: dict[str, tuple[int, list[str]]] = {}
-    for name in names:
+    for name in entries:
         match = _SNAPSHOT_FILE.match(name)
         if match is None or (variant is not None and match.group(2) != variant):
             continue
@@ -434,6 +470,7 @@ def _snapshot_files(folder: str, variant: str | None) -> list[tuple[int, str, li
 
 
 def _remove(folder: str, snapshots: list[tuple[int, str, list[str]]]) -> list[str]:
+    """Delete the files of `snapshots` in `folder` (a link is removed itself, its target is not touched)."""
     removed = []
     for _, _, names in snapshots:
         for name in names:
@@ -452,7 +489,8 @@ def prune_grad_snapshots(path: str | os.PathLike, keep: int | None, variant: str
     A snapshot is every `step-<N>...json` / `step-<N>...safetensors` file with the same stem (the name without its
     ending), deleted together. Newest means the highest step `N`, then the later name. Nothing else in the folder
     is touched: not other files, not the temporary files of writes in progress. Safe to call again and again and
-    from several processes at once (a file already gone is passed over); a missing folder deletes nothing.
+    from several processes at once (a file already gone is passed over); a missing folder deletes nothing. A
+    snapshot folder that is a link out of the run folder is refused (`OutsideRunFolderError`), nothing deleted.
 
     Args:
         path: the run's `output_dir`, or its `grad_snapshots` folder.
@@ -469,7 +507,7 @@ def prune_grad_snapshots(path: str | os.PathLike, keep: int | None, variant: str
         return []
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"`keep` must be a positive integer or None (keep all), got {keep!r}.")
-    folder = snapshot_folder(path)
+    folder = snapshot_folder(path)  # refuses a snapshot folder that links out of the run folder
     snapshots = _snapshot_files(folder, variant)
     return _remove(folder, snapshots[: max(len(snapshots) - keep, 0)])
 
@@ -480,6 +518,9 @@ def discard_grad_snapshots_after(path: str | os.PathLike, step: int, variant: st
     For a run resumed from the checkpoint of `step`: the snapshots a killed run wrote after its last checkpoint
     belong to steps the resumed run does again, and would otherwise stay (from the lost run) wherever the resumed
     run does not write the same name. Files are matched as in `prune_grad_snapshots`.
+
+    Raises:
+        OutsideRunFolderError: the snapshot folder is a link out of the run folder; nothing is deleted.
     """
     folder = snapshot_folder(path)
     return _remove(folder, [s for s in _snapshot_files(folder, variant) if s[0] > step])

@@ -388,3 +388,145 @@ def test_summary_of_a_run_without_gradient_record_still_flags_one_class(tmp_path
     assert lines[0] == "DEGENERATE eval predictions: all 408 are class 1 (100%): the model answers one class"
     assert lines[1].startswith("no gradient record: No frozen_parameters.json in")
     assert "grad_snapshot_steps" in lines[1]
+
+
+# ---- the effective batch on the noise-scale figure ----
+
+
+def _training_args_file(folder, **fields) -> None:
+    """`training_args.bin` as the Trainer's `save_model` writes it: `torch.save` of its arguments."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(str(folder), report_to="none", use_cpu=True, **fields)
+    torch.save(args, folder / "training_args.bin")
+
+
+def test_noise_scale_figure_draws_the_effective_batch(hand_run, tmp_path, monkeypatch, capsys):
+    from hf_gradtools import plotting
+    from hf_gradtools.plotting import EffectiveBatch, effective_batch
+
+    run = tmp_path / "run"
+    _with_noise_scale(run, {2: 10.0, 4: 40.0, 6: 25.0, 8: 31.25})  # train_batch_size 4
+    assert effective_batch(hand_run) is None  # no training_args.bin: no line
+    _training_args_file(run, per_device_train_batch_size=4, gradient_accumulation_steps=3)
+    assert effective_batch(hand_run) == EffectiveBatch(per_process=4, accumulation=3, processes=1)
+
+    figures = []
+    monkeypatch.setattr(plotting, "_save", lambda fig, output, folder, name: figures.append(fig) or name)
+    assert main(["plot", hand_run]) == 0
+    (ax,) = figures[-1].axes
+    (line,) = [line for line in ax.lines if line.get_label().startswith("effective batch")]
+    assert line.get_label() == "effective batch 12 samples (4 x 3 accumulation x 1 process)"
+    assert list(line.get_ydata()) == [12, 12]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["grad_noise_scale", line.get_label()]
+    capsys.readouterr()
+
+
+def test_training_args_are_read_without_unpickling(tmp_path):
+    """A pickle that would run code when loaded: its fields are read, its code is not run."""
+    import pickle
+
+    from hf_gradtools.run_folder import training_args_fields
+
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    data = pickle.dumps({"gradient_accumulation_steps": 3, "num_processes": 2, "payload": RunsCode()})
+    (tmp_path / "training_args.bin").write_bytes(data)
+    fields = training_args_fields(tmp_path, ["gradient_accumulation_steps", "num_processes"])
+    assert fields == {"gradient_accumulation_steps": 3, "num_processes": 2} and not marker.exists()
+    pickle.loads(data)  # what unpickling would have done
+    assert marker.exists()
+    (tmp_path / "training_args.bin").write_bytes(b"\x80\x04garbage")
+    assert training_args_fields(tmp_path, ["num_processes"]) == {}
+
+
+# ---- damaged and foreign files: one line on stderr, exit 1, the file named ----
+
+
+def _safetensors_damage(kind: str):
+    def damage(good: bytes) -> bytes:
+        header = int.from_bytes(good[:8], "little")
+        return {
+            "header too large": (2**40).to_bytes(8, "little") + good[8:],
+            "incomplete metadata": good[: 8 + header // 2],
+            "truncated": good[:-4],
+            "not safetensors": b'{"a": 1}',
+            "empty": b"",
+        }[kind]
+
+    return damage
+
+
+DAMAGED_TENSORS = ["header too large", "incomplete metadata", "truncated", "not safetensors", "empty"]
+
+
+@pytest.mark.parametrize("kind", DAMAGED_TENSORS)
+def test_a_damaged_tensor_file_is_one_line(hand_run, capsys, kind):
+    path = os.path.join(hand_run, "grad_snapshots", "step-00000004.safetensors")
+    with open(path, "rb") as f:
+        good = f.read()
+    with open(path, "wb") as f:
+        f.write(_safetensors_damage(kind)(good))
+    for command in (["hist", hand_run, "--param", "head.w"], ["hist", hand_run, "--param", "head.w", "--step", "4"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"hf-gradtools: error: {path!r} is not a readable gradient")
+
+
+DAMAGED_RUN_FILES = {
+    "frozen list": ("frozen_parameters.json", "[1, 2]", "plot", "is not a record of frozen parameters: a JSON list"),
+    "frozen counts": (
+        "frozen_parameters.json",
+        '{"frozen": [], "trainable": [], "num_frozen": "x", "num_trainable": 1}',
+        "summary",
+        "`num_frozen` is 'x', not a count of elements",
+    ),
+    "frozen folder": ("frozen_parameters.json", None, "summary", "is not a file"),
+    "frozen not UTF-8": ("frozen_parameters.json", b"\xff\xfe", "summary", "is not UTF-8 text"),
+    "state: noise not a number": (
+        "trainer_state.json",
+        '{"log_history": [{"step": 2, "grad_noise_scale": "x"}]}',
+        "plot",
+        "logs grad_noise_scale 'x' at step 2",
+    ),
+    "state: step infinite": (
+        "trainer_state.json",
+        '{"log_history": [{"step": Infinity, "grad_noise_scale": 1.0}]}',
+        "plot",
+        "at step inf",
+    ),
+    "state not an object": ("trainer_state.json", "[]", "plot", "is not a trainer state"),
+    "results: class infinite": (
+        "all_results.json",
+        '{"eval_top_class": Infinity, "eval_top_class_share": 1.0}',
+        "summary",
+        None,
+    ),
+    "results not an object": ("all_results.json", "[1]", "summary", "is a JSON list, not an object"),
+    "config: id2label a list": ("config.json", '{"id2label": ["a", "b"]}', "summary", None),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_RUN_FILES.values(), ids=DAMAGED_RUN_FILES.keys())
+def test_a_damaged_or_foreign_run_file_is_one_line_and_exit_1(hand_run, capsys, case):
+    name, content, command, message = case
+    with open(os.path.join(hand_run, "all_results.json"), "w", encoding="utf-8") as f:
+        json.dump({"eval_top_class": 1, "eval_top_class_share": 0.6}, f)  # a share to name the class of
+    path = os.path.join(hand_run, name)
+    if content is None:
+        os.remove(path)
+        os.mkdir(path)
+    else:
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+    status = main([command, hand_run])
+    err = capsys.readouterr().err.strip().splitlines()
+    if message is None:  # a value the summary cannot use is passed over, as a missing one is
+        assert status == 0 and err == []
+        return
+    assert status == 1 and len(err) == 1
+    assert err[0].startswith(f"hf-gradtools: error: {path!r}") and message in err[0]

@@ -36,6 +36,9 @@ DAMAGED = {
     "foreign object": '{"hello": "world"}',
     "step not an integer": '{"step": "7", "norms": {}}',
     "not text": b"\xff\xfe\x00garbage",
+    "a norm not a number": '{"step": 7, "norms": {"w": "x"}}',
+    "a total norm not a number": '{"step": 7, "norms": {}, "total_norm_pre_clip": null}',
+    "norm type unknown": '{"step": 7, "norm_type": "fro", "norms": {}}',
 }
 
 
@@ -127,3 +130,21 @@ def test_discard_the_snapshots_of_steps_a_resumed_run_does_again(folder):
     assert sorted(os.path.basename(f) for f in removed) == ["step-00000003.json", "step-00000003.safetensors"]
     assert sorted(os.listdir(folder)) == [".step-00000004.json.1.2.tmp", "step-00000001.json", "step-00000002.json"]
     assert discard_grad_snapshots_after(folder, 2) == [] and discard_grad_snapshots_after(folder / "x", 0) == []
+
+
+def test_a_folder_or_a_pipe_named_like_a_snapshot_is_skipped_not_waited_on(folder):
+    os.mkdir(folder / "step-00000004.json")
+    os.mkfifo(folder / "step-00000005.json")  # opening a pipe for reading waits for a writer: not done
+    snapshots = load_grad_snapshots(folder)
+    assert [s["step"] for s in snapshots] == [1, 2, 3]
+    assert {os.path.basename(f): why for f, why in snapshots.skipped.items()} == {
+        "step-00000004.json": f"{str(folder / 'step-00000004.json')!r} is not a file (a folder, a pipe or a device).",
+        "step-00000005.json": f"{str(folder / 'step-00000005.json')!r} is not a file (a folder, a pipe or a device).",
+    }
+    # Pruning deletes the pipe (a file entry) and passes over the folder.
+    removed = prune_grad_snapshots(folder, keep=1)
+    assert sorted(os.path.basename(f) for f in removed) == [
+        "step-00000001.json", "step-00000002.json", "step-00000003.json"
+    ]  # fmt: skip
+    assert sorted(os.listdir(folder)) == ["step-00000004.json", "step-00000005.json"]
+    assert discard_grad_snapshots_after(folder, 0) == [str(folder / "step-00000005.json")]
