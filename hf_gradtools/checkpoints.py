@@ -16,6 +16,10 @@ deletes it before the new save starts.
 (`grad_settings.json`: the freeze settings, with the number of processes and the global batch), and refuses to
 resume with other freeze settings (`check_resume_settings`).
 
+A save that runs out of space (`ENOSPC`, `EDQUOT`) is reported by `checkpoint_save_error`: which file, the errno,
+and that the folder, left incomplete, is skipped on resume; torch's own message (`unexpected pos 49344 vs 49236`)
+names neither the file nor the cause.
+
 Example:
     >>> path = resolve_resume_checkpoint("out", True)  # doctest: +SKIP
     >>> trainer.train(resume_from_checkpoint=path)  # doctest: +SKIP
@@ -23,11 +27,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
 
+from safetensors import SafetensorError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
@@ -41,6 +48,8 @@ TRAINER_STATE_FILE = "trainer_state.json"
 _CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _WEIGHTS_ENDINGS = (".safetensors", ".bin", ".index.json")
 _NOT_WEIGHTS = {"training_args.bin"}
+# Temporary files of writes a kill cut short: safetensors' (the `tempfile` crate's) and `atomic.write_file_atomic`'s.
+_INTERRUPTED_WRITE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$|^\..+\.\d+\.\d+\.tmp$")
 
 
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
@@ -148,12 +157,112 @@ def begin_checkpoint_save(folder: str | os.PathLike) -> None:
 
     When `folder` holds an earlier save (a resumed run reaching the same step again), its `trainer_state.json` is
     deleted first, so that until the new one is written the folder counts as incomplete, not as the old save over
-    half-written new weights. A folder that does not exist yet is left alone.
+    half-written new weights. So are the temporary files of an earlier save that a kill cut short (safetensors'
+    `.tmpXXXXXX`, as large as the weights, and this package's `.<name>.<pid>.<thread>.tmp`): nothing else names
+    them, and the new save writes every file again. A folder that does not exist yet is left alone.
     """
+    folder = os.fspath(folder)
     try:
-        os.remove(os.path.join(os.fspath(folder), TRAINER_STATE_FILE))
+        entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
-        pass
+        return
+    for entry in entries:
+        if entry.name == TRAINER_STATE_FILE or (
+            _INTERRUPTED_WRITE.match(entry.name) and entry.is_file(follow_symlinks=False)
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(entry.path)
+
+
+# ---- a save that runs out of space ----
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_TORCH_WRITE_FAILED = ("unexpected pos", "iostream error", "write failed")  # torch's zip writer, without an errno
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint save ran out of space. `errno` and `filename` are those of the failed write; the message also
+    says that the folder is incomplete, so that resuming skips it."""
+
+    def __init__(self, code: int, filename: str, message: str):
+        super().__init__(code, os.strerror(code), filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _no_space_errno(error: BaseException, folder: str | os.PathLike) -> int | None:
+    """`ENOSPC` or `EDQUOT` when `error` is a write into `folder` that ran out of space, else `None`.
+
+    Python's writes raise `OSError` with the errno, safetensors says `os error 28`, and torch's zip writer
+    (`torch.save`) says only `unexpected pos ...`, `iostream error` or `file write failed`: that counts as `ENOSPC`
+    when the device of `folder` has no free block left.
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno if error.errno in _NO_SPACE else None
+    text = str(error)
+    found = re.search(r"os error (\d+)", text)
+    if found is not None:
+        return int(found.group(1)) if int(found.group(1)) in _NO_SPACE else None
+    if isinstance(error, RuntimeError) and any(cue in text for cue in _TORCH_WRITE_FAILED):
+        folder = os.fspath(folder)
+        try:
+            free = os.statvfs(folder if os.path.isdir(folder) else os.path.dirname(folder) or ".").f_bavail
+        except OSError:
+            return None
+        return errno.ENOSPC if free == 0 else None
+    return None
+
+
+_WEIGHT_SHARD = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def _failed_file(error: BaseException, folder: str) -> str:
+    """The file a failed save of `folder` was writing, as far as `error` and the folder tell.
+
+    The error's own `filename`; else, for safetensors (which removes what it could not finish), the weights file
+    (`model.safetensors`, or the shard after the last one on disk); else the file modified last (then the newer
+    inode), which torch and Python leave cut short.
+    """
+    if getattr(error, "filename", None):
+        return os.fspath(error.filename)
+    try:
+        files = [entry for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False)]
+    except OSError:
+        files = []
+    if isinstance(error, SafetensorError):
+        shards = sorted(m.groups() for m in map(_WEIGHT_SHARD.match, (e.name for e in files)) if m is not None)
+        if not shards:
+            return os.path.join(folder, "model.safetensors")
+        done, total = shards[-1]
+        return os.path.join(folder, f"model-{int(done) + 1:05d}-of-{total}.safetensors")
+    if not files:
+        return folder
+    return max(files, key=lambda e: (e.stat(follow_symlinks=False).st_mtime_ns, e.inode())).path
+
+
+def checkpoint_save_error(error: BaseException, folder: str | os.PathLike) -> CheckpointSaveError | None:
+    """The error to raise, in place of `error`, when `error` stopped the save of the checkpoint `folder` for lack of
+    space and left it incomplete; `None` for any other error (raise it as it is).
+
+    The message names the file (`_failed_file`), the errno, and says that `resume_from_checkpoint=True` skips the
+    folder, as `last_complete_checkpoint` does.
+    """
+    folder = os.fspath(folder)
+    code = _no_space_errno(error, folder)
+    problem = checkpoint_problem(folder) if code is not None else None
+    if problem is None:
+        return None
+    filename = _failed_file(error, folder)
+    return CheckpointSaveError(
+        code,
+        filename,
+        f"Could not save the checkpoint {folder}: no space left for {filename} on its device "
+        f"({errno.errorcode[code]}, errno {code}: {os.strerror(code)}). The folder is incomplete, {problem}; "
+        "`resume_from_checkpoint=True` will skip it and resume from the newest complete checkpoint. Free some "
+        "space, then resume.",
+    )
 
 
 # ---- the gradient-tool settings a checkpoint was saved with ----

@@ -10,7 +10,8 @@ On disk, in the run's `output_dir`:
 
 Every file is written atomically (temporary file, then rename), by the main process only, on a background
 thread: reading the norms back from the device and writing them never holds up the training step. Pending writes
-are finished at each checkpoint save and at the end of training.
+are finished before each checkpoint of `GradTrainer` is saved (after it, on `on_save`, on a plain `Trainer`), at
+the end of training, and on SIGTERM (`signals.py`).
 
 Example:
     >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[GradSnapshotCallback(every_n_steps=10)])
@@ -22,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -200,6 +202,8 @@ class GradSnapshotCallback(TrainerCallback):
             return
         description = describe_parameters(model)
         self._description = description
+        if 0 < state.max_steps <= state.global_step:
+            return  # a finished run, resumed: nothing is trained, and its file (with `no_grad`) stays as it is
         path = os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE)
         write_json_atomic(path, description, inside=args.output_dir)
         logger.info("hf_gradtools %s", summary_line(description))
@@ -321,7 +325,8 @@ def _write_snapshot(
     tensors: GradTensorCopy | None = None,
 ) -> None:
     """Write one snapshot (its tensors first, then its JSON); then, when it was written and `keep` is set, prune its
-    folder to the newest `keep`."""
+    folder to the newest `keep`. When the JSON cannot be written (a full disk), the tensor file is removed too: a
+    snapshot is its JSON, and tensors without one would be an orphan that no resume replaces."""
     values = torch.cat(
         [result.param_norms.float().flatten(), torch.stack([result.total_norm, result.total_norm_post_clip]).float()]
     ).tolist()
@@ -335,9 +340,16 @@ def _write_snapshot(
     }
     if skipped:
         snapshot["skipped"] = True
+    tensor_file = path[: -len(".json")] + TENSOR_SUFFIX
     if tensors is not None:
-        tensors.write(path[: -len(".json")] + TENSOR_SUFFIX)
-    write_json_atomic(path, snapshot)
+        tensors.write(tensor_file)
+    try:
+        write_json_atomic(path, snapshot)
+    except BaseException:
+        if tensors is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tensor_file)
+        raise
     if keep is not None:
         prune_grad_snapshots(os.path.dirname(path), keep, variant="")
 

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -42,6 +43,7 @@ from .checkpoints import (
     FROZEN_SETTINGS,
     begin_checkpoint_save,
     check_resume_settings,
+    checkpoint_save_error,
     checkpoint_step,
     resolve_resume_checkpoint,
     run_settings,
@@ -63,6 +65,7 @@ from .schedules import (
 )
 from .schedules.lr_decay import layerwise_optimizer
 from .side_effects import undo_forward_side_effects
+from .signals import exit_cleanly_on_sigterm
 from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
 from .training_args import GRAD_DEFAULTS, grad_setting, validate_grad_arguments
 from .training_state import load_training_state, save_training_state
@@ -283,7 +286,9 @@ class GradTrainerMixin:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`Trainer.train`, after re-checking the gradient fields (they may have changed since construction).
 
-        `resume_from_checkpoint=True` resumes from the last complete checkpoint (see `_resume_checkpoint`).
+        `resume_from_checkpoint=True` resumes from the last complete checkpoint (see `_resume_checkpoint`); a
+        checkpoint at the end of the run trains nothing more (`_init_training_state`). With gradient snapshots to
+        write, SIGTERM exits with status 143 once the queued ones are written (`signals.exit_cleanly_on_sigterm`).
         """
         validate_grad_arguments(self.args)
         self._apply_changed_freezing()
@@ -297,10 +302,13 @@ class GradTrainerMixin:
         self._attach_snapshot_callback()
         resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
         self._start_grad_insight()
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            self._close_snapshot_callbacks()
+        # SIGTERM exits after the queued snapshots are written (`signals.py`); with none to write, signals stay alone.
+        on_sigterm = exit_cleanly_on_sigterm() if self._snapshot_callbacks() else contextlib.nullcontext()
+        with on_sigterm:
+            try:
+                return super().train(resume_from_checkpoint, *args, **kwargs)
+            finally:
+                self._close_snapshot_callbacks()
 
     def _apply_changed_freezing(self) -> None:
         """Freeze what `args` asks for now, when its freeze fields grew since construction; refuse a shrink."""
@@ -319,16 +327,22 @@ class GradTrainerMixin:
         self._attach_snapshot_callback()
 
     def _close_snapshot_callbacks(self) -> None:
-        """Flush and stop every snapshot writer; an error is raised unless another one is already on its way."""
-        errors = []
+        """Flush and stop every snapshot writer; an error is raised unless another one is already on its way.
+
+        Every writer is closed even when closing one is interrupted (`TrainingTerminated` from a SIGTERM): the
+        interruption is raised after the last one.
+        """
+        errors, interrupted = [], None
         for callback in self._snapshot_callbacks():
             try:
                 callback.close()
             except Exception as error:  # noqa: PERF203
                 errors.append(error)
+            except BaseException as stop:
+                interrupted = interrupted or stop
+        if interrupted is not None:
+            raise interrupted
         if errors:
-            import sys
-
             if sys.exc_info()[0] is None:
                 raise errors[0]
             for error in errors:
@@ -607,17 +621,50 @@ class GradTrainerMixin:
                 )
         return checkpoint
 
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
+        """`Trainer._init_training_state`; from a checkpoint at `max_steps` or later, the run is finished.
+
+        The Trainer's loop looks at `should_training_stop` only after a step, so from such a checkpoint it trains
+        step `max_steps + 1` (and saves it, and its snapshot) wherever the last epoch has batches left. Here the
+        position returned is then past the last epoch: the loop trains nothing, and the folder stays as it was.
+        """
+        position = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is None or self.state.global_step < max_steps:
+            return position
+        logger.warning(
+            "hf_gradtools: %s is at step %d, and this run ends at step %d: it is finished, nothing more is trained "
+            "(raise `max_steps` or `num_train_epochs` to train on).",
+            resume_from_checkpoint,
+            self.state.global_step,
+            max_steps,
+        )
+        return num_train_epochs, 0
+
     def _save_checkpoint(self, model, trial) -> None:
-        """`Trainer._save_checkpoint`, which marks an earlier save of the same folder incomplete first, and records
-        the freeze settings and world size (`grad_settings.json`, atomically) before the Trainer's files."""
-        if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            begin_checkpoint_save(folder)
-            settings = run_settings(self.args)
-            if any(settings[name] != GRAD_DEFAULTS[name] for name in FROZEN_SETTINGS):
-                save_run_settings(folder, settings)  # a default run's checkpoints hold the Trainer's files alone
-        super()._save_checkpoint(model, trial)
+        """`Trainer._save_checkpoint`, after the queued snapshots are written (a checkpoint at step s counts as
+        complete once every snapshot up to s is on disk: the resumed run never writes them again). It marks an
+        earlier save of the same folder incomplete first, and records the freeze settings and world size
+        (`grad_settings.json`, atomically) before the Trainer's files. A save that runs out of space raises
+        `CheckpointSaveError`, naming the file and saying that resuming skips the incomplete folder."""
+        for callback in self._snapshot_callbacks():
+            callback.flush()
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            if self.args.should_save:
+                begin_checkpoint_save(folder)
+                settings = run_settings(self.args)
+                if any(settings[name] != GRAD_DEFAULTS[name] for name in FROZEN_SETTINGS):
+                    save_run_settings(folder, settings)  # a default run's checkpoints hold the Trainer's files alone
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            no_space = checkpoint_save_error(error, folder)
+            if no_space is None:
+                raise
+            raise no_space from error
 
     # ---- issues 8 and 12: schedules, noise scale ----
     # Per `train()` call, from `create_optimizer` (the model is final, no checkpoint loaded yet): the unfreezing

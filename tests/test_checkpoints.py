@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import threading
 
 import pytest
 import torch
 from conftest import classification_data, tiny_classifier
-from transformers import TrainerCallback
+from safetensors import SafetensorError
+from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_gradtools import GradTrainer
+from hf_gradtools import GradTrainer, snapshots
 from hf_gradtools.checkpoints import (
     RUN_SETTINGS_FILE,
     ChangedSettingsError,
     begin_checkpoint_save,
     check_resume_settings,
     checkpoint_problem,
+    checkpoint_save_error,
     is_complete_checkpoint,
     last_complete_checkpoint,
     list_checkpoints,
@@ -112,6 +116,18 @@ def test_resaving_a_checkpoint_marks_it_incomplete_until_done(run_dir):
         resolve_resume_checkpoint(run_dir, True)
 
 
+def test_resaving_a_checkpoint_removes_the_temporary_files_of_the_cut_save(run_dir):
+    folder = os.path.join(run_dir, "checkpoint-4")  # half-written: the kill also left the writes in progress
+    cut = [".tmpQ7x2Za", ".hf_gradtools_state.json.123.456.tmp"]  # safetensors' weights, an atomic write
+    kept = ["notes.tmp", ".tmp", ".tmpdir-long-name"]
+    for name in cut + kept:
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("x")
+    before = set(os.listdir(folder))
+    begin_checkpoint_save(folder)
+    assert set(os.listdir(folder)) == before - set(cut)
+
+
 def test_what_counts_as_complete(tmp_path):
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
@@ -174,3 +190,103 @@ def test_other_world_size_is_resumed_with_a_warning(tmp_path, caplog):
         check_resume_settings(tmp_path, {**saved, "world_size": 1, "batch": 4})
     (message,) = [r.getMessage() for r in caplog.records]
     assert "saved by 2 process(es), with 1" in message and "takes 4 rows, where it took 8" in message
+
+
+def folder_contents(folder: str) -> dict[str, bytes]:
+    """Every file under `folder`, by path relative to it, with its bytes."""
+    contents = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                contents[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return contents
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [{"max_steps": 4}, {"max_steps": -1, "num_train_epochs": 1.5}],
+    ids=["max_steps", "num_train_epochs"],
+)
+def test_resuming_a_finished_run_trains_nothing_more(args_factory, schedule, caplog):
+    """The last checkpoint is at the run's last step, with batches of the epoch left (4 of 8 steps; 12 steps for
+    1.5 epochs of 8): the Trainer would train one step more and save it."""
+
+    def trainer():
+        args = args_factory(
+            per_device_train_batch_size=2, save_strategy="steps", save_steps=2, grad_snapshot_steps=1, **schedule
+        )
+        return GradTrainer(model=tiny_classifier(seed=1), args=args, train_dataset=classification_data(16))
+
+    finished = trainer()
+    finished.train()
+    out, last = finished.args.output_dir, finished.state.global_step
+    assert last == (4 if schedule["max_steps"] == 4 else 12)
+    before = folder_contents(out)
+    resumed = trainer()
+    with caplog.at_level(logging.WARNING, logger="hf_gradtools"):
+        output = resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == output.global_step == last
+    assert folder_contents(out) == before  # no checkpoint, snapshot or file more, none rewritten otherwise
+    for (name, a), b in zip(resumed.model.named_parameters(), finished.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"hf_gradtools: {out}{os.sep}checkpoint-{last} is at step {last}, and this run ends at step {last}: it is "
+        "finished, nothing more is trained (raise `max_steps` or `num_train_epochs` to train on)."
+    ]
+
+
+def test_a_checkpoint_is_written_after_the_snapshots_of_its_steps(args_factory, monkeypatch):
+    """The writer is still busy with step 2's snapshot when checkpoint-2 is saved: `trainer_state.json`, which makes
+    the checkpoint complete, waits for it (a kill right after it must not lose a snapshot no resume writes again)."""
+    state_written = threading.Event()
+    on_disk_at_state = {}
+    write_snapshot, save_state = snapshots._write_snapshot, TrainerState.save_to_json
+
+    def slow_write(path, step, *args):
+        if step == 2:
+            state_written.wait(timeout=1)  # the checkpoint would have to wait 1 s to see it
+        write_snapshot(path, step, *args)
+
+    def record_snapshots(state, json_path):
+        folder = os.path.join(os.path.dirname(os.path.dirname(json_path)), "grad_snapshots")
+        on_disk_at_state[os.path.basename(os.path.dirname(json_path))] = sorted(os.listdir(folder))
+        state_written.set()
+        save_state(state, json_path)
+
+    monkeypatch.setattr(snapshots, "_write_snapshot", slow_write)
+    monkeypatch.setattr(TrainerState, "save_to_json", record_snapshots)
+    train(args_factory, grad_snapshot_steps=1)
+    assert on_disk_at_state == {
+        "checkpoint-2": ["step-00000001.json", "step-00000002.json"],
+        "checkpoint-4": [f"step-0000000{n}.json" for n in range(1, 5)],
+    }
+
+
+@pytest.mark.parametrize(
+    "on_disk, expected",
+    [((), "model.safetensors"), (("model-00001-of-00003.safetensors",), "model-00002-of-00003.safetensors")],
+)
+def test_a_full_disk_while_saving_the_weights_names_the_weights_file(tmp_path, on_disk, expected):
+    """safetensors removes the file it could not finish and names no file: the weights file (or shard) is named."""
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    for name in ("config.json", *on_disk):
+        (folder / name).write_text("{}")
+    error = checkpoint_save_error(
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), folder
+    )
+    assert (error.errno, error.filename) == (errno.ENOSPC, str(folder / expected))
+    assert str(error).startswith(f"Could not save the checkpoint {folder}: no space left for {folder / expected}")
+
+
+def test_other_save_errors_are_raised_as_they_are(tmp_path):
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    # Not a lack of space: an I/O error, torch's writer on a device with room left, a permission error.
+    assert checkpoint_save_error(OSError(errno.EIO, "Input/output error"), folder) is None
+    assert checkpoint_save_error(RuntimeError("unexpected pos 49344 vs 49236"), folder) is None
+    assert checkpoint_save_error(PermissionError(errno.EACCES, "Permission denied", str(folder)), folder) is None
+    # A lack of space after the checkpoint was complete (its trainer_state.json written) is no incomplete save.
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    (folder / "model.safetensors").write_text("")
+    assert checkpoint_save_error(OSError(errno.ENOSPC, "No space left on device"), folder) is None
