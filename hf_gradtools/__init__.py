@@ -2,7 +2,12 @@
 Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`."""
 
 from .accumulation import ItemRule, count_items, micro_batch_loss_weights
-from .checkpoints import last_complete_checkpoint, resolve_resume_checkpoint
+from .checkpoints import (
+    ChangedSettingsError,
+    CheckpointSaveError,
+    last_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
 from .clipping import ClipResult, clip_gradients
 from .errors import DamagedCheckpointError, GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
@@ -13,10 +18,11 @@ from .freezing import (
     get_trainable_parameters,
     unfreeze,
 )
-from .grad_tensors import load_grad_tensors
+from .grad_tensors import DamagedTensorFileError, load_grad_tensors
 from .guards import NonFiniteGradientError
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
 from .loss_probe import probe_loss_normalization
+from .run_folder import OutsideRunFolderError
 from .snapshots import (
     DamagedSnapshotError,
     GradSnapshotCallback,
@@ -30,9 +36,12 @@ from .training_args import GradArgumentsMixin, GradSeq2SeqTrainingArguments, Gra
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChangedSettingsError",
+    "CheckpointSaveError",
     "ClipResult",
     "DamagedCheckpointError",
     "DamagedSnapshotError",
+    "DamagedTensorFileError",
     "GradArgumentsMixin",
     "GradSeq2SeqTrainer",
     "GradSeq2SeqTrainingArguments",
@@ -46,6 +55,7 @@ __all__ = [
     "LayerStackNotFoundError",
     "NoTrainableParametersError",
     "NonFiniteGradientError",
+    "OutsideRunFolderError",
     "clip_gradients",
     "count_items",
     "discard_grad_snapshots_after",
