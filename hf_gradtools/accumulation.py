@@ -16,6 +16,10 @@ gradient into the gradient of that mean. A summed loss is already additive: its 
 parallelism the window spans all processes and every weight is multiplied by the world size, because DDP
 averages the gradients of the processes.
 
+A loss that divides by `num_items_in_batch` (the Trainer's contract) is not weighted: it gets the window's count of
+its rule's items (`window_count`) and the Trainer's scaling, which is the same weight carried by the count.
+`Accumulation` records which of the two a loss gets.
+
 Example:
     >>> import torch
     >>> batches = [{"labels": torch.tensor([0, 1, 1])}, {"labels": torch.tensor([1])}]
@@ -60,6 +64,22 @@ class ItemRule:
         return name if self.ignore_index == IGNORE_INDEX else f"{name} (ignore index {self.ignore_index})"
 
 
+@dataclass(frozen=True)
+class Accumulation:
+    """How accumulation treats a loss: weighted by `rule`, or given a count.
+
+    Attributes:
+        rule: the items the loss is a mean over; `None` with `takes_count`: the Trainer's own count.
+        takes_count: the loss divides by `num_items_in_batch` (the Trainer's contract): it gets the window's count
+            of `rule`'s items and the Trainer's scaling, and is not weighted.
+        declared: the `loss_normalization` it was declared as (`None`: measured).
+    """
+
+    rule: ItemRule | None
+    takes_count: bool = False
+    declared: str | None = None
+
+
 TOKEN = ItemRule("token")
 SHIFTED_TOKEN = ItemRule("token", shift=True)
 SAMPLE = ItemRule("sample")
@@ -95,6 +115,23 @@ def count_items(batch: Mapping, rule: ItemRule = TOKEN) -> torch.Tensor | int:
     if rule.shift and "shift_labels" not in batch and rule.label_key is None:
         labels = labels[..., 1:]
     return labels.ne(rule.ignore_index).sum()
+
+
+def window_count(batches: Sequence[Mapping], rule: ItemRule) -> torch.Tensor:
+    """The number of `rule`'s items in `batches` (one window on this process), as an int64 tensor on their device.
+
+    For a loss that divides by `num_items_in_batch`: the count of the items its own normalisation counts.
+    """
+    device = next((v.device for v in batches[0].values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    counts = [count_items(batch, rule) for batch in batches]
+    return torch.stack(
+        [
+            c.to(device=device, dtype=torch.int64)
+            if isinstance(c, torch.Tensor)
+            else torch.full((), c, device=device, dtype=torch.int64)
+            for c in counts
+        ]
+    ).sum()
 
 
 def micro_batch_loss_weights(

@@ -3,17 +3,31 @@
 A loss that is a mean over some items (`accumulation.ItemRule`) is additive in a known way: split a batch in two
 parts A and B, and `L(A+B) * c(A+B) = L(A) * c(A) + L(B) * c(B)` where `c` counts the items; a summed loss gives
 `L(A+B) = L(A) + L(B)`. `probe_loss_normalization` evaluates the loss (in eval mode, without gradients) on such
-splits of the first window and keeps the rules the numbers agree with:
+splits of a window and keeps the rules the numbers agree with:
 
 - the row probe splits the rows of a micro-batch (or joins two one-row micro-batches of equal shapes); it tests
-  every rule;
+  every rule. The same split is tried again with one label of a row ignored, so that token and sample rules count
+  the parts in different proportions even where every row holds as many labels;
 - the position probe keeps the even label positions of each row, then the odd ones (the rest set to the ignore
-  index); it tests the token rules, and tells a causal LM's shifted loss (position 0 never a target)
-  from an unshifted one by what the loss does, not by the model's class.
+  index); it tests the token rules;
+- the position-0 test tells a causal LM's shifted loss (position 0 never a target) from an unshifted one by what
+  the loss does, not by the model's class: it changes the labels at position 0 (ignores those that are set, and
+  gives the others a label of their row) and a shifted loss stays bit-identical. It runs on every window, also
+  one whose rows never label position 0;
+- for a loss that divides by `num_items_in_batch`, the count it divides by when given none (`own_counts`, from
+  `probe_count_response`) is compared with each rule's count: an exact test of every rule, also on one row.
 
 The first rule in priority order (shifted token, token, element, sample, sum) that passes every probe it was put
-to wins. When no rule passes, or two rules pass with equal evidence but would weight the window differently, the
-result is `None` and the caller keeps the Trainer's own scaling.
+to wins. No rule is established (the result is `None` and the caller keeps the Trainer's own scaling) when none
+passes, when two pass with equal evidence but would weight the window differently, or when a rule that would
+weight it differently could not be tested at all (one-row micro-batches of different lengths cannot be split).
+
+`split_gradient_error` then measures what the loss values cannot show: how far the gradient that accumulation
+combines from the parts of a split batch is from the gradient of the whole (`EXACT` or less is float32 rounding).
+
+`probe_count_response` measures how the loss answers `num_items_in_batch`, the Trainer's contract ("sum, then
+divide by `num_items_in_batch` when given"): it divides by it, ignores it, or mixes both (a part that does not
+divide, such as a router's auxiliary loss).
 
 Example:
     >>> import torch
@@ -50,6 +64,46 @@ from .accumulation import (
 
 MAX_PROBE_BATCHES = 4  # micro-batches tried per probe before the window counts as inconclusive
 DECISIVE = 10.0  # a rival rule must fit at least this many times worse than the chosen one
+EXACT = 5e-6  # a relative gradient error at or below this is float32 rounding: accumulation is exact
+GRADIENT_DIRECTIONS = 4  # fixed random directions a gradient is projected on to compare it with another
+
+
+def project_on_random_signs(
+    grads: Sequence[torch.Tensor | None], directions: int = GRADIENT_DIRECTIONS, seed: int = 0
+) -> torch.Tensor:
+    """The dot products of a gradient (one tensor per parameter, `None` for none) with fixed random +-1 vectors.
+
+    Parameter i's signs come from seed `(seed, i)`, so projections of different batches compare, also where a
+    parameter has no gradient in one of them; nothing of the gradient's size is kept beyond one parameter. Two
+    gradients whose difference is large relative to them project apart, whatever its direction, with high
+    probability: the squared projection's mean is the squared norm.
+
+    Returns:
+        A float64 tensor of `directions` values, on the CPU (read once, at the end).
+    """
+    totals: dict[torch.device, torch.Tensor] = {}
+    generators: dict[torch.device, torch.Generator] = {}
+    for i, grad in enumerate(grads):
+        if grad is None:
+            continue
+        if grad.device not in generators:
+            generators[grad.device] = torch.Generator(grad.device)
+            totals[grad.device] = torch.zeros(directions, dtype=torch.float64, device=grad.device)
+        generator = generators[grad.device]
+        generator.manual_seed(seed * 1_000_003 + i)
+        for k in range(directions):
+            signs = torch.randint(0, 2, grad.shape, generator=generator, device=grad.device, dtype=torch.uint8)
+            totals[grad.device][k] += torch.where(signs.bool(), grad, -grad).sum(dtype=torch.float64)
+    return sum((total.cpu() for total in totals.values()), torch.zeros(directions, dtype=torch.float64))
+
+
+def describe_error(error: float | None, unmeasured: str = "no micro-batch could be split") -> str:
+    """How close accumulation's gradient comes to one batch's, for the log: "exactly" only at float32 rounding."""
+    if error is None:
+        return f"(how closely was not measured: {unmeasured})"
+    if error <= EXACT:
+        return f"exactly (gradient measured to {error:.0e} of one batch's)"
+    return f"within {error:.1e} of one batch's gradient (relative, measured on a split micro-batch)"
 
 
 @dataclass
@@ -59,6 +113,21 @@ class ProbeResult:
     rule: ItemRule | None
     reason: str
     conclusive: bool = True  # False: these micro-batches could not tell; a later window may
+
+
+@dataclass
+class CountResponse:
+    """How a loss answers `num_items_in_batch` (see `probe_count_response`).
+
+    Attributes:
+        kind: "divides" (a sum divided by the count: the Trainer's contract), "ignores" (the same loss whatever the
+            count), "mixed" (neither: a part of the loss does not divide), or "unknown" (no finite, non-zero loss).
+        own_counts: for "divides": `(batch, n)` pairs, `n = c * L(batch, c) / L(batch, None)`: the count the loss
+            divides by when it is given none, times the factor the Trainer applies to a loss given a count.
+    """
+
+    kind: str
+    own_counts: list[tuple[Mapping, float]]
 
 
 def candidate_rules(
@@ -183,6 +252,130 @@ def _weights_differ(a: ItemRule, b: ItemRule, batches: Sequence[Mapping]) -> boo
     return not torch.allclose(ca / ca.sum().clamp_min(1), cb / cb.sum().clamp_min(1), rtol=1e-9, atol=1e-12)
 
 
+def _label_key(batch: Mapping, label_key: str | None) -> str:
+    return label_key or ("shift_labels" if isinstance(batch.get("shift_labels"), torch.Tensor) else "labels")
+
+
+def drop_one_label(batch: Mapping, ignore_index: int, label_key: str | None = None) -> dict | None:
+    """`batch` with the last label of its row with the most labels set to `ignore_index`, when that row holds two or
+    more (`None` otherwise): token rules then count that row, and the part that holds it, apart from the sample rule.
+    """
+    key = _label_key(batch, label_key)
+    labels = batch[key]
+    flat = labels.reshape(labels.shape[0], -1)
+    targets = flat.ne(IGNORE_INDEX) & flat.ne(ignore_index)
+    counts = targets.sum(1)
+    row = int(counts.argmax())
+    if flat.shape[1] < 2 or int(counts[row]) < 2:
+        return None
+    edited = flat.clone()
+    edited[row, int(targets[row].nonzero().max())] = ignore_index
+    return {**batch, key: edited.reshape(labels.shape)}
+
+
+def toggle_position_zero(labels: torch.Tensor) -> torch.Tensor | None:
+    """`labels` with position 0 of each row changed: ignored where it is a target, else given the row's first target
+    (`None` when nothing changes). A shifted loss never reads position 0, so it stays bit-identical."""
+    targets = labels.ne(IGNORE_INDEX)
+    first = targets.int().argmax(-1, keepdim=True)  # the first target of each row (0 when there is none)
+    donor = labels.gather(-1, first).squeeze(-1)
+    zero = labels[..., 0]
+    edited = labels.clone()
+    edited[..., 0] = torch.where(targets[..., 0], torch.full_like(zero, IGNORE_INDEX), donor)
+    return None if torch.equal(edited, labels) else edited
+
+
+def _split_errors(loss_of, rules, batch, k) -> tuple[list[float | None], list[Mapping]] | None:
+    """Each rule's error on rows `[:k]` and `[k:]` of `batch`, and the parts (`None`: not split, or not finite)."""
+    split = split_rows(batch, k)
+    if split is None:
+        return None
+    whole = loss_of(batch)
+    losses = [(loss_of(part), part) for part in split]
+    if not _finite(whole, *(loss for loss, _ in losses)):
+        return None
+    return [_error(rule, whole, losses) for rule in rules], list(split)
+
+
+def probe_count_response(
+    loss_with: Callable[[Mapping, object], float],
+    batches: Sequence[Mapping],
+    count,
+    rtol: float = 1e-5,
+    reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> CountResponse:
+    """How the loss answers `num_items_in_batch`: `loss_with(batch, n)` is the loss given the count `n` (or none).
+
+    The loss of one micro-batch given `count` and `2 * count`: half as large, it divides by the count; the same, it
+    ignores it; else it mixes both. For a loss that divides, the count it divides by when given none is measured on
+    each micro-batch tried.
+
+    Args:
+        loss_with: the loss of one batch given a count (`None`: no count), deterministic (eval mode, no gradients).
+        batches: the micro-batches of one window (at least one).
+        count: a positive count to pass, such as the Trainer's `num_items_in_batch` of the window.
+        rtol: relative tolerance of "half as large" and "the same".
+        reduce_max: element-wise max over data-parallel processes, so that every process decides alike.
+    """
+    value = float(count.reshape(-1)[0]) if isinstance(count, torch.Tensor) else float(count)
+    attempts = MAX_PROBE_BATCHES if reduce_max is None else 1
+    gaps = torch.full((2,), math.inf, dtype=torch.float64)  # |r - 1|, |2r - 1| (r: the ratio of the two losses)
+    own: list[tuple[Mapping, float]] = []
+    for batch in batches[:attempts]:
+        given, doubled, none = loss_with(batch, count), loss_with(batch, count * 2), loss_with(batch, None)
+        if _finite(given, doubled, none) and given != 0:
+            if not math.isfinite(float(gaps[0])):
+                ratio = doubled / given
+                gaps[0], gaps[1] = abs(ratio - 1), abs(2 * ratio - 1)
+            if none != 0:
+                own.append((batch, value * given / none))
+    if reduce_max is not None:
+        gaps = reduce_max(gaps)
+    if float(gaps[0]) <= rtol:
+        return CountResponse("ignores", [])
+    if float(gaps[1]) <= rtol:
+        return CountResponse("divides", own)
+    return CountResponse("mixed" if math.isfinite(float(gaps[1])) else "unknown", [])
+
+
+def split_gradient_error(
+    project: Callable[[Mapping, object], torch.Tensor | None],
+    batches: Sequence[Mapping],
+    rule: ItemRule | None,
+    count=None,
+    allow_join: bool = True,
+) -> float | None:
+    """How far accumulation's gradient is from one batch's, measured on a split of the rows, relative.
+
+    `project(batch, count)` is the gradient of the loss of `batch` (given `count`, or none) along a few fixed
+    directions (`None`: no gradient). The parts' projections are combined as accumulation combines micro-batches:
+    weighted by `rule`, or, with `rule` `None`, given the same `count` and added (the Trainer's scaling of a loss
+    that takes the count). The loss values alone cannot tell: a router's auxiliary loss can add up to 1e-7 while
+    its gradient does not.
+
+    Returns:
+        The relative distance between the combined projection and the whole batch's; `None` when no batch splits.
+    """
+    for batch in _row_probe_batches(batches, allow_join)[:1]:
+        split = split_rows(batch, batch_rows(batch) // 2)
+        if split is None:
+            return None
+        whole = project(batch, count)
+        parts = [project(part, count) for part in split]
+        if whole is None or any(part is None for part in parts):
+            return None
+        if rule is None or rule.kind == "sum":
+            combined = sum(parts)
+        else:
+            counts = [float(count_items(part, rule)) for part in split]
+            if min(counts) <= 0:
+                return None
+            combined = sum(c * p for c, p in zip(counts, parts, strict=True)) / sum(counts)
+        error = float((combined - whole).norm() / whole.norm().clamp_min(1e-30))
+        return error if math.isfinite(error) else None
+    return None
+
+
 def probe_loss_normalization(
     loss_of: Callable[[Mapping], float],
     batches: Sequence[Mapping],
@@ -191,24 +384,31 @@ def probe_loss_normalization(
     reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
     allow_join: bool = True,
     label_key: str | None = None,
+    own_counts: Sequence[tuple[Mapping, float]] = (),
+    count_multipliers: Sequence[float] = (1.0,),
 ) -> ProbeResult:
     """Measure which `ItemRule` the loss `loss_of(batch)` follows, from the micro-batches of one window.
 
     Args:
         loss_of: the loss of one batch as a float, deterministic (eval mode, no gradients).
-        batches: the micro-batches of the first window (at least one).
+        batches: the micro-batches of the window (at least one).
         ignore_indices: label values other than -100 that the head ignores, tried as token rules.
         rtol: relative tolerance of the additivity checks (looser for half-precision models).
         reduce_max: element-wise max over data-parallel processes, so that every process decides alike.
         allow_join: join two one-row micro-batches for the row probe (off under data parallelism, where the
             processes must run the same number of forward passes).
         label_key: the batch key of the labels when it is not `labels` (the Trainer's `label_names`).
+        own_counts: `CountResponse.own_counts` of a loss that divides by `num_items_in_batch`.
+        count_multipliers: the factors an own count may carry (the Trainer multiplies a loss given a count by the
+            number of processes when it averages tokens across them).
 
     Returns:
         `ProbeResult` with the rule, or `None` and the reason it could not be established.
     """
     rules = candidate_rules(batches[0], ignore_indices, label_key)
     errors = torch.full((len(rules),), -1.0, dtype=torch.float64)  # -1: not tested; else the largest error seen
+    token_rules = [i for i, rule in enumerate(rules) if rule.kind == "token"]
+    ignores = list(dict.fromkeys(rules[i].ignore_index for i in token_rules))
 
     def record(i: int, error: float | None) -> None:
         if error is not None:
@@ -219,27 +419,35 @@ def probe_loss_normalization(
     row_done = position_done = False
     for batch in _row_probe_batches(batches, allow_join)[:attempts]:
         rows = batch_rows(batch)
-        whole = loss_of(batch)
         for k in dict.fromkeys([rows // 2, 1, rows - 1][:attempts]):
-            split = split_rows(batch, k)
-            if split is None:
-                break
-            losses = [(loss_of(part), part) for part in split]
-            if _finite(whole, *(loss for loss, _ in losses)):
-                for i, rule in enumerate(rules):
-                    record(i, _error(rule, whole, losses))
-                row_done = _tells_apart(rules, [part for _, part in losses])
-                break
+            measured = _split_errors(loss_of, rules, batch, k)
+            if measured is None:
+                continue
+            for i, error in enumerate(measured[0]):
+                record(i, error)
+            row_done = _tells_apart(rules, measured[1])
+            # Rows of equal label counts cannot tell token from sample: one label fewer in one row can.
+            for ignore in ignores:
+                edited = drop_one_label(batch, ignore, label_key)
+                try:
+                    measured = _split_errors(loss_of, rules, edited, k) if edited is not None else None
+                except (RuntimeError, ValueError, IndexError):  # an ignore value the head does not accept
+                    continue
+                if measured is not None:
+                    for i, error in enumerate(measured[0]):
+                        if rules[i].kind != "token" or rules[i].ignore_index == ignore:
+                            record(i, error)
+                    row_done = row_done or _tells_apart(rules, measured[1])
+            break
         if row_done:
             break
 
-    token_rules = [i for i, rule in enumerate(rules) if rule.kind == "token"]
     for batch in batches[:attempts] if token_rules else ():
         labels = label_tensor(batch, label_key)
         if labels is None or labels[0].numel() < 2:
             break
         whole = loss_of(batch)
-        for ignore in dict.fromkeys(rules[i].ignore_index for i in token_rules):
+        for ignore in ignores:
             halves = [mask_positions(batch, even, ignore, label_key) for even in (True, False)]
             try:
                 losses = [(loss_of(half), half) for half in halves]
@@ -256,23 +464,29 @@ def probe_loss_normalization(
     shifted = dataclasses.replace(SHIFTED_TOKEN, label_key=label_key)
     shift = rules.index(shifted) if shifted in rules else None
     if shift is not None:
-        # Exact test: does the label at position 0 take part in the loss? A shifted loss never reads it.
+        # Exact test: does position 0 take part in the loss? A shifted loss never reads it.
+        unshifted = rules.index(dataclasses.replace(TOKEN, label_key=label_key))
         for batch in batches[:attempts]:
-            labels = label_tensor(batch, label_key)
-            if not bool(labels[:, 0].ne(IGNORE_INDEX).any()):
+            key = _label_key(batch, label_key)
+            edited = toggle_position_zero(batch[key])
+            if edited is None:
                 continue
             whole = loss_of(batch)
-            first = torch.full_like(labels[:, :1], IGNORE_INDEX)
             try:
-                masked = loss_of({**batch, label_key or "labels": torch.cat([first, labels[:, 1:]], 1)})
+                changed = loss_of({**batch, key: edited})
             except (RuntimeError, ValueError, IndexError):  # the head does not accept -100 as a label
                 break
-            if _finite(whole, masked):
-                change = abs(whole - masked) / max(abs(whole), 1e-12)
-                unshifted = rules.index(dataclasses.replace(TOKEN, label_key=label_key))
+            if _finite(whole, changed):
+                change = abs(whole - changed) / max(abs(whole), 1e-12)
                 record(shift, 0.0 if change <= 1e-7 else math.inf)
                 record(unshifted, math.inf if change <= 1e-7 else 0.0)
             break
+
+    for batch, own in own_counts:  # exact: the count a loss divides by is some rule's count, or none's
+        for i, rule in enumerate(rules):
+            items = 1.0 if rule.kind == "sum" else float(count_items(batch, rule))
+            if items > 0:
+                record(i, min(abs(own / m - items) for m in count_multipliers) / items)
 
     if reduce_max is not None:
         errors = reduce_max(errors)
@@ -281,22 +495,32 @@ def probe_loss_normalization(
     if not accepted:
         if not tested:
             why = "its micro-batches cannot be split into parts that each hold an item"
-            return ProbeResult(None, f"the first window cannot measure it: {why}", conclusive=False)
+            return ProbeResult(None, f"the window cannot measure it: {why}", conclusive=False)
         return ProbeResult(None, "no normalisation (token, shifted_token, sample, element, sum) fits the measurements")
     chosen = accepted[0]
-    # A rival that would weight the window differently must fit the numbers clearly worse than the chosen rule.
+    # A rival that would weight the window differently must fit the numbers clearly worse than the chosen rule,
+    # and one that no probe could test is no weaker than the chosen rule.
     rivals = [
         i
         for i in accepted[1:]
         if errors[i] < DECISIVE * max(float(errors[chosen]), 1e-9)
         and _weights_differ(rules[chosen], rules[i], batches)
     ]
-    conflict = torch.tensor([float(bool(rivals))], dtype=torch.float64)
+    untested = [i for i in range(len(rules)) if errors[i] < 0 and _weights_differ(rules[chosen], rules[i], batches)]
+    conflict = torch.tensor([float(bool(rivals)), float(bool(untested))], dtype=torch.float64)
     if reduce_max is not None:
         conflict = reduce_max(conflict)
-    if conflict.item() > 0:
+    if conflict[0].item() > 0:
         names = ", ".join(rules[i].name for i in [chosen] + rivals)
-        return ProbeResult(None, f"the first window cannot tell {names} apart", conclusive=False)
+        return ProbeResult(None, f"the window cannot tell {names} apart", conclusive=False)
+    if conflict[1].item() > 0:
+        names = ", ".join(rules[i].name for i in untested) or "rules other processes could not test"
+        return ProbeResult(
+            None,
+            f"the window fits {rules[chosen].name} but cannot test {names}, which would weight it differently "
+            "(one-row micro-batches of different shapes cannot be joined into a batch to split)",
+            conclusive=False,
+        )
     labels = label_tensor(batches[0], label_key)
     per = "label (one a row)" if rules[chosen].kind == "token" and labels is not None and labels.dim() == 1 else None
-    return ProbeResult(rules[chosen], f"per {per or rules[chosen].name}, measured on the first window")
+    return ProbeResult(rules[chosen], f"per {per or rules[chosen].name}")

@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import sys
 from collections import deque
@@ -38,7 +39,17 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .accumulation import DECLARED_RULES, ItemRule, count_items, label_tensor, micro_batch_loss_weights
+from .accumulation import (
+    DECLARED_RULES,
+    SHIFTED_TOKEN,
+    TOKEN,
+    Accumulation,
+    ItemRule,
+    count_items,
+    label_tensor,
+    micro_batch_loss_weights,
+    window_count,
+)
 from .checkpoints import (
     FROZEN_SETTINGS,
     begin_checkpoint_save,
@@ -54,7 +65,14 @@ from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
 from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step
 from .layout import find_input_embeddings, find_layer_stack
-from .loss_probe import probe_loss_normalization
+from .loss_probe import (
+    GRADIENT_DIRECTIONS,
+    describe_error,
+    probe_count_response,
+    probe_loss_normalization,
+    project_on_random_signs,
+    split_gradient_error,
+)
 from .noise_scale import WindowNoiseMeter
 from .schedules import (
     GradualUnfreezeCallback,
@@ -179,10 +197,11 @@ class GradTrainerMixin:
 
     1. freezes `freeze_embeddings` / `freeze_first_n_layers` before the optimizer is built (the optimizer takes
        only `requires_grad=True` parameters, with the Trainer's weight-decay groups);
-    2. weights each micro-batch loss so that `gradient_accumulation_steps=N` gives exactly the gradient (and the
-       logged loss) of the N micro-batches as one batch, where the loss's normalisation is known for certain:
-       declared with `loss_normalization`, or measured on the first window (`loss_probe.py`). Otherwise, or when
-       `loss_is_scaled_for_ga` is set on the class or the instance, the host's own scaling is kept;
+    2. makes `gradient_accumulation_steps=N` give the gradient (and the logged loss) of the N micro-batches as one
+       batch: a loss that divides by `num_items_in_batch` keeps getting a count and the host's scaling; any other
+       is weighted by its normalisation, where that is known for certain: declared with `loss_normalization`, or
+       measured on the first window (`loss_probe.py`). Otherwise, or when `loss_is_scaled_for_ga` is set on the
+       class or the instance, the host's own scaling is kept;
     3. clips once per optimizer step, after the last micro-batch: elements to `clip_grad_value`, then the total
        `clip_norm_type` norm to `max_grad_norm`; logs the norm before clipping as `grad_norm`;
     4. hands the per-parameter norms to `GradSnapshotCallback`, which is attached when there is something to
@@ -350,17 +369,18 @@ class GradTrainerMixin:
 
     # ---- exact gradient accumulation ----
 
-    def _loss_rule(self, batch_samples: list) -> ItemRule | None:
-        """The rule the loss of these micro-batches is weighted by, or `None` to keep the host's scaling."""
+    def _loss_rule(self, batch_samples: list, num_items_in_batch=None) -> Accumulation | None:
+        """How the loss of these micro-batches is accumulated, or `None` to keep the host's count and scaling."""
         if self.loss_is_scaled_for_ga is not None:
             return None  # the user declared the scaling on the class or the instance
         setting = grad_setting(self.args, "loss_normalization")
         if setting == "trainer" or not batch_samples:
             return None
-        if setting in DECLARED_RULES:
-            return dataclasses.replace(DECLARED_RULES[setting], label_key=self._label_key())
+        declared = setting if setting in DECLARED_RULES else None
+        if self._probed_rule and self._probed_rule.declared != declared:
+            self._probed_rule = False  # `loss_normalization` changed since the last `train()`
         if self._probed_rule is False:
-            self._probed_rule = self._measure_loss_rule(batch_samples)
+            self._probed_rule = self._measure_loss_rule(batch_samples, num_items_in_batch, declared)
         return self._probed_rule or None
 
     def _label_key(self) -> str | None:
@@ -368,9 +388,41 @@ class GradTrainerMixin:
         names = self.label_names or []
         return names[0] if len(names) == 1 and names[0] != "labels" else None
 
-    def _measure_loss_rule(self, batch_samples: list) -> ItemRule | None | bool:
+    def _host_name(self) -> str:
+        return type(self).__mro__[type(self).__mro__.index(GradTrainerMixin) + 1].__name__
+
+    def _trainer_count_rule(self) -> ItemRule:
+        """The items the Trainer counts for `num_items_in_batch`."""
+        return SHIFTED_TOKEN if getattr(self, "_loss_shifts_labels", False) else TOKEN
+
+    def _count_multipliers(self) -> tuple[float, ...]:
+        """The factors by which `Trainer.compute_loss` may multiply a loss given a count (its token averaging
+        across processes; an override that does not call it does not)."""
+        args = self.args
+        if args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func):
+            return (1.0, float(self.accelerator.num_processes // self.get_tp_size()))
+        return (1.0,)
+
+    def _measure_loss_rule(self, batch_samples: list, num_items_in_batch, declared: str | None):
+        """Decide how the loss is accumulated (`Accumulation`), from this window; `False`: measure the next one.
+
+        The Trainer's contract comes first. Where the Trainer passes `num_items_in_batch` and the loss divides by
+        it, the loss keeps getting a count and the Trainer's scaling: the Trainer's own count, or, where the loss's
+        own normalisation is measured (or declared) to count other items, the window's count of those. A loss that
+        ignores the count is weighted by its measured (or declared) rule and gets none. A loss that only partly
+        divides (a router's auxiliary loss added) takes whichever of the two measured closer to one batch.
+
+        A declared rule is honoured without measuring it; only how the loss answers a count is measured, since
+        only a count consistent with the declaration keeps it true for a loss that divides by the count: the
+        window's count of the declared items, which makes such a loss the declared mean. A declared `sum` gets no
+        count: a sum is what the loss is without one.
+        """
         model = self.model
         base = _base_model(model)
+        name, host = type(base).__name__, self._host_name()
+        rule = dataclasses.replace(DECLARED_RULES[declared], label_key=self._label_key()) if declared else None
+        if declared and num_items_in_batch is None:
+            return Accumulation(rule, declared=declared)
         config = getattr(base, "config", None)
         batches = [self._probe_inputs(batch, base) for batch in batch_samples]
         ignore = [
@@ -379,49 +431,199 @@ class GradTrainerMixin:
             if key.endswith("ignore_index") and isinstance(value, int) and not isinstance(value, bool)
         ]
         low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
+        rtol = 2e-2 if low_precision else 2e-4
+        distributed = self.accelerator.num_processes > 1
+        # One micro-batch a window on one process is the batch itself: only the count a loss divides by matters.
+        one_batch = self.args.gradient_accumulation_steps == 1 and not distributed
+        reduce_max = self._reduce_max if distributed else None
         modes = [(m, m.training) for m in model.modules()]
         metrics = copy.deepcopy(getattr(self, "_metrics", None))  # TRL trainers record metrics in compute_loss
         device = self.args.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
+
+        def loss_with(batch, count=None) -> float:
+            kwargs = {} if count is None else {"num_items_in_batch": count}
+            return float(self.compute_loss(model, dict(batch), **kwargs).detach().float().mean())
+
+        response = result = None
+        consistent = False
+        errors: dict[str, float | None] = {}
+        probe_count = num_items_in_batch  # a window without items: any positive count tells as well
+        if isinstance(probe_count, torch.Tensor):
+            probe_count = probe_count.clamp(min=1)
+        elif probe_count is not None:
+            probe_count = max(probe_count, 1)
         try:
             model.eval()
             with torch.random.fork_rng(devices=rng_devices), torch.no_grad(), undo_forward_side_effects(model):
-                result = probe_loss_normalization(
-                    lambda batch: float(self.compute_loss(model, dict(batch)).detach().float().mean()),
-                    batches,
-                    ignore_indices=ignore,
-                    rtol=2e-2 if low_precision else 2e-4,
-                    reduce_max=self._reduce_max if self.accelerator.num_processes > 1 else None,
-                    allow_join=self.accelerator.num_processes == 1,
-                    label_key=self._label_key(),
-                )
+                if num_items_in_batch is not None:
+                    response = probe_count_response(
+                        loss_with,
+                        batches,
+                        probe_count,
+                        rtol=2e-2 if low_precision else 1e-5,
+                        reduce_max=reduce_max,
+                    )
+                kind = response.kind if response is not None else None
+                if not declared and kind != "unknown" and (kind == "divides" or not one_batch):
+                    result = probe_loss_normalization(
+                        loss_with,
+                        batches,
+                        ignore_indices=ignore,
+                        rtol=rtol,
+                        reduce_max=reduce_max,
+                        allow_join=not distributed,
+                        label_key=self._label_key(),
+                        own_counts=response.own_counts if response is not None else (),
+                        count_multipliers=self._count_multipliers(),
+                    )
+                    if kind == "mixed" and result.rule is not None and not distributed:
+                        # Weighted without a count, one micro-batch must give what the Trainer trains it on.
+                        one = batches[0]
+                        given = loss_with(one, self._get_num_items_in_batch([one], device))
+                        consistent = math.isclose(loss_with(one), given, rel_tol=rtol)
+                    if kind in ("divides", "mixed") and not one_batch:
+                        errors["count"] = self._gradient_error(batches, None, probe_count)
+                    if result.rule is not None and kind != "divides":
+                        errors["rule"] = self._gradient_error(batches, result.rule)
         except Exception as error:
-            result = None
             reason = f"computing the loss of part of a micro-batch failed ({type(error).__name__}: {error})"
-        else:
-            reason = result.reason
+            return self._keep_host_scaling(name, reason)
         finally:
             for module, training in modes:
                 module.training = training
             if metrics is not None:
                 self._metrics = metrics
-        name = type(base).__name__
-        if result is not None and not result.conclusive:
+
+        if declared:
+            if response is not None and response.kind == "divides" and rule.kind != "sum":
+                logger.info(
+                    "hf_gradtools: the loss of %s divides by `num_items_in_batch`; it gets the window's count per %s "
+                    "(the declared `loss_normalization`) and %s's own scaling.",
+                    name,
+                    rule.name,
+                    host,
+                )
+                return Accumulation(rule, takes_count=True, declared=declared)
+            return Accumulation(rule, declared=declared)
+        if one_batch and kind != "divides":
+            return None  # the host's own scaling, exact for one micro-batch
+        if response is not None and response.kind == "unknown":
+            why = "no micro-batch gave a finite, non-zero loss with `num_items_in_batch`"
+            return self._keep_host_scaling(name, why)
+        if response is not None and response.kind == "divides":
+            unmeasured = "one micro-batch a step is the batch itself" if one_batch else self._unmeasured
+            return self._count_passed(name, result.rule, errors.get("count"), unmeasured)
+        if response is not None and response.kind == "mixed":
+            rule_error, count_error = errors.get("rule"), errors["count"]
+            better = rule_error is not None and (count_error is None or rule_error < count_error)
+            if not (better and consistent):
+                return self._count_passed(name, None, count_error, self._unmeasured, mixed=True)
+            logger.info(
+                "hf_gradtools: part of the loss of %s does not divide by `num_items_in_batch` (an auxiliary loss?); "
+                "it is weighted %s without a count, measured on window %d: accumulation comes %s (with %s's "
+                "scaling: %s).",
+                name,
+                result.reason,
+                self._probe_windows + 1,
+                describe_error(rule_error),
+                host,
+                describe_error(count_error),
+            )
+            return Accumulation(result.rule)
+
+        if not result.conclusive:
             self._probe_windows += 1
             if self._probe_windows < MAX_PROBE_WINDOWS:
+                if self._probe_windows == 1:
+                    logger.warning(
+                        "hf_gradtools: could not establish how the loss of %s is normalised from the first window "
+                        "(%s); this window keeps %s's own loss scaling, and the next ones are measured again (up to "
+                        "%d windows).",
+                        name,
+                        result.reason,
+                        host,
+                        MAX_PROBE_WINDOWS,
+                    )
                 return False  # the host's scaling for this window; measure again on the next one
-        if result is None or result.rule is None:
-            logger.warning(
-                "hf_gradtools: could not establish how the loss of %s is normalised (%s); gradient accumulation "
-                "keeps %s's own loss scaling. Declare it with `loss_normalization` (token, shifted_token, sample, "
-                "element or sum) to make accumulation exact.",
-                name,
-                reason,
-                type(self).__mro__[type(self).__mro__.index(GradTrainerMixin) + 1].__name__,
+        if result.rule is None:
+            return self._keep_host_scaling(name, result.reason)
+        logger.info(
+            "hf_gradtools: the loss of %s is normalised %s, measured on window %d; accumulation weights it %s.",
+            name,
+            result.reason,
+            self._probe_windows + 1,
+            describe_error(errors.get("rule"), self._unmeasured),
+        )
+        return Accumulation(result.rule)
+
+    # The gradient check runs backward passes outside the engine: not where FSDP owns the parameters' gradients.
+    _unmeasured = "no micro-batch could be split, FSDP holds the gradients, or a backward pass failed"
+
+    def _gradient_error(self, batches: list, rule: ItemRule | None, count=None) -> float | None:
+        """`split_gradient_error` on this model; `None` where it cannot run (FSDP's sharded gradients, no trainable
+        parameter, a model that cannot run backward in eval mode): the rule stands, unmeasured."""
+        model = self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        distributed = self.accelerator.num_processes > 1
+
+        def project(batch, given=None) -> torch.Tensor | None:
+            kwargs = {} if given is None else {"num_items_in_batch": given}
+            with torch.enable_grad():
+                loss = self.compute_loss(model, dict(batch), **kwargs).float().mean()
+                if not loss.requires_grad:
+                    return None
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            return project_on_random_signs(grads, GRADIENT_DIRECTIONS)
+
+        try:
+            error = None
+            if params and not self.is_fsdp_enabled:
+                error = split_gradient_error(project, batches, rule, count, allow_join=not distributed)
+        except Exception:  # a check that cannot run leaves the error unmeasured, the rule as it is
+            error = None
+        if distributed:  # every process decides alike: the largest error, or none measured when one lacks it
+            error = self._reduce_max(torch.tensor([math.inf if error is None else error], dtype=torch.float64))
+            error = None if math.isinf(error.item()) else error.item()
+        return error
+
+    def _keep_host_scaling(self, name: str, reason: str) -> None:
+        logger.warning(
+            "hf_gradtools: could not establish how the loss of %s is normalised (%s); gradient accumulation keeps "
+            "%s's own loss scaling. Declare it with `loss_normalization` (token, shifted_token, sample, element or "
+            "sum) to make accumulation exact.",
+            name,
+            reason,
+            self._host_name(),
+        )
+        return None
+
+    def _count_passed(
+        self, name: str, rule: ItemRule | None, error: float | None, unmeasured: str, mixed: bool = False
+    ) -> Accumulation:
+        """The loss keeps getting `num_items_in_batch` and the Trainer's scaling; `rule`: the items it counts."""
+        host = self._host_name()
+        if rule is not None and rule.kind == "sum":
+            rule = None  # a loss that is a sum without a count gets the Trainer's count, as the Trainer expects
+        counted = self._trainer_count_rule()
+        if rule is not None and rule != counted:
+            how = (
+                f"its own normalisation is per {rule.name} (measured), so it gets the window's count of those "
+                f"({host} counts per {counted.name}) and {host}'s scaling"
             )
-            return None
-        logger.info("hf_gradtools: the loss of %s is normalised %s; accumulation weights it exactly.", name, reason)
-        return result.rule
+        else:
+            how = f"accumulation keeps {host}'s count and scaling"
+        what = "part of the loss does not divide by it (an auxiliary loss?); " if mixed else ""
+        logger.info(
+            "hf_gradtools: the loss of %s takes `num_items_in_batch`, as %s expects; %s%s: the micro-batches add up "
+            "to one batch %s.",
+            name,
+            host,
+            what,
+            how,
+            describe_error(error, unmeasured),
+        )
+        return Accumulation(rule, takes_count=True)
 
     def _probe_inputs(self, batch: dict, base: nn.Module) -> dict:
         """The batch on the device. A seq2seq model that builds its decoder inputs from the labels gets them here,
@@ -448,26 +650,47 @@ class GradTrainerMixin:
         torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
         return reduced.to(tensor.device)
 
+    def _share_count(self, count: torch.Tensor, device) -> torch.Tensor:
+        """A window's count on this process, summed and shared as the Trainer shares its `num_items_in_batch`."""
+        args = self.args
+        if args.average_tokens_across_devices and args.world_size > 1:
+            count = self.accelerator.gather(count.to(device)).sum()
+        elif args.n_gpu > 1:
+            count = count // args.n_gpu
+        count = count.to(device)
+        if args.n_gpu > 1 and count.dim() == 0:
+            count = count.unsqueeze(0).expand(args.n_gpu, -1)
+        return count / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        rule = self._window_rule = self._loss_rule(batch_samples)
+        plan = self._loss_rule(batch_samples, num_items_in_batch)
+        rule = self._window_rule = plan.rule if plan is not None else None
+        self._pending_loss_weights = deque()
+        self._count_carries_weights = plan is not None and plan.takes_count
         if rule is None:
-            self._pending_loss_weights = deque()
             return batch_samples, num_items_in_batch
-        weights = micro_batch_loss_weights(
-            batch_samples,
-            rule,
-            world_size=self.accelerator.num_processes,
-            gather_sum=lambda t: self.accelerator.gather(t.reshape(1)).sum(),
-        )
-        self._pending_loss_weights = deque(weights.unbind())
-        # The loss must be the micro-batch's own normalisation; the weights do the rest.
-        return batch_samples, None
+        if plan.takes_count and rule != self._trainer_count_rule():
+            num_items_in_batch = self._share_count(window_count(batch_samples, rule), device)
+        if not plan.takes_count or self._noise_meter is not None:  # a count implies the weights the meter reads
+            weights = micro_batch_loss_weights(
+                batch_samples,
+                rule,
+                world_size=self.accelerator.num_processes,
+                gather_sum=lambda t: self.accelerator.gather(t.reshape(1)).sum(),
+            )
+            self._pending_loss_weights = deque(weights.unbind())
+        # A weighted loss must be the micro-batch's own normalisation: it gets no count; the weights do the rest.
+        return batch_samples, num_items_in_batch if plan.takes_count else None
+
+    _count_carries_weights = False
 
     def _weighted_training_step(self, model, inputs, num_items_in_batch=None):
         if not self._pending_loss_weights:
             return super().training_step(model, inputs, num_items_in_batch)
         weight = self._pending_loss_weights.popleft()
+        if self._count_carries_weights:  # the count weights the loss already; the weight was the meter's
+            return super().training_step(model, inputs, num_items_in_batch)
         compute_loss = self.compute_loss  # the subclass's own, whether or not it calls `super()`
 
         def weighted_compute_loss(*args, **kwargs):

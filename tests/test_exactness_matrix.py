@@ -171,21 +171,29 @@ CASES = case_rows()
 
 
 class GradCapture(T.TrainerCallback):
+    """Copies every gradient right before each optimizer step, and keeps every logged training loss."""
+
     def __init__(self):
-        self.grads = None
+        self.steps, self.losses = [], []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in (logs or {}):
+            self.losses.append(logs["loss"])
 
 
-def train_one_step(trainer_cls, args_cls, model, rows, batch, accumulation, tmp_path, collator=None, **extra):
+def train_steps(
+    trainer_cls, args_cls, model, rows, batch, accumulation, tmp_path, collator=None, trainer_kw=None, steps=1, **extra
+):
+    """`GradCapture` of the first `steps` optimizer steps (learning rate 0, no clipping, one log per step)."""
     capture = GradCapture()
     args = args_cls(
         output_dir=str(tmp_path / f"{trainer_cls.__name__}-{batch}x{accumulation}"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
-        max_steps=1,
+        max_steps=steps,
         learning_rate=0.0,
         max_grad_norm=0.0,
         report_to="none",
@@ -203,9 +211,14 @@ def train_one_step(trainer_cls, args_cls, model, rows, batch, accumulation, tmp_
         train_dataset=rows,
         data_collator=collator or T.default_data_collator,
         callbacks=[capture],
+        **(trainer_kw or {}),
     )
     trainer.train()
-    return capture.grads
+    return capture
+
+
+def train_one_step(trainer_cls, args_cls, model, rows, batch, accumulation, tmp_path, collator=None, **extra):
+    return train_steps(trainer_cls, args_cls, model, rows, batch, accumulation, tmp_path, collator, **extra).steps[0]
 
 
 def reference(model, batch: dict, loss_fn=None):
