@@ -234,7 +234,7 @@ class GradTrainerMixin:
         self._setup_grad_insight(model, args)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         # False: not measured yet in this `train()` call; None: not established, the host's scaling is kept.
-        self._probed_rule: ItemRule | None | bool = False
+        self._probed_rule: Accumulation | None | bool = False
         self._probe_windows = 0
         self._window_rule: ItemRule | None = None  # the rule of the window being accumulated
         flags = [(p, p.requires_grad) for p in model.parameters()] if model is not None else []
