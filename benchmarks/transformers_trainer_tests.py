@@ -36,17 +36,15 @@ def swap_trainer_classes(swap: str) -> None:
     """Rebind `transformers.Trainer` (and `TrainingArguments` for `swap="all"`) to GradTrainer's classes."""
     if swap == "none":
         return
-    from hf_gradtools import GradTrainer, GradTrainingArguments
-
     # After that import: loading `transformers.trainer` can put a new `transformers` module in `sys.modules`.
     import transformers
+
+    from hf_gradtools import GradTrainer, GradTrainingArguments
 
     transformers.Trainer = type("Trainer", (GradTrainer,), {"__module__": GradTrainer.__module__})
     if swap == "all":
         # A dataclass subclass of a dataclass keeps its fields; `__module__` for pickling `training_args.bin`.
-        transformers.TrainingArguments = type(
-            "TrainingArguments", (GradTrainingArguments,), {"__module__": __name__}
-        )
+        transformers.TrainingArguments = type("TrainingArguments", (GradTrainingArguments,), {"__module__": __name__})
         globals()["TrainingArguments"] = transformers.TrainingArguments
 
 

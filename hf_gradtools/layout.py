@@ -330,9 +330,7 @@ def _no_embeddings(model: nn.Module, why: str) -> LayerStackNotFoundError:
         stack = None
     module = _input_side_module(model, stack)
     named = dict(model.named_modules())
-    hint = (
-        f"`freeze({_attribute(module)})` ({type(named[module]).__name__})" if module else "`freeze(model.<module>)`"
-    )
+    hint = f"`freeze({_attribute(module)})` ({type(named[module]).__name__})" if module else "`freeze(model.<module>)`"
     return LayerStackNotFoundError(
         f"{type(model).__name__} has no input embeddings ({why}), so `freeze_embeddings` cannot apply to it. "
         f"Freeze its input modules by name instead, e.g. {hint}."

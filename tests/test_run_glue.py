@@ -542,7 +542,9 @@ def test_text_labels_named_as_the_task_take_its_order_and_f1_is_of_its_class_1(e
 
     assert f1_of("equivalent") != pytest.approx(f1_of("not_equivalent"))
     assert results["eval_f1"] == pytest.approx(f1_of("equivalent"))
-    assert results["eval_accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predictions, truth)]))
+    assert results["eval_accuracy"] == pytest.approx(
+        np.mean([p == t for p, t in zip(predictions, truth, strict=True)])
+    )
 
 
 # ---- bad inputs: one line, exit status 2, nothing written ----
