@@ -153,6 +153,16 @@ def exit_without_teardown() -> None:
     os._exit(0)
 
 
+def folder_contents(folder: str) -> dict[str, bytes]:
+    """Every file under `folder`, by path relative to it, with its bytes: what a refused operation must not change."""
+    contents = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                contents[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return contents
+
+
 def tiny_wav2vec2_config(**overrides) -> T.Wav2Vec2Config:
     """A 2-layer Wav2Vec2 of hidden size 16 over 400-sample inputs, without dropout or time masking."""
     settings = dict(

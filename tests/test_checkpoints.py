@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import classification_data, tiny_classifier
+from conftest import classification_data, folder_contents, tiny_classifier
 from safetensors import SafetensorError
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
@@ -190,16 +190,6 @@ def test_other_world_size_is_resumed_with_a_warning(tmp_path, caplog):
         check_resume_settings(tmp_path, {**saved, "world_size": 1, "batch": 4})
     (message,) = [r.getMessage() for r in caplog.records]
     assert "saved by 2 process(es), with 1" in message and "takes 4 rows, where it took 8" in message
-
-
-def folder_contents(folder: str) -> dict[str, bytes]:
-    """Every file under `folder`, by path relative to it, with its bytes."""
-    contents = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                contents[os.path.relpath(os.path.join(root, name), folder)] = f.read()
-    return contents
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from conftest import classification_data, grad_args, tiny_classifier
+from conftest import classification_data, folder_contents, grad_args, tiny_classifier
 
 from hf_gradtools import DamagedCheckpointError, GradToolsError, GradTrainer
 from hf_gradtools.checkpoints import RUN_SETTINGS_FILE, check_resume_settings
@@ -44,16 +44,6 @@ def finished_run(tmp_path_factory):
 def run_copy(finished_run, tmp_path):
     shutil.copytree(finished_run, tmp_path / "out")
     return str(tmp_path / "out")
-
-
-def folder_contents(folder: str) -> dict[str, bytes]:
-    contents = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                contents[os.path.relpath(path, folder)] = f.read()
-    return contents
 
 
 def edit_json(path: str, edit) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import classification_data, tiny_classifier
+from conftest import classification_data, folder_contents, tiny_classifier
 
 from hf_gradtools import GradSnapshotCallback, GradTrainer, load_grad_snapshots, load_grad_tensors
 from hf_gradtools.cli import main
@@ -25,17 +25,6 @@ from hf_gradtools.snapshots import DamagedSnapshotError, discard_grad_snapshots_
 def snapshot(step: int, norm: float = 1.0) -> dict:
     return {"step": step, "norm_type": 2.0, "total_norm_pre_clip": norm, "total_norm_post_clip": norm,
             "norms": {"enc.layer.0.w": norm, "head.w": norm}}  # fmt: skip
-
-
-def listing(folder) -> dict[str, bytes]:
-    """Every file under `folder` with its bytes: what must not change."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
 
 
 @pytest.fixture
@@ -79,10 +68,10 @@ def test_plot_replaces_a_linked_png_and_leaves_its_target_alone(run, outside, ca
     history = [{"step": 1, "grad_noise_scale": 5.0}, {"step": 2, "grad_noise_scale": 7.0}]
     (run / "trainer_state.json").write_text(json.dumps({"train_batch_size": 2, "log_history": history}))
     os.symlink(outside / "precious.txt", run / png)
-    before = listing(outside)
+    before = folder_contents(outside)
     command = ["hist", str(run), "--param", "head.w"] if png.startswith("grad_hist") else ["plot", str(run)]
     assert main(command) == 0
-    assert listing(outside) == before
+    assert folder_contents(outside) == before
     assert not os.path.islink(run / png) and (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {run / png}" in capsys.readouterr().out.splitlines()
 
@@ -93,16 +82,16 @@ def test_resume_refuses_a_snapshot_folder_linked_out_and_deletes_nothing(args_fa
     GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16)).train()
     run = args.output_dir
     link_snapshot_folder_out(Path(run), outside)
-    before = listing(outside)
+    before = folder_contents(outside)
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
     with pytest.raises(OutsideRunFolderError, match=rf"'{os.path.join(run, 'grad_snapshots')}' leads out of"):
         trainer.train(resume_from_checkpoint=os.path.join(run, "checkpoint-2"))
-    assert listing(outside) == before  # steps 5 to 7 are after checkpoint-2: the old code deleted them
+    assert folder_contents(outside) == before  # steps 5 to 7 are after checkpoint-2: the old code deleted them
 
 
 def test_pruning_and_discarding_refuse_a_snapshot_folder_linked_out(run, outside):
     link_snapshot_folder_out(run, outside)
-    before = listing(outside)
+    before = folder_contents(outside)
     for call in (
         lambda: prune_grad_snapshots(run, keep=1),
         lambda: prune_grad_snapshots(run / "grad_snapshots", keep=1),  # as the writer thread calls it
@@ -110,26 +99,26 @@ def test_pruning_and_discarding_refuse_a_snapshot_folder_linked_out(run, outside
     ):
         with pytest.raises(OutsideRunFolderError, match="grad_snapshots' leads out of the run folder"):
             call()
-    assert listing(outside) == before
+    assert folder_contents(outside) == before
 
 
 def test_pruning_removes_a_linked_snapshot_file_itself_not_its_target(run, outside):
     os.symlink(outside / "step-00000005.json", run / "grad_snapshots" / "step-00000000.json")
-    before = listing(outside)
+    before = folder_contents(outside)
     removed = prune_grad_snapshots(run, keep=1)
     assert os.path.join(run, "grad_snapshots", "step-00000000.json") in removed
-    assert listing(outside) == before
+    assert folder_contents(outside) == before
 
 
 def test_training_refuses_a_snapshot_folder_linked_out_before_any_step(args_factory, outside, single_thread):
     args = args_factory(grad_snapshot_steps=1, grad_snapshot_total_limit=1)
     os.makedirs(args.output_dir)
     os.symlink(outside, os.path.join(args.output_dir, "grad_snapshots"))
-    before = listing(outside)
+    before = folder_contents(outside)
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(12))
     with pytest.raises(OutsideRunFolderError, match="grad_snapshots' leads out of the run folder"):
         trainer.train()
-    assert trainer.state.global_step == 0 and listing(outside) == before
+    assert trainer.state.global_step == 0 and folder_contents(outside) == before
     assert sorted(os.listdir(args.output_dir)) == ["grad_snapshots"]  # not even frozen_parameters.json
 
 
