@@ -8,7 +8,7 @@ from .checkpoints import (
     last_complete_checkpoint,
     resolve_resume_checkpoint,
 )
-from .clipping import ClipResult, clip_gradients
+from .clipping import ClipAlgorithm, ClipResult, clip_gradients, register_clip_algorithm
 from .errors import DamagedCheckpointError, GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
     freeze,
@@ -38,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChangedSettingsError",
     "CheckpointSaveError",
+    "ClipAlgorithm",
     "ClipResult",
     "DamagedCheckpointError",
     "DamagedSnapshotError",
@@ -72,6 +73,7 @@ __all__ = [
     "micro_batch_loss_weights",
     "probe_loss_normalization",
     "prune_grad_snapshots",
+    "register_clip_algorithm",
     "resolve_resume_checkpoint",
     "unfreeze",
 ]

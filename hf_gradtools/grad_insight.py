@@ -1,10 +1,10 @@
 """The per-run state of the gradient insight tools that `GradTrainerMixin` calls once per optimizer step.
 
 One `GradInsight` lives for one `train()` call and holds what the fields of issue 9 need between steps: the clipping
-algorithm (`clip_algorithm`, with AutoClip's history), the non-finite guard (`skip_nonfinite_grads`,
-`max_nonfinite_skips`), the norms of the last step for the logs (`log_grad_norms`), the saver of gradient tensors
-(`grad_snapshot_tensors`) and whether the parameters without gradient have been reported. The building blocks are
-in `clip_algorithms`, `adaptive_clipping`, `guards`, `monitoring` and `grad_tensors`; this module only keeps their
+algorithm (`clip_algorithm`, any registered `ClipAlgorithm`, with its state), the non-finite guard
+(`skip_nonfinite_grads`, `max_nonfinite_skips`), the norms of the last step for the logs (`log_grad_norms`), the
+saver of gradient tensors (`grad_snapshot_tensors`) and whether the parameters without gradient have been reported.
+The building blocks are in `clipping`, `guards`, `monitoring` and `grad_tensors`; this module only keeps their
 state and applies them to a model.
 
 Per step, nothing here waits for the device, except the guard: deciding to skip an optimizer step is a host
@@ -26,14 +26,22 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adaptive_clipping import AutoClip, default_agc_exclude, transposed_weights
-from .clip_algorithms import clip_coefficient, clip_with_algorithm
-from .clipping import ClipResult, _is_sharded, _local
+from .clipping import (
+    AutoClip,
+    AutoClipAlgorithm,
+    ClipAlgorithm,
+    ClipResult,
+    build_clip_algorithm,
+    clip_by,
+    clip_coefficient,
+    clip_state_checks,
+)
+from .clipping.norm import _is_sharded, _local
 from .grad_tensors import GradTensorCopy, GradTensorSaver
 from .guards import SHOWN_NAMES, NonFiniteGuard, agree_across_ranks, norms_nonfinite, skip_message
 from .monitoring import LayerNormGrouper, no_grad_warning, parameters_without_grad
 from .patterns import match_names
-from .training_args import grad_setting
+from .training_args import ArgsWithDefaults, grad_setting
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,12 @@ def check_patterns(model: nn.Module, args) -> None:
     if grad_setting(args, "clip_algorithm") == "agc":
         match_names(names, grad_setting(args, "agc_exclude"), field="agc_exclude")
     match_names(names, grad_setting(args, "grad_snapshot_tensors"), field="grad_snapshot_tensors")
+
+
+def state_checks(args, model: nn.Module | None) -> dict:
+    """The checks of the clip algorithms' entries in a checkpoint's state file (`clip_state_checks`): the run's
+    algorithm's entry is loaded into a fresh instance built from `args` and `model`."""
+    return clip_state_checks(grad_setting(args, "clip_algorithm"), ArgsWithDefaults(args), model)
 
 
 def skip_optimizer_step(optimizer) -> None:
@@ -98,12 +112,11 @@ class GradInsight:
     def __init__(self, args):
         self.args = args
         self.algorithm = grad_setting(args, "clip_algorithm")
-        self.autoclip = AutoClip(grad_setting(args, "autoclip_percentile")) if self.algorithm == "autoclip" else None
+        self._clipper: ClipAlgorithm | None = None  # built at the first step or resume, with the model
         skip = grad_setting(args, "skip_nonfinite_grads")
         self.guard = NonFiniteGuard(grad_setting(args, "max_nonfinite_skips")) if skip else None
         self.no_grad_reported = False
         self._names: dict[int, str] = {}
-        self._agc: tuple[list[str], list[str]] | None = None
         self._saver: GradTensorSaver | None = None
         self._grouper: LayerNormGrouper | None = None
         self._last: tuple[list[nn.Parameter], ClipResult] | None = None
@@ -117,28 +130,25 @@ class GradInsight:
             self._names = {id(p): name for name, p in model.named_parameters()}
         return [self._names[id(p)] for p in params]
 
+    def clipper(self, model: nn.Module | None) -> ClipAlgorithm:
+        """The run's clip algorithm, built `from_args(args, model)` on first use (AGC reads the model's head)."""
+        if self._clipper is None:
+            self._clipper = build_clip_algorithm(self.algorithm, ArgsWithDefaults(self.args), model)
+        return self._clipper
+
+    @property
+    def autoclip(self) -> AutoClip | None:
+        """The run's `AutoClip` (its history), when `clip_algorithm` is `autoclip` and it has been built."""
+        return self._clipper.autoclip if isinstance(self._clipper, AutoClipAlgorithm) else None
+
     def clip(self, model: nn.Module, params: list[nn.Parameter]) -> ClipResult:
         """Clip the `.grad` of `params` (those with a gradient) by `clip_value` then the run's algorithm."""
-        args = self.args
-        if self.algorithm == "agc":
-            if self._agc is None:
-                exclude = grad_setting(args, "agc_exclude") or default_agc_exclude(model)
-                self._agc = (list(exclude), transposed_weights(model))
-            named = list(zip(self.names_of(model, params), params, strict=True))
-        else:
-            named = [("", p) for p in params]  # names are used by AGC only
-        exclude, transposed = self._agc or ((), ())
-        return clip_with_algorithm(
+        named = list(zip(self.names_of(model, params), params, strict=True))
+        return clip_by(
+            self.clipper(model),
             named,
-            self.algorithm,
-            norm_type=grad_setting(args, "clip_norm_type"),
-            clip_value=grad_setting(args, "clip_grad_value"),
-            max_norm=args.max_grad_norm,
-            agc_clip_factor=grad_setting(args, "agc_clip_factor"),
-            agc_eps=grad_setting(args, "agc_eps"),
-            agc_exclude=exclude,
-            transposed=transposed,
-            autoclip=self.autoclip,
+            norm_type=grad_setting(self.args, "clip_norm_type"),
+            clip_value=grad_setting(self.args, "clip_grad_value"),
         )
 
     # ---- gradient tensors ----
@@ -211,6 +221,8 @@ class GradInsight:
             values = torch.cat([groups, torch.stack([result.total_norm_post_clip, coef]).float()]).tolist()
             logs.update(zip(self._grouper.keys, values[:-2], strict=True))
             logs["grad_norm_post_clip"], logs["clip_coef"] = values[-2:]
+        if self._clipper is not None:
+            logs.update(self._clipper.log_entries())
         return logs
 
     # ---- parameters without gradient ----
@@ -229,24 +241,29 @@ class GradInsight:
     # ---- checkpoints ----
 
     def state_dict(self) -> dict:
-        """`{"autoclip": ..., "nonfinite_guard": ...}`, each present when it is on; `{}` when neither is."""
+        """`{<clip algorithm's name>: ..., "nonfinite_guard": ...}`, each present when it is on and the algorithm
+        keeps state (AutoClip: `"autoclip"`); `{}` when neither is."""
         state = {}
-        if self.autoclip is not None:
-            state["autoclip"] = self.autoclip.state_dict()
+        clip_state = self._clipper.state_dict() if self._clipper is not None else None
+        if clip_state is not None:
+            state[self.algorithm] = clip_state
         if self.guard is not None:
             state["nonfinite_guard"] = self.guard.state_dict()
         return state
 
-    def load_state_dict(self, state: dict, checkpoint: str | os.PathLike = "the checkpoint") -> None:
-        """Restore what `state_dict()` gave, read back from a checkpoint's state file; warn when AutoClip or the
-        guard is on and the checkpoint holds nothing for it."""
+    def load_state_dict(
+        self, state: dict, checkpoint: str | os.PathLike = "the checkpoint", model: nn.Module | None = None
+    ) -> None:
+        """Restore what `state_dict()` gave, read back from a checkpoint's state file (checked by `state_checks`);
+        warn when a stateful clip algorithm or the guard is on and the checkpoint holds nothing for it."""
+        self.clipper(model)
         missing = [key for key in self.state_dict() if key not in state]
         if missing:
             logger.warning(
                 "%s holds no %s state: it starts afresh in the resumed run.", checkpoint, " or ".join(missing)
             )
-        if self.autoclip is not None and "autoclip" in state:
-            self.autoclip.load_state_dict(state["autoclip"])
+        if self.algorithm in state and self._clipper.keeps_state():
+            self._clipper.load_state_dict(state[self.algorithm])
         if self.guard is not None and "nonfinite_guard" in state:
             self.guard.load_state_dict(state["nonfinite_guard"])
 

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import write_file_atomic
-from .clipping import _is_sharded
+from .clipping.norm import _is_sharded
 from .errors import GradToolsError
 from .patterns import example_names, match_names
 from .run_folder import SNAPSHOT_DIR, inside_run_folder, locate_snapshots

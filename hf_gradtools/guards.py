@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .clipping import _is_sharded, _local
+from .clipping.norm import _is_sharded, _local
 from .errors import GradToolsError
 from .state_fields import FieldReader
 

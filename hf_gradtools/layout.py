@@ -7,6 +7,7 @@ layer stacks; a vision model without `get_input_embeddings()` (ConvNeXt) has its
 the image into patches. A structure it does not understand is refused, never guessed: blocks split over several
 lists (Funnel's `encoder.blocks`, a list of lists), or a decoder's stack after an encoder's in a model that is not
 an encoder-decoder. Works through task heads and PEFT wrappers because it only walks `named_modules()`.
+`head_parameter_names` finds the task head (what AGC leaves unclipped by default).
 
 Example:
     >>> from transformers import BertConfig, BertForSequenceClassification
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -348,3 +350,67 @@ def model_layout(model: nn.Module) -> tuple[str | None, list[str]]:
     except LayerStackNotFoundError:
         embeddings = []
     return stack, embeddings
+
+
+# Module names that hold a task head, for models that are not a transformers task model.
+HEAD_MODULE_NAMES = (
+    "classifier",
+    "classification_head",
+    "pre_classifier",
+    "score",
+    "qa_outputs",
+    "lm_head",
+    "cls",
+    "head",
+    "fc",
+)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or `model` itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else None
+    return inner if isinstance(inner, nn.Module) and inner is not model else model
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names (in `named_parameters()` order) of the parameters of the model's task head.
+
+    Found from the structure: for a transformers task model (also inside PEFT), every parameter outside its base
+    model (`model.base_model`: BERT's `classifier`, RoBERTa's whole `classifier` head, DistilBERT's
+    `pre_classifier` and `classifier`, GPT-2's and Llama's `score`, BERT's `cls` MLM head), plus the output
+    embeddings (`get_output_embeddings()`) unless they are tied to the input embeddings (a tied weight is the
+    input embedding and is clipped as one). For other models: modules named like a head (`HEAD_MODULE_NAMES`)
+    outside the layer stack and the embeddings (`model_layout`). A bare base model has no head.
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=8, vocab_size=10))
+        >>> head_parameter_names(model)
+        ['classifier.weight', 'classifier.bias']
+    """
+    inner = _unwrap(model)
+    base = getattr(inner, "base_model", None)
+    if isinstance(base, nn.Module) and base is not inner:
+        in_base = {id(p) for p in base.parameters()}
+        head = {id(p) for p in inner.parameters() if id(p) not in in_base}
+    else:
+        stack, embeddings = model_layout(inner)
+        skip = ([stack] if stack else []) + embeddings
+        head = set()
+        for module_name, module in inner.named_modules():
+            if module_name.rpartition(".")[2] in HEAD_MODULE_NAMES and not _inside(module_name, skip):
+                head |= {id(p) for p in module.parameters()}
+    get_output = getattr(inner, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if isinstance(output, nn.Module):
+        get_input = getattr(inner, "get_input_embeddings", None)
+        inputs = get_input() if callable(get_input) else None
+        tied = {id(p) for p in inputs.parameters()} if isinstance(inputs, nn.Module) else set()
+        head |= {id(p) for p in output.parameters() if id(p) not in tied}
+    return [name for name, param in model.named_parameters() if id(param) in head]

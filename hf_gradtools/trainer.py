@@ -63,7 +63,7 @@ from .checkpoints import (
 from .clipping import ClipResult, grad_norms, total_norm
 from .errors import NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
-from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step
+from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step, state_checks
 from .layout import find_input_embeddings, find_layer_stack
 from .loss_probe import (
     GRADIENT_DIRECTIONS,
@@ -725,6 +725,7 @@ class GradTrainerMixin:
         # A callback given its own norm type measures before clipping, in that norm.
         other_norms = {id(cb): grad_norms(grads, cb.norm(args)) for cb in due if cb.norm(args) != norm_type}
         result = insight.clip(self.model, params)  # `clip_grad_value`, then `clip_algorithm`
+        grads = [p.grad for p in params]  # as the algorithm left them (it may have replaced a `.grad`)
         skipped = insight.nonfinite(result)
         # Names only on snapshot steps; `named_parameters()` walks the parameters in `parameters()` order.
         names = [n for n, p in self.model.named_parameters() if p.grad is not None] if due else []
@@ -826,7 +827,8 @@ class GradTrainerMixin:
         if checkpoint is None:
             return None
         check_resume_settings(checkpoint, run_settings(self.args))
-        load_training_state(checkpoint)  # a damaged state file is refused here, before anything is deleted or loaded
+        # A damaged state file is refused here, before anything is deleted or loaded.
+        load_training_state(checkpoint, state_checks(self.args, self.model))
         if not self.is_world_process_zero():
             return checkpoint
         try:
@@ -1052,12 +1054,12 @@ class GradTrainerMixin:
             save_training_state(output_dir, state)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        state = load_training_state(checkpoint) if checkpoint is not None else {}
+        state = load_training_state(checkpoint, state_checks(self.args, self.model)) if checkpoint else {}
         if checkpoint is not None and (self._unfreezer is not None or self._noise_meter is not None):
             self._restore_schedules(checkpoint, state)
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self._grad_insight is not None:
-            self._grad_insight.load_state_dict(state, checkpoint)
+            self._grad_insight.load_state_dict(state, checkpoint, self.model)
 
     def _restore_schedules(self, checkpoint: str, state: dict) -> None:
         """Replay the checkpoint's unfreezing events (so the optimizer state loads into the right groups) and

@@ -24,9 +24,8 @@ from typing import Any
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .accumulation import LOSS_NORMALIZATIONS
-from .adaptive_clipping import AutoClip, check_agc_settings
-from .clip_algorithms import CLIP_ALGORITHMS, check_clip_algorithm
-from .clipping import check_norm_type
+from .clipping import CLIP_ALGORITHMS, AutoClip, check_clip_algorithm, check_norm_type
+from .clipping.agc import check_agc_settings
 from .guards import NonFiniteGuard
 from .patterns import compile_patterns
 from .schedules.lr_decay import check_layerwise_lr_decay
@@ -70,7 +69,8 @@ class GradArgumentsMixin:
             Decay of the moving averages behind `grad_noise_scale`, in [0, 1).
         clip_algorithm (`str`, *optional*, defaults to `"norm"`):
             `norm` (`max_grad_norm` in `clip_norm_type`), `agc` (adaptive gradient clipping, unit-wise, relative to
-            the weights) or `autoclip` (to a percentile of all past norms); `clip_grad_value` applies first to each.
+            the weights), `autoclip` (to a percentile of all past norms), or the name of an algorithm registered
+            with `register_clip_algorithm`; `clip_grad_value` applies first to each.
         agc_clip_factor (`float`, *optional*, defaults to `0.01`), agc_eps (`float`, *optional*, defaults to `1e-3`):
             AGC's `lambda` and its floor of the weight norm.
         agc_exclude (`list[str]`, *optional*, defaults to `[]`):
@@ -162,8 +162,8 @@ class GradArgumentsMixin:
         metadata={
             "help": "How the gradient is clipped after `clip_grad_value`: norm (`max_grad_norm` in "
             "`clip_norm_type`), agc (adaptive, unit-wise, relative to the weights) or autoclip (to a percentile of "
-            "all past gradient norms).",
-            "choices": list(CLIP_ALGORITHMS),
+            "all past gradient norms), or an algorithm registered with `hf_gradtools.register_clip_algorithm`.",
+            "choices": CLIP_ALGORITHMS,  # the registry's names, read when the value is checked
         },
     )
     agc_clip_factor: float = field(
@@ -232,6 +232,21 @@ GRAD_DEFAULTS: dict[str, Any] = {
 def grad_setting(args: Any, name: str) -> Any:
     """The value of gradient-tool field `name` on `args`, or its default when `args` lacks the field."""
     return getattr(args, name, GRAD_DEFAULTS[name]) if args is not None else GRAD_DEFAULTS[name]
+
+
+class ArgsWithDefaults:
+    """`args` as a `ClipAlgorithm.from_args` reads it: each attribute of `args`, and a gradient-tool field it lacks
+    as its default."""
+
+    def __init__(self, args: Any):
+        self._args = args
+
+    def __getattr__(self, name: str) -> Any:
+        if hasattr(self._args, name):
+            return getattr(self._args, name)
+        if name in GRAD_DEFAULTS:
+            return GRAD_DEFAULTS[name]
+        raise AttributeError(f"{type(self._args).__name__} has no attribute {name!r}")
 
 
 def _non_negative_int(args: Any, name: str) -> None:

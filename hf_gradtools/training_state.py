@@ -6,11 +6,13 @@ the noise-scale moving averages (`GradientNoiseScale.state_dict`), each only whe
     {"unfreezer": {"position": 2, "every_n_steps": 100, "labels": ["layer.1", "layer.0", "embeddings"]},
      "noise_scale": {"beta": 0.95, "grad_sq_norm_ema": 0.012, "trace_cov_ema": 0.9, "steps": 40}}
 
-and, with issue 9's fields, AutoClip's history (`"autoclip": {"history": [...]}`) and the non-finite guard's counts
+and the state of the clip algorithm under its name where it keeps one (AutoClip's history:
+`"autoclip": {"history": [...]}`; a registered algorithm's `state_dict()`), and the non-finite guard's counts
 (`"nonfinite_guard": {...}`).
 
 Written atomically (`atomic.py`) by the process that saves; read by every process when resuming, as untrusted
-input: each entry is checked by its component's `check_state` (`STATE_CHECKS`), and a file that is not JSON, holds
+input: each entry is checked by its component's `check_state` (`state_checks()`: `COMPONENT_CHECKS` and the clip
+algorithms', `clipping.clip_state_checks`), and a file that is not JSON, holds
 an unknown entry or a field of the wrong type or range is refused with one `DamagedCheckpointError` naming the file
 and the field (`autoclip.history[3]`). `GradTrainer` reads it before a resume deletes or loads anything.
 
@@ -26,8 +28,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .adaptive_clipping import AutoClip
 from .atomic import write_json_atomic
+from .clipping import clip_state_checks
 from .guards import NonFiniteGuard
 from .noise_scale import GradientNoiseScale
 from .schedules.unfreezing import GradualUnfreezer
@@ -35,13 +37,20 @@ from .state_fields import FieldReader, read_json_record
 
 TRAINING_STATE_FILE = "hf_gradtools_state.json"
 
-# Each entry the file may hold, and the check of its component (raising `StateFieldError` naming the field).
-STATE_CHECKS: dict[str, Callable[[Any], dict]] = {
+# The entries of the components other than the clip algorithm, and the check of each (raising `StateFieldError`
+# naming the field). A clip algorithm's entry is under its registered name (`clipping.registry.RESERVED_NAMES` keeps
+# these names free of them).
+COMPONENT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "unfreezer": GradualUnfreezer.check_state,
     "noise_scale": GradientNoiseScale.check_state,
-    "autoclip": AutoClip.check_state,
     "nonfinite_guard": NonFiniteGuard.check_state,
 }
+
+
+def state_checks(clip_checks: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Callable[[Any], Any]]:
+    """Each entry the file may hold and its check: `COMPONENT_CHECKS`, and those of the registered clip algorithms
+    that keep state (`clip_checks`, default `clip_state_checks()`)."""
+    return {**COMPONENT_CHECKS, **(clip_state_checks() if clip_checks is None else clip_checks)}
 
 
 def save_training_state(folder: str | os.PathLike, state: dict) -> None:
@@ -49,21 +58,30 @@ def save_training_state(folder: str | os.PathLike, state: dict) -> None:
     write_json_atomic(os.path.join(folder, TRAINING_STATE_FILE), state)
 
 
-def check_training_state(state: Any) -> dict:
-    """`state` with every entry checked by `STATE_CHECKS`, or `StateFieldError` naming the entry and the field."""
+def check_training_state(state: Any, clip_checks: dict[str, Callable[[Any], Any]] | None = None) -> dict:
+    """`state` with every entry checked by `state_checks(clip_checks)`, or `StateFieldError` naming the entry and
+    the field."""
+    checks = state_checks(clip_checks)
     fields = FieldReader(state)
-    checked = {key: fields.entry(key, check) for key, check in STATE_CHECKS.items() if key in fields.state}
-    fields.done(known=STATE_CHECKS)
+    checked = {key: fields.entry(key, check) for key, check in checks.items() if key in fields.state}
+    fields.done(known=checks)
     return checked
 
 
-def load_training_state(folder: str | os.PathLike) -> dict:
+def load_training_state(folder: str | os.PathLike, clip_checks: dict[str, Callable[[Any], Any]] | None = None) -> dict:
     """What `save_training_state` wrote in `folder`, checked; `{}` when the checkpoint has no such file.
+
+    Args:
+        clip_checks: the checks of the clip algorithms' entries (default: `clipping.clip_state_checks()`; the
+            trainer passes the run's, which load its algorithm's entry into a fresh instance).
 
     Raises:
         DamagedCheckpointError: the file cannot be read, or an entry or field is not what the package writes.
     """
     try:
-        return read_json_record(os.path.join(os.fspath(folder), TRAINING_STATE_FILE), check_training_state)
+        return read_json_record(
+            os.path.join(os.fspath(folder), TRAINING_STATE_FILE),
+            lambda state: check_training_state(state, clip_checks),
+        )
     except (FileNotFoundError, NotADirectoryError):
         return {}

@@ -13,14 +13,9 @@ import transformers as T
 from conftest import tiny_classifier, tiny_config
 from torch import nn
 
-from hf_gradtools.adaptive_clipping import (
-    AutoClip,
-    agc_clip_,
-    check_agc_settings,
-    default_agc_exclude,
-    head_parameter_names,
-    transposed_weights,
-)
+from hf_gradtools.clipping.agc import agc_clip_, check_agc_settings, default_agc_exclude, transposed_weights
+from hf_gradtools.clipping.autoclip import AutoClip
+from hf_gradtools.layout import head_parameter_names
 
 
 def _set(param: torch.Tensor, value, grad) -> None:

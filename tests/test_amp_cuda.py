@@ -20,7 +20,7 @@ import transformers as T
 from conftest import classification_data, tiny_classifier
 
 from hf_gradtools import GradTrainer
-from hf_gradtools.adaptive_clipping import agc_clip_, default_agc_exclude, transposed_weights
+from hf_gradtools.clipping.agc import agc_clip_, default_agc_exclude, transposed_weights
 
 if os.environ.get("HF_GRADTOOLS_REQUIRE_CUDA") == "1":
     assert torch.cuda.is_available(), "HF_GRADTOOLS_REQUIRE_CUDA=1 but torch sees no CUDA device"

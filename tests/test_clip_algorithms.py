@@ -9,9 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from hf_gradtools.adaptive_clipping import AutoClip, agc_clip_
-from hf_gradtools.clip_algorithms import check_clip_algorithm, clip_coefficient, clip_with_algorithm
-from hf_gradtools.clipping import ClipResult
+from hf_gradtools.clipping import (
+    AutoClip,
+    ClipResult,
+    agc_clip_,
+    check_clip_algorithm,
+    clip_coefficient,
+    clip_with_algorithm,
+)
 
 
 def model_with_grads() -> nn.Module:

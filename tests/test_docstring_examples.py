@@ -8,8 +8,11 @@ import importlib
 import pytest
 
 MODULES = [
-    "hf_gradtools.adaptive_clipping",
-    "hf_gradtools.clip_algorithms",
+    "hf_gradtools.clipping",
+    "hf_gradtools.clipping.agc",
+    "hf_gradtools.clipping.autoclip",
+    "hf_gradtools.clipping.norm",
+    "hf_gradtools.clipping.registry",
     "hf_gradtools.grad_tensors",
     "hf_gradtools.guards",
     "hf_gradtools.monitoring",

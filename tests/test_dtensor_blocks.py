@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hf_gradtools.adaptive_clipping import AutoClip, agc_clip_
+from hf_gradtools.clipping import AutoClip, agc_clip_
 from hf_gradtools.grad_tensors import GradTensorSaver
 from hf_gradtools.guards import has_nonfinite, nonfinite_names
 

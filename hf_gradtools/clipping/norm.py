@@ -15,6 +15,8 @@ gradients sharded alike (over the mesh dimensions they are sharded on) combines 
 finite p, the maximum for inf. Clamping and rescaling act on the local shards. Every process must call with the
 same parameters in the same order, as it does for any collective. Plain tensors take the path they always took.
 
+`NormClip` is the registered algorithm `norm` (the default): `max_grad_norm` in `clip_norm_type`.
+
 Example:
     >>> import torch
     >>> layer = torch.nn.Linear(2, 1)
@@ -32,6 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from .registry import ClipAlgorithm, register_clip_algorithm
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Shard
@@ -201,3 +205,38 @@ def clip_gradients(
         _scale_(local, coef)
         post_clip = post_clip * coef
     return ClipResult(param_norms=param_norms, total_norm=pre_clip, total_norm_post_clip=post_clip)
+
+
+class TotalNormClipAlgorithm(ClipAlgorithm):
+    """An algorithm that acts on the total norm of its gradients: it defines `clip_with_norm`, and `clip` measures
+    that norm (in `norm_type`) and calls it."""
+
+    def clip(self, named_parameters, norm_type):
+        grads = [p.grad for _, p in named_parameters if p.grad is not None]
+        return self.clip_with_norm(named_parameters, norm_type, total_norm(grad_norms(grads, norm_type), norm_type))
+
+    def clip_with_norm(self, named_parameters, norm_type, norm):
+        raise NotImplementedError(
+            f"{type(self).__name__} must define clip_with_norm(named_parameters, norm_type, norm)."
+        )
+
+
+@register_clip_algorithm("norm")
+class NormClip(TotalNormClipAlgorithm):
+    """The total norm scaled to at most `max_norm` (`max_grad_norm`; 0 or `None`: no scaling), as `clip_gradients`.
+    Keeps no state."""
+
+    def __init__(self, max_norm: float | None = None):
+        self.max_norm = max_norm
+
+    @classmethod
+    def from_args(cls, args, model=None) -> NormClip:
+        return cls(args.max_grad_norm)
+
+    def clip_with_norm(self, named_parameters, norm_type, norm):
+        if not self.max_norm:
+            return norm
+        grads = [p.grad for _, p in named_parameters if p.grad is not None]
+        coef = torch.clamp(self.max_norm / (norm + _EPS), max=1.0)
+        _scale_(_local(grads) if _is_sharded(grads) else grads, coef)
+        return norm * coef
