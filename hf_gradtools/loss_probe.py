@@ -194,11 +194,14 @@ def mask_positions(batch: Mapping, keep_even: bool, ignore_index: int, label_key
     return {**batch, key: flat.reshape(labels.shape)}
 
 
-def _row_probe_batches(batches: Sequence[Mapping], allow_join: bool) -> list[Mapping]:
+JoinRows = Callable[[Mapping, Mapping], "dict | None"]
+
+
+def _row_probe_batches(batches: Sequence[Mapping], allow_join: bool, join: JoinRows = join_rows) -> list[Mapping]:
     """Batches of two or more rows to split: the micro-batches, else pairs of one-row micro-batches joined."""
     found = [b for b in batches if batch_rows(b) > 1]
     if allow_join:
-        pairs = (join_rows(a, b) for a, b in zip(batches[::2], batches[1::2], strict=False))
+        pairs = (join(a, b) for a, b in zip(batches[::2], batches[1::2], strict=False))
         found += [j for j in pairs if j is not None]
     return found
 
@@ -344,6 +347,7 @@ def split_gradient_error(
     rule: ItemRule | None,
     count=None,
     allow_join: bool = True,
+    join: JoinRows = join_rows,
 ) -> float | None:
     """How far accumulation's gradient is from one batch's, measured on a split of the rows, relative.
 
@@ -356,7 +360,7 @@ def split_gradient_error(
     Returns:
         The relative distance between the combined projection and the whole batch's; `None` when no batch splits.
     """
-    for batch in _row_probe_batches(batches, allow_join)[:1]:
+    for batch in _row_probe_batches(batches, allow_join, join)[:1]:
         split = split_rows(batch, batch_rows(batch) // 2)
         if split is None:
             return None
@@ -386,6 +390,7 @@ def probe_loss_normalization(
     label_key: str | None = None,
     own_counts: Sequence[tuple[Mapping, float]] = (),
     count_multipliers: Sequence[float] = (1.0,),
+    join: JoinRows = join_rows,
 ) -> ProbeResult:
     """Measure which `ItemRule` the loss `loss_of(batch)` follows, from the micro-batches of one window.
 
@@ -401,6 +406,8 @@ def probe_loss_normalization(
         own_counts: `CountResponse.own_counts` of a loss that divides by `num_items_in_batch`.
         count_multipliers: the factors an own count may carry (the Trainer multiplies a loss given a count by the
             number of processes when it averages tokens across them).
+        join: how two one-row micro-batches become one batch of two rows (`join_rows`: when their shapes agree;
+            the trainer also pads them with its data collator).
 
     Returns:
         `ProbeResult` with the rule, or `None` and the reason it could not be established.
@@ -417,7 +424,7 @@ def probe_loss_normalization(
     # Under data parallelism every process must run the same forward passes: one try each.
     attempts = MAX_PROBE_BATCHES if reduce_max is None else 1
     row_done = position_done = False
-    for batch in _row_probe_batches(batches, allow_join)[:attempts]:
+    for batch in _row_probe_batches(batches, allow_join, join)[:attempts]:
         rows = batch_rows(batch)
         for k in dict.fromkeys([rows // 2, 1, rows - 1][:attempts]):
             measured = _split_errors(loss_of, rules, batch, k)

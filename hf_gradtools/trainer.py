@@ -32,6 +32,7 @@ import math
 import os
 import sys
 from collections import deque
+from collections.abc import Mapping
 
 import torch
 from accelerate.utils import DistributedType
@@ -45,6 +46,7 @@ from .accumulation import (
     TOKEN,
     Accumulation,
     ItemRule,
+    batch_rows,
     count_items,
     label_tensor,
     micro_batch_loss_weights,
@@ -68,6 +70,7 @@ from .layout import find_input_embeddings, find_layer_stack
 from .loss_probe import (
     GRADIENT_DIRECTIONS,
     describe_error,
+    join_rows,
     probe_count_response,
     probe_loss_normalization,
     project_on_random_signs,
@@ -476,6 +479,7 @@ class GradTrainerMixin:
                         label_key=self._label_key(),
                         own_counts=response.own_counts if response is not None else (),
                         count_multipliers=self._count_multipliers(),
+                        join=self._join_rows,
                     )
                     if kind == "mixed" and result.rule is not None and not distributed:
                         # Weighted without a count, one micro-batch must give what the Trainer trains it on.
@@ -508,9 +512,10 @@ class GradTrainerMixin:
             return Accumulation(rule, declared=declared)
         if one_batch and kind != "divides":
             return None  # the host's own scaling, exact for one micro-batch
+        host_scaling = self._host_scaling(num_items_in_batch, response)
         if response is not None and response.kind == "unknown":
             why = "no micro-batch gave a finite, non-zero loss with `num_items_in_batch`"
-            return self._keep_host_scaling(name, why)
+            return self._keep_host_scaling(name, why, host_scaling)
         if response is not None and response.kind == "divides":
             unmeasured = "one micro-batch a step is the batch itself" if one_batch else self._unmeasured
             return self._count_passed(name, result.rule, errors.get("count"), unmeasured)
@@ -538,16 +543,17 @@ class GradTrainerMixin:
                 if self._probe_windows == 1:
                     logger.warning(
                         "hf_gradtools: could not establish how the loss of %s is normalised from the first window "
-                        "(%s); this window keeps %s's own loss scaling, and the next ones are measured again (up to "
-                        "%d windows).",
+                        "(%s); this window keeps %s's own loss scaling (%s), and the next ones are measured again "
+                        "(up to %d windows).",
                         name,
                         result.reason,
                         host,
+                        host_scaling,
                         MAX_PROBE_WINDOWS,
                     )
                 return False  # the host's scaling for this window; measure again on the next one
         if result.rule is None:
-            return self._keep_host_scaling(name, result.reason)
+            return self._keep_host_scaling(name, result.reason, host_scaling)
         logger.info(
             "hf_gradtools: the loss of %s is normalised %s, measured on window %d; accumulation weights it %s.",
             name,
@@ -579,7 +585,9 @@ class GradTrainerMixin:
         try:
             error = None
             if params and not self.is_fsdp_enabled:
-                error = split_gradient_error(project, batches, rule, count, allow_join=not distributed)
+                error = split_gradient_error(
+                    project, batches, rule, count, allow_join=not distributed, join=self._join_rows
+                )
         except Exception:  # a check that cannot run leaves the error unmeasured, the rule as it is
             error = None
         if distributed:  # every process decides alike: the largest error, or none measured when one lacks it
@@ -587,15 +595,49 @@ class GradTrainerMixin:
             error = None if math.isinf(error.item()) else error.item()
         return error
 
-    def _keep_host_scaling(self, name: str, reason: str) -> None:
+    def _keep_host_scaling(self, name: str, reason: str, host_scaling: str | None = None) -> None:
         logger.warning(
             "hf_gradtools: could not establish how the loss of %s is normalised (%s); gradient accumulation keeps "
-            "%s's own loss scaling. Declare it with `loss_normalization` (token, shifted_token, sample, element or "
-            "sum) to make accumulation exact.",
+            "%s's own loss scaling (%s). Declare it with `loss_normalization` (token, shifted_token, sample, element "
+            "or sum) to make accumulation exact.",
             name,
             reason,
             self._host_name(),
+            host_scaling or self._host_scaling(None, None),
         )
+        return None
+
+    def _host_scaling(self, num_items_in_batch, response) -> str:
+        """What the host's own scaling does to this loss, in words, for the log line that says it is kept."""
+        n = self.args.gradient_accumulation_steps
+        if self.loss_is_scaled_for_ga is None and (
+            self.compute_loss_func is not None or (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+        ):
+            if response is not None and response.kind == "ignores":
+                return (
+                    f"it passes `num_items_in_batch`, which this loss ignores, and so adds the {n} micro-batch losses "
+                    f"without dividing them by {n}: each step's gradient is about {n} times one batch's"
+                )
+            return "it passes `num_items_in_batch` and adds the micro-batch losses"
+        return f"each micro-batch loss divided by {n}: exact only when the micro-batches weigh alike"
+
+    def _join_rows(self, a: dict, b: dict) -> dict | None:
+        """Two one-row micro-batches as one batch of two rows, for the row probe: as they are when their shapes
+        agree, else padded by the Trainer's data collator as it pads the rows of one batch (`None` when it cannot)."""
+        joined = join_rows(a, b)
+        if joined is not None or self.data_collator is None or batch_rows(a) != 1 or batch_rows(b) != 1:
+            return joined
+        if not all(isinstance(v, torch.Tensor) and v.dim() > 0 for batch in (a, b) for v in batch.values()):
+            return None
+        rows = [{key: value[0].cpu() for key, value in batch.items()} for batch in (a, b)]
+        # Dataset rows reach a collator as tensors or as lists, as the dataset's format gives them: try both.
+        for features in (rows, [{key: value.tolist() for key, value in row.items()} for row in rows]):
+            try:
+                joined = self.data_collator(features)
+            except Exception:  # a collator that cannot pad these rows (`default_data_collator`) or wants others
+                continue
+            if isinstance(joined, Mapping) and joined.keys() == a.keys() and batch_rows(joined) == 2:
+                return self._prepare_inputs(dict(joined))
         return None
 
     def _count_passed(

@@ -67,12 +67,14 @@ def one_batch_grads(factory, rows, window, loss_fn=None) -> list[dict]:
     return [reference(model, pad(rows[start : start + window]), loss_fn) for start in range(0, len(rows), window)]
 
 
-def side_by_side(factory, rows, batch, accumulation, tmp_path, caplog, loss_fn=None, trainer_kw=None, **extra):
+def side_by_side(
+    factory, rows, batch, accumulation, tmp_path, caplog, loss_fn=None, trainer_kw=None, collator=pad, **extra
+):
     """GradTrainer's and the Trainer's error per step; asserts GradTrainer is never further and "exactly" is exact."""
     with caplog.at_level(logging.INFO, logger="hf_gradtools"):
-        grad = train(GradTrainer, factory, rows, batch, accumulation, tmp_path, trainer_kw=trainer_kw, **extra)
+        grad = train(GradTrainer, factory, rows, batch, accumulation, tmp_path, collator, trainer_kw, **extra)
     log = caplog.text
-    plain = train(T.Trainer, factory, rows, batch, accumulation, tmp_path, trainer_kw=trainer_kw)
+    plain = train(T.Trainer, factory, rows, batch, accumulation, tmp_path, collator, trainer_kw)
     expected = one_batch_grads(factory, rows, batch * accumulation, loss_fn)
     ours = [relative_error(g, e) for g, e in zip(grad, expected, strict=True)]
     theirs = [relative_error(g, e) for g, e in zip(plain, expected, strict=True)]
@@ -187,17 +189,96 @@ UNEVEN = lm_rows([5, 9, 3, 7, 6, 4, 8, 2], [0, 2, 1, 0, 3, 0, 2, 1], seed=1)
 
 @pytest.mark.parametrize("reduction", ["sample", "sum"])
 def test_one_row_micro_batches_of_different_lengths(reduction, tmp_path, caplog):
+    """Two one-row micro-batches padded by the data collator into one batch of two rows test every rule."""
     ours, theirs, log = side_by_side(lambda: TinyLM(reduction), UNEVEN, 1, 4, tmp_path, caplog)
-    # Only the token rules can be tested on one row, and the untested ones would weight the rows differently: the
-    # Trainer's scaling, said at the first window.
+    assert max(ours) < 1e-5 and FALLBACK not in log and "exactly" in log
+
+
+def pad_rows_with_ids(rows: list[dict]) -> dict:
+    """`pad`, for dataset rows that carry a `row_id` it leaves out of the batch: rows of a batch cannot be collated
+    again."""
+    if not all("row_id" in row for row in rows):
+        raise KeyError("row_id")
+    return pad([{key: value for key, value in row.items() if key != "row_id"} for row in rows])
+
+
+UNEVEN_WITH_IDS = [{**row, "row_id": i} for i, row in enumerate(UNEVEN)]
+
+
+@pytest.mark.parametrize("reduction", ["sample", "sum"])
+def test_one_row_micro_batches_the_collator_cannot_join(reduction, tmp_path, caplog):
+    """Unjoined, only the token rules can be tested on one row, and the untested ones would weight the rows
+    differently: the Trainer's scaling, said at the first window."""
+    ours, theirs, log = side_by_side(
+        lambda: TinyLM(reduction), UNEVEN_WITH_IDS, 1, 4, tmp_path, caplog, collator=pad_rows_with_ids
+    )
     assert max(ours) < 1e-5
     assert log.count(FALLBACK) == 1 and "from the first window" in log
 
 
 def test_a_one_step_run_says_it_keeps_the_trainers_scaling(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="hf_gradtools"):
-        train(GradTrainer, lambda: TinyLM("sample"), UNEVEN[:4], 1, 4, tmp_path)
+        train(GradTrainer, lambda: TinyLM("sample"), UNEVEN_WITH_IDS[:4], 1, 4, tmp_path, collator=pad_rows_with_ids)
     assert caplog.text.count(FALLBACK) == 1
+    assert "each micro-batch loss divided by 4" in caplog.text
+
+
+def pad_sentences(rows: list[dict]) -> dict:
+    """Dynamic padding of classification rows (one label a row)."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    ids = torch.stack([F.pad(row["input_ids"], (0, longest - len(row["input_ids"]))) for row in rows])
+    return {
+        "input_ids": ids,
+        "attention_mask": ids.ne(0).long(),
+        "labels": torch.stack([row["labels"] for row in rows]),
+    }
+
+
+def sentence_rows(n: int = 8, seed: int = 2) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 10, (n,), generator=g).tolist()
+    return [
+        {"input_ids": torch.randint(3, VOCAB, (length,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
+        for length in lengths
+    ]
+
+
+bert_classifier = seeded(lambda: T.BertForSequenceClassification(tiny_config("bert")))
+
+
+def test_one_row_sentences_of_a_bert_classifier(tmp_path, caplog):
+    """BERT's `forward` takes `**kwargs`, so the Trainer passes it a count it ignores and adds the micro-batch
+    losses undivided: 4 times one batch's gradient. Joined by the collator, the rows tell the rule: exact."""
+    rows = sentence_rows()
+
+    def loss_fn(outputs, batch):
+        return F.cross_entropy(outputs.logits, batch["labels"])
+
+    with caplog.at_level(logging.INFO, logger="hf_gradtools"):
+        grad = train(GradTrainer, bert_classifier, rows, 1, 4, tmp_path, collator=pad_sentences)
+        plain = train(T.Trainer, bert_classifier, rows, 1, 4, tmp_path, collator=pad_sentences)
+    model = bert_classifier()
+    expected = [reference(model, pad_sentences(rows[i : i + 4]), loss_fn) for i in (0, 4)]
+    ours = [relative_error(g, e) for g, e in zip(grad, expected, strict=True)]
+    theirs = [relative_error(g, e) for g, e in zip(plain, expected, strict=True)]
+    assert max(ours) < 1e-5 and "exactly" in caplog.text and FALLBACK not in caplog.text
+    assert min(theirs) == pytest.approx(3.0, rel=1e-4)  # the sum of 4 means: 4 times the mean's gradient
+
+
+def test_a_kept_trainer_scaling_says_what_it_does(tmp_path, caplog):
+    """Where the collator cannot join the rows, the Trainer's scaling is kept, and the warning says it is 4 times
+    one batch's gradient for this loss."""
+    rows = [{**row, "row_id": i} for i, row in enumerate(sentence_rows())]
+
+    def collate(rows):
+        if not all("row_id" in row for row in rows):
+            raise KeyError("row_id")
+        return pad_sentences(rows)
+
+    with caplog.at_level(logging.INFO, logger="hf_gradtools"):
+        train(GradTrainer, bert_classifier, rows, 1, 4, tmp_path, collator=collate)
+    assert FALLBACK in caplog.text
+    assert "which this loss ignores" in caplog.text and "about 4 times one batch's" in caplog.text
 
 
 def test_one_row_micro_batches_with_a_loss_that_takes_the_count(tmp_path, caplog):
