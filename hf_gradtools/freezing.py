@@ -135,10 +135,6 @@ def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
             f"(in `{stack.name}`). Allowed: 0 to {stack.num_layers}."
         )
     indices = stack.blocks_of_first(n)
-    logger.info(
-        "hf_gradtools: a layer of %s is %s; freeze_first_n_layers=%d freezes `%s` block(s) %s.",
-        type(model).__name__, stack.layer_meaning(), n, stack.name, indices,
-    )  # fmt: skip
     if stack.shares_blocks:
         runs = sum(1 for layer in range(stack.num_layers) if stack.block_index(layer) in indices)
         warnings.warn(
@@ -150,6 +146,11 @@ def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
     shared = stack.shared_parameters()
     blocks = nn.ModuleList(stack.blocks[i] for i in indices)
     changed = {id(p) for p in blocks.parameters() if p.requires_grad and id(p) not in shared}
+    if changed:  # said once, when the blocks are frozen (not again by a trainer given the frozen model)
+        logger.info(
+            "hf_gradtools: a layer of %s is %s; freeze_first_n_layers=%d freezes `%s` block(s) %s.",
+            type(model).__name__, stack.layer_meaning(), n, stack.name, indices,
+        )  # fmt: skip
     for param in blocks.parameters():
         if id(param) in changed:
             param.requires_grad_(False)

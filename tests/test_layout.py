@@ -150,6 +150,10 @@ def test_a_layer_of_a_text_model_is_one_block(caplog):
         freeze_first_n_layers(model, 2)
     assert find_layer_stack(model).layer_meaning() == "one BertLayer (`bert.encoder.layer.<i>`)"
     assert "freezes `bert.encoder.layer` block(s) [0, 1]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_gradtools.freezing"):
+        freeze_first_n_layers(model, 2)  # already frozen (a trainer given the frozen model): said once only
+    assert "freezes" not in caplog.text
 
 
 # ---- structures that are refused, never guessed ----
