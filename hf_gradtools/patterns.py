@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Sequence
 
@@ -62,8 +63,10 @@ def match_names(names: Sequence[str], patterns: Iterable[str], field: str, requi
     if require_each:
         for regex in compiled:
             if not any(regex.search(name) for name in names):
+                close = difflib.get_close_matches(re.sub(r"[\\^$]", "", regex.pattern), list(names), n=3, cutoff=0.6)
+                near = f"; the closest names: {', '.join(close)}" if close else ""
                 raise ValueError(
-                    f"`{field}` pattern {regex.pattern!r} matches no parameter; parameter names look like: "
+                    f"`{field}` pattern {regex.pattern!r} matches no parameter{near}; parameter names look like: "
                     f"{example_names(list(names))}."
                 )
     return [name for name in names if any(regex.search(name) for regex in compiled)]

@@ -131,3 +131,9 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path
         saver.copy(4).write(path)
     assert Path(path).read_bytes() == old
     assert os.listdir(os.path.dirname(path)) == ["step-00000004.safetensors"]
+
+
+def test_a_misspelt_pattern_names_the_closest_parameters(bert):
+    with pytest.raises(ValueError) as error:
+        GradTensorSaver(bert.named_parameters(), [r"^clasifier\."])
+    assert "matches no parameter; the closest names: classifier.bias, classifier.weight;" in str(error.value)
