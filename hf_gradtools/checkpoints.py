@@ -270,6 +270,8 @@ def checkpoint_save_error(error: BaseException, folder: str | os.PathLike) -> Ch
 RUN_SETTINGS_FILE = "grad_settings.json"
 # Settings that decide which parameters the optimizer state covers: a resume must not change them.
 FROZEN_SETTINGS = ("freeze_embeddings", "freeze_first_n_layers")
+# The most processes a record may name: far beyond any run (a million GPUs), far below a number no run has.
+MAX_WORLD_SIZE = 2**20
 
 
 class ChangedSettingsError(GradToolsError):
@@ -285,14 +287,21 @@ def run_settings(args) -> dict:
 
 def check_run_settings(record) -> dict:
     """`record` as `save_run_settings` writes it, or `StateFieldError` naming the field: every field present, of its
-    type, in its range, and no other."""
+    type, in its range, and no other; `batch` (per-device batch x accumulation x `world_size`, `run_settings`) a
+    multiple of `world_size`."""
     fields = FieldReader(record)
     checked = {
         "freeze_embeddings": fields.boolean("freeze_embeddings"),
         "freeze_first_n_layers": fields.integer("freeze_first_n_layers"),
-        "world_size": fields.integer("world_size", low=1),
+        "world_size": fields.integer("world_size", low=1, high=MAX_WORLD_SIZE),
         "batch": fields.integer("batch", low=1),
     }
+    world_size, batch = checked["world_size"], checked["batch"]
+    fields.check(
+        batch % world_size == 0,
+        "batch",
+        f"must be a multiple of `world_size`={world_size} (per-device batch x accumulation x processes), got {batch}",
+    )
     fields.done()
     return checked
 

@@ -42,9 +42,10 @@ from .plotting import (
     plot_grad_histogram,
     plot_grad_noise_scale,
     plot_grad_norms,
+    read_noise_scale,
     run_folder_of,
 )
-from .run_folder import UnreadableRunFileError, is_number, read_run_json
+from .run_folder import UnreadableRunFileError, is_finite_number, read_run_json
 from .snapshots import FROZEN_PARAMETERS_FILE, summary_line
 
 PROG = "hf-gradtools"
@@ -83,10 +84,6 @@ def _read_json(folder: str, name: str) -> dict:
     return data
 
 
-def _is_finite(value) -> bool:
-    return is_number(value) and math.isfinite(value)
-
-
 def prediction_lines(output_dir: str) -> list[str]:
     """One line per evaluated split on its most predicted class; a degenerate (one-class) split is flagged.
 
@@ -105,11 +102,11 @@ def prediction_lines(output_dir: str) -> list[str]:
     names = names if isinstance(names, dict) else {}
     lines = []
     for key, share in metrics.items():
-        if not key.endswith(SHARE_SUFFIX) or not _is_finite(share):
+        if not key.endswith(SHARE_SUFFIX) or not is_finite_number(share):
             continue
         prefix = key[: -len(SHARE_SUFFIX)]
         class_id = metrics.get(f"{prefix}_top_class")
-        if not _is_finite(class_id):
+        if not is_finite_number(class_id):
             continue
         label = names.get(str(int(class_id)))
         what = f"class {int(class_id)}" + (f" {label!r}" if label is not None else "")
@@ -221,21 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    """`plot`: the gradient norms, and the noise scale beside them when the run logged it."""
+    """`plot`: the gradient norms, and the noise scale beside them when the run logged it.
+
+    Every file the command draws from is read and checked first: a damaged one is refused before any PNG is written.
+    """
     noise_output = os.path.join(os.path.dirname(args.output), NOISE_PLOT_FILE) if args.output else None
     try:
-        path = plot_grad_norms(args.output_dir, args.output, params=args.params)
+        run, missing = load_run(args.output_dir), None
     except FileNotFoundError as error:
-        noise = plot_grad_noise_scale(args.output_dir, noise_output)
+        run, missing = None, error
+    noise = read_noise_scale(args.output_dir)
+    if run is None:
         if noise is None:
-            raise
-        print(f"wrote {noise}")
-        print(f"{PROG}: note: no gradient-norm plot: {error}", file=sys.stderr)
+            raise missing
+        print(f"wrote {plot_grad_noise_scale(args.output_dir, noise_output, record=noise)}")
+        print(f"{PROG}: note: no gradient-norm plot: {missing}", file=sys.stderr)
         return
-    print(f"wrote {path}")
-    noise = plot_grad_noise_scale(args.output_dir, noise_output)
+    print(f"wrote {plot_grad_norms(args.output_dir, args.output, params=args.params, run=run)}")
     if noise is not None:
-        print(f"wrote {noise}")
+        print(f"wrote {plot_grad_noise_scale(args.output_dir, noise_output, record=noise)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,8 +43,16 @@ from .grad_tensors import grad_tensor_files, load_grad_tensors
 from .monitoring import EMBEDDINGS, HEAD, parameter_group
 from .monitoring import group_order as _group_order
 from .patterns import example_names, match_names
-from .run_folder import UnreadableRunFileError, is_number, read_run_json, training_args_fields
+from .run_folder import (
+    MAX_COUNT,
+    UnreadableRunFileError,
+    fits_float,
+    is_count,
+    read_run_json,
+    training_args_fields,
+)
 from .snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, load_grad_snapshots
+from .state_fields import shown
 
 PLOT_FILE = "grad_norms.png"
 NOISE_PLOT_FILE = "grad_noise_scale.png"
@@ -80,8 +88,8 @@ def check_description(description, path: str, counts: bool = False) -> dict:
                 return f"`{key}` is {names!r}, not a list of names"
         for key in ("num_frozen", "num_trainable") if counts else ():
             count = description.get(key)
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                return f"`{key}` is {count!r}, not a count of elements"
+            if not is_count(count):
+                return f"`{key}` is {shown(count)}, not a count of elements (an integer from 0 to {MAX_COUNT})"
         stack = description.get("layer_stack")
         if stack is not None and not isinstance(stack, str):
             return f"`layer_stack` is {stack!r}, not a module name"
@@ -344,7 +352,10 @@ def _save(fig, output: str | os.PathLike | None, run_folder: str, name: str) -> 
 
 
 def plot_grad_norms(
-    output_dir: str | os.PathLike, output: str | os.PathLike | None = None, params: Sequence[str] | None = None
+    output_dir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    params: Sequence[str] | None = None,
+    run: tuple[dict, list[dict]] | None = None,
 ) -> str:
     """Draw the gradient norms of the run in `output_dir` over its snapshot steps to a PNG (see `draw_grad_norms`).
 
@@ -352,6 +363,7 @@ def plot_grad_norms(
         output_dir: a run's `output_dir` (with `grad_snapshots/`) or the snapshot folder itself.
         output: the PNG to write; default `<output_dir>/grad_norms.png`.
         params: regex name patterns: draw these parameters instead of the groups.
+        run: what `load_run(output_dir)` gave, when already read (default: read it now).
 
     Returns:
         The path written.
@@ -359,19 +371,49 @@ def plot_grad_norms(
     Raises:
         FileNotFoundError, ValueError: as `load_run`; `ValueError` for a pattern that matches no parameter.
     """
-    description, snapshots = load_run(output_dir)
+    description, snapshots = load_run(output_dir) if run is None else run
     return _save(draw_grad_norms(description, snapshots, params), output, run_folder_of(output_dir), PLOT_FILE)
 
 
 def _trainer_state(output_dir: str | os.PathLike) -> dict | None:
-    """The run's `trainer_state.json` as a dict; None when there is none. `ValueError` naming it when damaged."""
+    """The run's `trainer_state.json` as a dict, its fields that `plot` uses checked; None when there is none.
+
+    Checked as the Trainer writes them: `train_batch_size` a positive count (or null), `log_history` a list of
+    objects, and each entry that logs `grad_noise_scale` at an integer `step` (a count) with a number that converts
+    to a float (NaN and infinities are what an average over a zero gradient gives).
+
+    Raises:
+        UnreadableRunFileError: the file is damaged or foreign; one line naming it and the field.
+    """
     folder = run_folder_of(output_dir)
     path = os.path.join(folder, TRAINER_STATE_FILE)
     if not os.path.lexists(path):
         return None
     state = read_run_json(folder, path)
-    if not isinstance(state, dict):
-        raise UnreadableRunFileError(f"{path!r} is not a trainer state: a JSON {type(state).__name__}, not an object.")
+
+    def problem() -> str | None:
+        if not isinstance(state, dict):
+            return f"is not a trainer state: a JSON {type(state).__name__}, not an object"
+        batch = state.get("train_batch_size")
+        if batch is not None and not is_count(batch, low=1):
+            return f"is not a trainer state: `train_batch_size` is {shown(batch)}, not a batch size (1 to {MAX_COUNT})"
+        history = state.get("log_history", [])
+        if not isinstance(history, list):
+            return f"is not a trainer state: `log_history` is {shown(history)}, not a list of log entries"
+        for i, entry in enumerate(history):
+            if not isinstance(entry, dict):
+                return f"is not a trainer state: `log_history[{i}]` is {shown(entry)}, not a log entry (an object)"
+            if NOISE_SCALE_KEY in entry and "step" in entry:
+                step, value = entry["step"], entry[NOISE_SCALE_KEY]
+                if not (fits_float(value) and is_count(step)):
+                    return (
+                        f"logs {NOISE_SCALE_KEY} {shown(value)} at step {shown(step)}: not a number at an integer step"
+                    )
+        return None
+
+    found = problem()
+    if found is not None:
+        raise UnreadableRunFileError(f"{path!r} {found}.")
     return state
 
 
@@ -381,23 +423,18 @@ def noise_scale_series(output_dir: str | os.PathLike) -> tuple[list[int], list[f
     Empty lists when the file is missing or no log entry holds the value (a run without `log_grad_noise_scale`).
 
     Raises:
-        ValueError: `trainer_state.json` is not valid JSON, or a logged step or value is not a number (the message
-            names the file).
+        ValueError: `trainer_state.json` is not valid JSON, or not a trainer state (`_trainer_state`; the message
+            names the file and the field).
 
     Example:
         >>> noise_scale_series("outputs/sst2")  # doctest: +SKIP
         ([5, 10, 15], [80.2, 61.5, 57.0])
     """
-    state = _trainer_state(output_dir) or {}
-    history = state.get("log_history")
-    entries = [e for e in history or [] if isinstance(e, dict) and NOISE_SCALE_KEY in e and "step" in e]
-    for entry in entries:
-        step, value = entry["step"], entry[NOISE_SCALE_KEY]
-        if not (is_number(value) and isinstance(step, int) and not isinstance(step, bool)):
-            raise UnreadableRunFileError(
-                f"{os.path.join(run_folder_of(output_dir), TRAINER_STATE_FILE)!r} logs {NOISE_SCALE_KEY} {value!r} "
-                f"at step {step!r}: not a number at an integer step."
-            )
+    return _noise_scale_series(_trainer_state(output_dir))
+
+
+def _noise_scale_series(state: dict | None) -> tuple[list[int], list[float]]:
+    entries = [e for e in (state or {}).get("log_history", []) if NOISE_SCALE_KEY in e and "step" in e]
     return [e["step"] for e in entries], [float(e[NOISE_SCALE_KEY]) for e in entries]
 
 
@@ -428,22 +465,24 @@ class EffectiveBatch:
         )
 
 
-def effective_batch(output_dir: str | os.PathLike) -> EffectiveBatch | None:
+def effective_batch(output_dir: str | os.PathLike, state: dict | None = None) -> EffectiveBatch | None:
     """The effective batch of the run in `output_dir`, or None when its files do not record it.
 
     The batch of one process is `train_batch_size` in `trainer_state.json`; the accumulation and the number of
-    processes are read from `training_args.bin` without unpickling it (`run_folder.training_args_fields`).
+    processes are read from `training_args.bin` without unpickling it (`run_folder.training_args_fields`); a count
+    there out of range (above `MAX_COUNT`) counts as not recorded. `state`: the run's checked `trainer_state.json`
+    (`_trainer_state`), when already read.
 
     Example:
         >>> effective_batch("outputs/sst2").total  # doctest: +SKIP
         32
     """
-    state = _trainer_state(output_dir) or {}
+    state = (_trainer_state(output_dir) if state is None else state) or {}
     per_process = state.get("train_batch_size")
     fields = training_args_fields(run_folder_of(output_dir), ["gradient_accumulation_steps", "num_processes"])
     accumulation, processes = fields.get("gradient_accumulation_steps"), fields.get("num_processes")
     counts = (per_process, accumulation, processes)
-    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+    if not all(is_count(c, low=1) for c in counts):
         return None
     return EffectiveBatch(per_process, accumulation, processes)
 
@@ -481,21 +520,47 @@ def draw_grad_noise_scale(steps: Sequence[int], values: Sequence[float], batch: 
     return fig
 
 
-def plot_grad_noise_scale(output_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> str | None:
+@dataclass(frozen=True)
+class NoiseScaleRecord:
+    """What `plot_grad_noise_scale` draws, read and checked from the run's files (`read_noise_scale`)."""
+
+    steps: list[int]
+    values: list[float]
+    batch: EffectiveBatch | None
+
+
+def read_noise_scale(output_dir: str | os.PathLike) -> NoiseScaleRecord | None:
+    """The logged `grad_noise_scale` of the run in `output_dir` and its effective batch; None when it logged none.
+
+    Raises:
+        ValueError: `trainer_state.json` is damaged or foreign (`_trainer_state`), naming the file and the field.
+    """
+    state = _trainer_state(output_dir)
+    steps, values = _noise_scale_series(state)
+    if not steps:
+        return None
+    return NoiseScaleRecord(steps, values, effective_batch(output_dir, state or {}))
+
+
+def plot_grad_noise_scale(
+    output_dir: str | os.PathLike, output: str | os.PathLike | None = None, record: NoiseScaleRecord | None = None
+) -> str | None:
     """Draw the logged `grad_noise_scale` of the run in `output_dir` to a PNG, if the run logged it, with a line at
     the run's effective batch when its files record it (`effective_batch`).
 
     Args:
         output_dir: a run's `output_dir` (with `trainer_state.json`, as `trainer.save_state()` writes it).
         output: the PNG to write; default `<output_dir>/grad_noise_scale.png`.
+        record: what `read_noise_scale(output_dir)` gave, when already read (default: read it now).
 
     Returns:
         The path written, or `None` (nothing written) when the log history holds no `grad_noise_scale`.
     """
-    steps, values = noise_scale_series(output_dir)
-    if not steps:
+    if record is None:
+        record = read_noise_scale(output_dir)
+    if record is None:
         return None
-    figure = draw_grad_noise_scale(steps, values, effective_batch(output_dir))
+    figure = draw_grad_noise_scale(record.steps, record.values, record.batch)
     return _save(figure, output, run_folder_of(output_dir), NOISE_PLOT_FILE)
 
 

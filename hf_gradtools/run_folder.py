@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickletools
 import stat
+import sys
 import zipfile
 from collections.abc import Iterable
 from typing import Any
@@ -48,6 +50,28 @@ class UnreadableRunFileError(GradToolsError):
 def is_number(value) -> bool:
     """Whether a value read from JSON is a number (`bool` is not one, though Python counts it as an `int`)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The largest count (elements, steps, samples) taken from a run file: integers up to 2**53 are exact as floats, so
+# a count in range can be drawn, divided and formatted; 10**400 (which Python's `json` writes as a plain integer)
+# cannot even be converted to a float.
+MAX_COUNT = 2**53
+
+
+def is_count(value, low: int = 0, high: int = MAX_COUNT) -> bool:
+    """Whether a value read from JSON is an integer in `[low, high]` (not `bool`, not `1.0`)."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def fits_float(value) -> bool:
+    """Whether a value read from JSON is a number that converts to a float: any float (NaN and infinities too, which
+    `json` reads from `NaN` / `Infinity`), or an integer no larger than the largest float."""
+    return is_number(value) and (isinstance(value, float) or abs(value) <= sys.float_info.max)
+
+
+def is_finite_number(value) -> bool:
+    """Whether a value read from JSON is a finite number that converts to a float (`10**400` is not one)."""
+    return fits_float(value) and math.isfinite(value)
 
 
 def _is_within(path: str, folder: str) -> bool:

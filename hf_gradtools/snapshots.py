@@ -41,13 +41,16 @@ from .clipping import ClipResult, check_norm_type, grad_norms, total_norm
 from .grad_tensors import TENSOR_SUFFIX, GradTensorCopy, GradTensors, load_grad_tensors
 from .layout import model_layout
 from .run_folder import (
+    MAX_COUNT,
     SNAPSHOT_DIR,
     OutsideRunFolderError,
+    fits_float,
     inside_run_folder,
-    is_number,
+    is_count,
     locate_snapshots,
     read_run_file,
 )
+from .state_fields import shown
 
 logger = logging.getLogger(__name__)
 
@@ -386,6 +389,15 @@ def snapshot_folder(path: str | os.PathLike) -> str:
     return locate_snapshots(path)[1]
 
 
+_NORM_WORDS = "a non-negative number, or NaN / Infinity for a step whose gradient was not finite"
+
+
+def is_norm(value) -> bool:
+    """Whether a value read from a snapshot is a norm `_write_snapshot` can write: a non-negative number that
+    converts to a float, or NaN or +inf (the norm of a non-finite gradient, e.g. of a skipped step)."""
+    return fits_float(value) and (value >= 0 or math.isnan(value))
+
+
 def _read_snapshot(file: str, run_folder: str) -> dict:
     """One snapshot file of `run_folder` as a dict; `ValueError` (or `OSError`) saying why when it is not one (a
     link out of the run folder is not read)."""
@@ -402,22 +414,24 @@ def _read_snapshot(file: str, run_folder: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"not a snapshot: a JSON {type(data).__name__}, not an object")
     step = data.get("step")
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise ValueError(f"not a snapshot: `step` is {step!r}, not an integer")
+    if not is_count(step):
+        raise ValueError(
+            f"not a snapshot: `step` is {shown(step)}, not a step number (an integer from 0 to {MAX_COUNT})"
+        )
     norms = data.get("norms")
     if not isinstance(norms, dict):
         raise ValueError("not a snapshot: no `norms` object")
-    bad = next((name for name, value in norms.items() if not is_number(value)), None)
+    bad = next((name for name, value in norms.items() if not is_norm(value)), None)
     if bad is not None:
-        raise ValueError(f"not a snapshot: the norm of {bad!r} is {norms[bad]!r}, not a number")
+        raise ValueError(f"not a snapshot: the norm of {bad!r} is {shown(norms[bad])}, not a norm ({_NORM_WORDS})")
     for key in ("total_norm_pre_clip", "total_norm_post_clip"):
-        if key in data and not is_number(data[key]):
-            raise ValueError(f"not a snapshot: `{key}` is {data[key]!r}, not a number")
+        if key in data and not is_norm(data[key]):
+            raise ValueError(f"not a snapshot: `{key}` is {shown(data[key])}, not a norm ({_NORM_WORDS})")
     if "norm_type" in data:
         try:
             check_norm_type(data["norm_type"], "norm_type")
-        except (TypeError, ValueError):
-            raise ValueError(f"not a snapshot: `norm_type` is {data['norm_type']!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"not a snapshot: `norm_type` is {shown(data['norm_type'])}") from None
     return data
 
 

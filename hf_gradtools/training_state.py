@@ -14,7 +14,9 @@ Written atomically (`atomic.py`) by the process that saves; read by every proces
 input: each entry is checked by its component's `check_state` (`state_checks()`: `COMPONENT_CHECKS` and the clip
 algorithms', `clipping.clip_state_checks`), and a file that is not JSON, holds
 an unknown entry or a field of the wrong type or range is refused with one `DamagedCheckpointError` naming the file
-and the field (`autoclip.history[3]`). `GradTrainer` reads it before a resume deletes or loads anything.
+and the field (`autoclip.history[3]`); so is a per-step record longer than the checkpoint's `global_step` (its
+`trainer_state.json`), e.g. an AutoClip history of 7 norms at step 2. `GradTrainer` reads it before a resume deletes
+or loads anything.
 
 Example:
     >>> save_training_state("out/checkpoint-10", {"unfreezer": unfreezer.state_dict()})  # doctest: +SKIP
@@ -24,15 +26,18 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 from .atomic import write_json_atomic
+from .checkpoints import TRAINER_STATE_FILE
 from .clipping import clip_state_checks
 from .guards import NonFiniteGuard
 from .noise_scale import GradientNoiseScale
 from .schedules.unfreezing import GradualUnfreezer
+from .run_folder import is_count
 from .state_fields import FieldReader, read_json_record
 
 TRAINING_STATE_FILE = "hf_gradtools_state.json"
@@ -47,6 +52,12 @@ COMPONENT_CHECKS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+# Entries that record one value per optimizer step, and the list that holds them: AutoClip appends the total norm
+# of every step (NaN for a non-finite one, a skipped step included), so its history is never longer than the
+# checkpoint's `global_step`. It may be shorter: a run that switched AutoClip on when it resumed starts it afresh.
+PER_STEP_RECORDS = {"autoclip": ("history", "norms")}
+
+
 def state_checks(clip_checks: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Callable[[Any], Any]]:
     """Each entry the file may hold and its check: `COMPONENT_CHECKS`, and those of the registered clip algorithms
     that keep state (`clip_checks`, default `clip_state_checks()`)."""
@@ -58,14 +69,38 @@ def save_training_state(folder: str | os.PathLike, state: dict) -> None:
     write_json_atomic(os.path.join(folder, TRAINING_STATE_FILE), state)
 
 
-def check_training_state(state: Any, clip_checks: dict[str, Callable[[Any], Any]] | None = None) -> dict:
+def check_training_state(
+    state: Any, clip_checks: dict[str, Callable[[Any], Any]] | None = None, steps: int | None = None
+) -> dict:
     """`state` with every entry checked by `state_checks(clip_checks)`, or `StateFieldError` naming the entry and
-    the field."""
+    the field. With `steps` (the checkpoint's `global_step`), a per-step record (`PER_STEP_RECORDS`) holding more
+    values than steps were taken is refused too."""
     checks = state_checks(clip_checks)
     fields = FieldReader(state)
     checked = {key: fields.entry(key, check) for key, check in checks.items() if key in fields.state}
     fields.done(known=checks)
+    for key, (field, what) in PER_STEP_RECORDS.items() if steps is not None else ():
+        entry = checked.get(key)
+        values = entry.get(field) if isinstance(entry, dict) else None
+        if isinstance(values, list):
+            fields.check(
+                len(values) <= steps,
+                f"{key}.{field}",
+                f"holds {len(values)} {what}, more than the {steps} optimizer steps of the checkpoint (`global_step` "
+                f"in its {TRAINER_STATE_FILE}): one is recorded per step",
+            )
     return checked
+
+
+def checkpoint_steps(folder: str | os.PathLike) -> int | None:
+    """The `global_step` of the checkpoint `folder` (its `trainer_state.json`); None where that file does not say
+    (none, unreadable, or no integer step: the Trainer refuses such a checkpoint itself when loading it)."""
+    try:
+        with open(os.path.join(os.fspath(folder), TRAINER_STATE_FILE), encoding="utf-8") as f:
+            step = json.load(f).get("global_step")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        return None
+    return step if is_count(step) else None
 
 
 def load_training_state(folder: str | os.PathLike, clip_checks: dict[str, Callable[[Any], Any]] | None = None) -> dict:
@@ -76,12 +111,14 @@ def load_training_state(folder: str | os.PathLike, clip_checks: dict[str, Callab
             trainer passes the run's, which load its algorithm's entry into a fresh instance).
 
     Raises:
-        DamagedCheckpointError: the file cannot be read, or an entry or field is not what the package writes.
+        DamagedCheckpointError: the file cannot be read, or an entry or field is not what the package writes (also
+            a per-step record longer than the checkpoint's `global_step`, `check_training_state`).
     """
+    steps = checkpoint_steps(folder)
     try:
         return read_json_record(
             os.path.join(os.fspath(folder), TRAINING_STATE_FILE),
-            lambda state: check_training_state(state, clip_checks),
+            lambda state: check_training_state(state, clip_checks, steps),
         )
     except (FileNotFoundError, NotADirectoryError):
         return {}

@@ -485,6 +485,12 @@ DAMAGED_RUN_FILES = {
         "summary",
         "`num_frozen` is 'x', not a count of elements",
     ),
+    "frozen count too large for a float": (
+        "frozen_parameters.json",
+        f'{{"frozen": [], "trainable": [], "num_frozen": {10**400}, "num_trainable": 1}}',
+        "summary",
+        "`num_frozen` is 1000",
+    ),
     "frozen folder": ("frozen_parameters.json", None, "summary", "is not a file"),
     "frozen not UTF-8": ("frozen_parameters.json", b"\xff\xfe", "summary", "is not UTF-8 text"),
     "state: noise not a number": (
@@ -499,10 +505,40 @@ DAMAGED_RUN_FILES = {
         "plot",
         "at step inf",
     ),
+    "state: noise too large for a float": (
+        "trainer_state.json",
+        f'{{"log_history": [{{"step": 2, "grad_noise_scale": {10**400}}}]}}',
+        "plot",
+        "logs grad_noise_scale 1000",
+    ),
+    "state: batch too large for a float": (
+        "trainer_state.json",
+        f'{{"train_batch_size": {10**400}, "log_history": [{{"step": 2, "grad_noise_scale": 1.0}}]}}',
+        "plot",
+        "`train_batch_size` is 1000",
+    ),
+    "state: log history not a list": (
+        "trainer_state.json",
+        '{"log_history": "x"}',
+        "plot",
+        "`log_history` is 'x', not a list of log entries",
+    ),
+    "state: log entry not an object": (
+        "trainer_state.json",
+        '{"log_history": [{"step": 2, "loss": 0.5}, 7]}',
+        "plot",
+        "`log_history[1]` is 7, not a log entry",
+    ),
     "state not an object": ("trainer_state.json", "[]", "plot", "is not a trainer state"),
     "results: class infinite": (
         "all_results.json",
         '{"eval_top_class": Infinity, "eval_top_class_share": 1.0}',
+        "summary",
+        None,
+    ),
+    "results: share too large for a float": (
+        "all_results.json",
+        f'{{"eval_top_class": 1, "eval_top_class_share": {10**400}}}',
         "summary",
         None,
     ),
@@ -530,3 +566,4 @@ def test_a_damaged_or_foreign_run_file_is_one_line_and_exit_1(hand_run, capsys, 
         return
     assert status == 1 and len(err) == 1
     assert err[0].startswith(f"hf-gradtools: error: {path!r}") and message in err[0]
+    assert [f for f in os.listdir(hand_run) if f.endswith(".png")] == []  # every input is checked before any PNG

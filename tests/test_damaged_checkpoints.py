@@ -88,6 +88,12 @@ STATE_CASES = {
     "history-negative": (set_field("autoclip", "history", [-0.5]), "`autoclip.history[0]`"),
     "history-text": (set_field("autoclip", "history", "0.4,0.9"), "`autoclip.history` must be a list of numbers"),
     "history-missing": (lambda d: {**d, "autoclip": {}}, "`autoclip.history` is missing"),
+    # AutoClip records one norm per optimizer step: 7 at `global_step` 2 is a history no run of 2 steps wrote.
+    "history-longer-than-the-steps": (
+        set_field("autoclip", "history", [0.5] * 7),
+        "`autoclip.history` holds 7 norms, more than the 2 optimizer steps of the checkpoint (`global_step` in its "
+        "trainer_state.json)",
+    ),
     "guard-negative": (set_field("nonfinite_guard", "nonfinite_skips", -1), "`nonfinite_guard.nonfinite_skips`"),
     "guard-inf": (set_field("nonfinite_guard", "nonfinite_skips", math.inf), "got inf"),
     "guard-float": (set_field("nonfinite_guard", "consecutive", 1.0), "`nonfinite_guard.consecutive`"),
@@ -131,13 +137,24 @@ def test_unreadable_state_file_is_refused(run_copy, tmp_path):
 
 SETTINGS_CASES = {
     "a-list": (lambda d: [d], "it must be a JSON object, got [{"),
-    "world-size-text": (lambda d: {**d, "world_size": "2"}, "`world_size` must be an integer of at least 1, got '2'"),
+    "world-size-text": (
+        lambda d: {**d, "world_size": "2"},
+        "`world_size` must be an integer from 1 to 1048576, got '2'",
+    ),
     "other-layout": (lambda d: {"settings": d}, "`freeze_embeddings` is missing"),
     "freeze-missing": (lambda d: {k: v for k, v in d.items() if k != "freeze_first_n_layers"}, "is missing"),
     "layers-text": (lambda d: {**d, "freeze_first_n_layers": "2"}, "`freeze_first_n_layers` must be a non-negative"),
     "layers-negative": (lambda d: {**d, "freeze_first_n_layers": -2}, "`freeze_first_n_layers`"),
     "embeddings-number": (lambda d: {**d, "freeze_embeddings": 0}, "`freeze_embeddings` must be true or false"),
     "batch-zero": (lambda d: {**d, "batch": 0}, "`batch` must be an integer of at least 1, got 0"),
+    "world-size-huge": (
+        lambda d: {**d, "world_size": 10**29},
+        "`world_size` must be an integer from 1 to 1048576, got 100000000000000000000000000000",
+    ),
+    "batch-not-a-multiple-of-world-size": (
+        lambda d: {**d, "world_size": 3, "batch": 4},
+        "`batch` must be a multiple of `world_size`=3 (per-device batch x accumulation x processes), got 4",
+    ),
     "unknown-field": (lambda d: {**d, "lr": 0.1}, "`lr` is not a field of this state"),
     "cut-off": (lambda d: json.dumps(d)[:20], "cannot be read (JSONDecodeError"),
     "empty": (lambda d: "", "cannot be read (JSONDecodeError"),
@@ -179,3 +196,15 @@ def test_a_sound_state_file_resumes_and_its_values_are_restored(run_copy, tmp_pa
     assert output.global_step == 4
     assert load_training_state(os.path.join(run_copy, "checkpoint-4"))["unfreezer"]["position"] == 2
     assert load_training_state(tmp_path) == {}  # a folder without the file: nothing to restore
+
+
+def test_autoclip_history_as_long_as_the_steps_taken_is_accepted(run_copy):
+    # What the package writes: one norm per optimizer step (here 2), NaN for a non-finite one; a shorter history is
+    # a run that switched AutoClip on when it resumed.
+    checkpoint = os.path.join(run_copy, "checkpoint-2")
+    assert len(load_training_state(checkpoint)["autoclip"]["history"]) == 2
+    edit_json(os.path.join(checkpoint, TRAINING_STATE_FILE), set_field("autoclip", "history", [0.5]))
+    assert load_training_state(checkpoint)["autoclip"]["history"] == [0.5]
+    edit_json(os.path.join(checkpoint, TRAINING_STATE_FILE), set_field("autoclip", "history", [0.5, 0.4, 0.3]))
+    with pytest.raises(DamagedCheckpointError, match=r"`autoclip.history` holds 3 norms, more than the 2 optimizer"):
+        load_training_state(checkpoint)

@@ -193,3 +193,12 @@ def test_links_that_stay_inside_are_followed(run):
     assert [s["step"] for s in load_grad_snapshots(run, strict=True)] == [1, 2, 3, 3]
     assert inside_run_folder(run, run / "grad_snapshots" / "step-00000004.json")
     assert read_run_file(run, run / "grad_snapshots" / "step-00000004.json").startswith(b'{"step": 3')
+
+
+def test_discarding_removes_a_linked_snapshot_file_itself_not_its_target(run, outside):
+    # As a resume from step 3 does: the link of a later step is deleted itself, the file it points to stays.
+    linked = run / "grad_snapshots" / "step-00000009.json"
+    os.symlink(outside / "step-00000005.json", linked)
+    before = folder_contents(outside)
+    assert str(linked) in discard_grad_snapshots_after(run, 3)
+    assert not os.path.lexists(linked) and folder_contents(outside) == before

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import pytest
+import torch
 
 from hf_gradtools.atomic import write_json_atomic
+from hf_gradtools.clipping import ClipResult
 from hf_gradtools.snapshots import (
     DamagedSnapshotError,
+    _write_snapshot,
     discard_grad_snapshots_after,
     load_grad_snapshots,
     prune_grad_snapshots,
@@ -39,6 +43,13 @@ DAMAGED = {
     "a norm not a number": '{"step": 7, "norms": {"w": "x"}}',
     "a total norm not a number": '{"step": 7, "norms": {}, "total_norm_pre_clip": null}',
     "norm type unknown": '{"step": 7, "norm_type": "fro", "norms": {}}',
+    "norm type too large for a float": f'{{"step": 7, "norm_type": {10**400}, "norms": {{}}}}',
+    "a norm negative": '{"step": 7, "norms": {"w": -1.0}}',
+    "a norm minus infinity": '{"step": 7, "norms": {"w": -Infinity}}',
+    "a norm too large for a float": f'{{"step": 7, "norms": {{"w": {10**400}}}}}',
+    "a total norm negative": '{"step": 7, "norms": {"w": 1.0}, "total_norm_pre_clip": -1.0}',
+    "step negative": '{"step": -7, "norms": {}}',
+    "step too large for a float": f'{{"step": {10**400}, "norms": {{}}}}',
 }
 
 
@@ -57,6 +68,18 @@ def test_a_damaged_file_is_skipped_and_reported(folder, caplog, content):
     assert len(warnings) == 1 and "step-00000007.json" in warnings[0].getMessage()
     with pytest.raises(DamagedSnapshotError, match="step-00000007.json"):
         load_grad_snapshots(folder, strict=True)
+
+
+def test_the_markers_of_a_non_finite_step_are_read_back(folder):
+    # What `_write_snapshot` writes for a step skipped for a non-finite gradient: NaN and inf norms (JSON's `NaN`
+    # and `Infinity`); they are norms, unlike a negative number.
+    result = ClipResult(torch.tensor([math.nan, math.inf, 0.0]), torch.tensor(math.nan), torch.tensor(math.inf))
+    _write_snapshot(str(folder / "step-00000004.json"), 4, 2.0, ["a", "b", "c"], result, skipped=True)
+    snapshots = load_grad_snapshots(folder.parent, strict=True)
+    last = snapshots[-1]
+    assert last["step"] == 4 and last["skipped"] is True and snapshots.skipped == {}
+    assert math.isnan(last["norms"]["a"]) and last["norms"]["b"] == math.inf and last["norms"]["c"] == 0.0
+    assert math.isnan(last["total_norm_pre_clip"]) and last["total_norm_post_clip"] == math.inf
 
 
 def test_one_warning_names_every_damaged_file(folder, caplog):
