@@ -36,8 +36,8 @@ from .checkpoints import TRAINER_STATE_FILE
 from .clipping import clip_state_checks
 from .guards import NonFiniteGuard
 from .noise_scale import GradientNoiseScale
-from .schedules.unfreezing import GradualUnfreezer
 from .run_folder import is_count
+from .schedules.unfreezing import GradualUnfreezer
 from .state_fields import FieldReader, read_json_record
 
 TRAINING_STATE_FILE = "hf_gradtools_state.json"
