@@ -40,7 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .atomic import write_json_atomic
 from .errors import GradToolsError
 from .state_fields import FieldReader, read_json_record
-from .training_args import GRAD_DEFAULTS, grad_setting
+from .settings import GradSettings
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def run_settings(args) -> dict:
     """What `save_run_settings` records: the freeze settings, the number of processes and the global batch."""
     world_size = max(1, int(getattr(args, "world_size", 1)))
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    return {**{name: grad_setting(args, name) for name in FROZEN_SETTINGS}, "world_size": world_size, "batch": batch}
+    return {**GradSettings.of(args).freezing(), "world_size": world_size, "batch": batch}
 
 
 def check_run_settings(record) -> dict:
@@ -337,7 +337,7 @@ def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
             folder,
             RUN_SETTINGS_FILE,
         )
-        saved = {name: GRAD_DEFAULTS[name] for name in FROZEN_SETTINGS}
+        saved = GradSettings().freezing()
     if any(saved[name] != settings[name] for name in FROZEN_SETTINGS):
         then = ", ".join(f"`{name}`={saved[name]!r}" for name in FROZEN_SETTINGS)
         now = ", ".join(f"`{name}`={settings[name]!r}" for name in FROZEN_SETTINGS)

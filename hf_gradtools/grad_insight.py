@@ -11,7 +11,7 @@ Per step, nothing here waits for the device, except the guard: deciding to skip 
 decision, so `skip_nonfinite_grads` reads one flag back per step.
 
 Example:
-    >>> insight = GradInsight(args)  # doctest: +SKIP
+    >>> insight = GradInsight(GradSettings.from_args(args))  # doctest: +SKIP
     >>> result = insight.clip(model, params)  # doctest: +SKIP
     >>> if insight.nonfinite(result):  # doctest: +SKIP
     ...     insight.skip_step(model, params, trainer.optimizer, step=trainer.state.global_step + 1)
@@ -41,38 +41,43 @@ from .grad_tensors import GradTensorCopy, GradTensorSaver
 from .guards import SHOWN_NAMES, NonFiniteGuard, agree_across_ranks, norms_nonfinite, skip_message
 from .monitoring import LayerNormGrouper, no_grad_warning, parameters_without_grad
 from .patterns import match_names
-from .training_args import ArgsWithDefaults, grad_setting
+from .settings import GradSettings
 
 logger = logging.getLogger(__name__)
 
 
-def insight_fields_set(args) -> list[str]:
-    """The insight fields of `args` that are not at their defaults (each needs `GradTrainer`'s own clipping)."""
-    changed = [name for name in ("skip_nonfinite_grads", "log_grad_norms") if grad_setting(args, name)]
-    if grad_setting(args, "clip_algorithm") != "norm":
+def insight_fields_set(settings) -> list[str]:
+    """The insight fields of `settings` (a `GradSettings`, or arguments) that are not at their defaults (each needs
+    `GradTrainer`'s own clipping)."""
+    settings = GradSettings.of(settings)
+    flags = (("skip_nonfinite_grads", settings.skip_nonfinite_grads), ("log_grad_norms", settings.log_grad_norms))
+    changed = [name for name, on in flags if on]
+    if settings.clip_algorithm != "norm":
         changed.insert(0, "clip_algorithm")
-    if grad_setting(args, "grad_snapshot_tensors"):
+    if settings.grad_snapshot_tensors:
         changed.append("grad_snapshot_tensors")
     return changed
 
 
-def needs_every_step(args) -> bool:
+def needs_every_step(settings) -> bool:
     """Whether every optimizer step must take `GradTrainer`'s own clipping path (not only snapshot steps)."""
-    return bool(set(insight_fields_set(args)) - {"grad_snapshot_tensors"})
+    return bool(set(insight_fields_set(settings)) - {"grad_snapshot_tensors"})
 
 
-def check_patterns(model: nn.Module, args) -> None:
+def check_patterns(model: nn.Module, settings) -> None:
     """Fail before training when a pattern of `agc_exclude` or `grad_snapshot_tensors` matches no parameter."""
+    settings = GradSettings.of(settings)
     names = [name for name, _ in model.named_parameters()]
-    if grad_setting(args, "clip_algorithm") == "agc":
-        match_names(names, grad_setting(args, "agc_exclude"), field="agc_exclude")
-    match_names(names, grad_setting(args, "grad_snapshot_tensors"), field="grad_snapshot_tensors")
+    if settings.clip_algorithm == "agc":
+        match_names(names, settings.agc_exclude, field="agc_exclude")
+    match_names(names, settings.grad_snapshot_tensors, field="grad_snapshot_tensors")
 
 
-def state_checks(args, model: nn.Module | None) -> dict:
+def state_checks(settings, model: nn.Module | None) -> dict:
     """The checks of the clip algorithms' entries in a checkpoint's state file (`clip_state_checks`): the run's
-    algorithm's entry is loaded into a fresh instance built from `args` and `model`."""
-    return clip_state_checks(grad_setting(args, "clip_algorithm"), ArgsWithDefaults(args), model)
+    algorithm's entry is loaded into a fresh instance built from `settings` and `model`."""
+    settings = GradSettings.of(settings)
+    return clip_state_checks(settings.clip_algorithm, settings, model)
 
 
 def skip_optimizer_step(optimizer) -> None:
@@ -106,15 +111,15 @@ class GradInsight:
     """Clipping algorithm, non-finite guard, log buffer and gradient-tensor saver of one training run.
 
     Args:
-        args: the run's arguments (any `TrainingArguments`; a field it lacks reads as its default).
+        settings: the run's `GradSettings` (or its arguments, any `TrainingArguments`, resolved here).
     """
 
-    def __init__(self, args):
-        self.args = args
-        self.algorithm = grad_setting(args, "clip_algorithm")
+    def __init__(self, settings):
+        self.settings = GradSettings.of(settings)
+        self.algorithm = self.settings.clip_algorithm
         self._clipper: ClipAlgorithm | None = None  # built at the first step or resume, with the model
-        skip = grad_setting(args, "skip_nonfinite_grads")
-        self.guard = NonFiniteGuard(grad_setting(args, "max_nonfinite_skips")) if skip else None
+        skip = self.settings.skip_nonfinite_grads
+        self.guard = NonFiniteGuard(self.settings.max_nonfinite_skips) if skip else None
         self.no_grad_reported = False
         self._names: dict[int, str] = {}
         self._saver: GradTensorSaver | None = None
@@ -131,9 +136,9 @@ class GradInsight:
         return [self._names[id(p)] for p in params]
 
     def clipper(self, model: nn.Module | None) -> ClipAlgorithm:
-        """The run's clip algorithm, built `from_args(args, model)` on first use (AGC reads the model's head)."""
+        """The run's clip algorithm, built `from_args(settings, model)` on first use (AGC reads the model's head)."""
         if self._clipper is None:
-            self._clipper = build_clip_algorithm(self.algorithm, ArgsWithDefaults(self.args), model)
+            self._clipper = build_clip_algorithm(self.algorithm, self.settings, model)
         return self._clipper
 
     @property
@@ -147,15 +152,15 @@ class GradInsight:
         return clip_by(
             self.clipper(model),
             named,
-            norm_type=grad_setting(self.args, "clip_norm_type"),
-            clip_value=grad_setting(self.args, "clip_grad_value"),
+            norm_type=self.settings.clip_norm_type,
+            clip_value=self.settings.clip_grad_value,
         )
 
     # ---- gradient tensors ----
 
     def copy_tensors(self, model: nn.Module, step: int) -> GradTensorCopy | None:
         """CPU copies of the gradients chosen by `grad_snapshot_tensors` (call before clipping), or `None`."""
-        patterns = grad_setting(self.args, "grad_snapshot_tensors")
+        patterns = self.settings.grad_snapshot_tensors
         if not patterns:
             return None
         if self._saver is None:
@@ -198,7 +203,7 @@ class GradInsight:
         """Count a step that was not skipped, and keep its norms for the next log."""
         if self.guard is not None and not skipped:
             self.guard.record(False, 0)
-        if grad_setting(self.args, "log_grad_norms"):
+        if self.settings.log_grad_norms:
             self._last = (params, result)
 
     # ---- logs ----
@@ -215,7 +220,7 @@ class GradInsight:
             names = self.names_of(model, params)
             if self._grouper is None or self._grouper.names != names:
                 self._grouper = LayerNormGrouper(model, names)
-            norm_type = grad_setting(self.args, "clip_norm_type")
+            norm_type = self.settings.clip_norm_type
             groups = self._grouper.group_norms(result.param_norms, norm_type)
             coef = clip_coefficient(result)
             values = torch.cat([groups, torch.stack([result.total_norm_post_clip, coef]).float()]).tolist()
@@ -268,9 +273,9 @@ class GradInsight:
             self.guard.load_state_dict(state["nonfinite_guard"])
 
 
-def check_insight_engine(args, engine: str | None) -> None:
+def check_insight_engine(settings, engine: str | None) -> None:
     """Refuse the insight fields with an engine that clips inside itself (DeepSpeed, FSDP1, XLA)."""
-    changed = insight_fields_set(args)
+    changed = insight_fields_set(settings)
     if engine and changed:
         fields = ", ".join(f"`{name}`" for name in changed)
         raise ValueError(

@@ -50,6 +50,7 @@ from .run_folder import (
     locate_snapshots,
     read_run_file,
 )
+from .settings import GradSettings
 from .state_fields import shown
 
 logger = logging.getLogger(__name__)
@@ -160,10 +161,10 @@ class GradSnapshotCallback(TrainerCallback):
         self._description: dict | None = None  # this run's `frozen_parameters.json`, for `record_no_grad`
 
     def period(self, args) -> int:
-        return self.every_n_steps if self.every_n_steps is not None else getattr(args, "grad_snapshot_steps", 0)
+        return self.every_n_steps if self.every_n_steps is not None else GradSettings.of(args).grad_snapshot_steps
 
     def norm(self, args) -> float:
-        return float(self.norm_type if self.norm_type is not None else getattr(args, "clip_norm_type", 2.0))
+        return float(self.norm_type if self.norm_type is not None else GradSettings.of(args).clip_norm_type)
 
     def is_due(self, args, state) -> bool:
         """Whether the optimizer step now in progress (producing `global_step + 1`) is recorded."""
@@ -172,7 +173,9 @@ class GradSnapshotCallback(TrainerCallback):
 
     def limit(self, args) -> int | None:
         """How many snapshots this callback keeps (None: all)."""
-        return self.total_limit if self.total_limit is not None else getattr(args, "grad_snapshot_total_limit", None)
+        if self.total_limit is not None:
+            return self.total_limit
+        return GradSettings.of(args).grad_snapshot_total_limit
 
     @property
     def folder(self) -> str:

@@ -88,7 +88,7 @@ from .schedules.lr_decay import layerwise_optimizer
 from .side_effects import undo_forward_side_effects
 from .signals import exit_cleanly_on_sigterm
 from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
-from .training_args import GRAD_DEFAULTS, grad_setting, validate_grad_arguments
+from .settings import GradSettings
 from .training_state import load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
@@ -97,12 +97,13 @@ MAX_PROBE_WINDOWS = 8  # windows whose micro-batches could not measure the loss 
 
 
 def apply_freezing(model: nn.Module, args) -> list[str]:
-    """Freeze what `args` asks for; return the names frozen.
+    """Freeze what `args` (any `TrainingArguments`, or its `GradSettings`) asks for; return the names frozen.
 
     All or nothing: on an error (too many layers, no layer stack, nothing left to train) every `requires_grad`
     flag is restored before the error propagates.
     """
-    embeddings, layers = grad_setting(args, "freeze_embeddings"), grad_setting(args, "freeze_first_n_layers")
+    settings = GradSettings.of(args)
+    embeddings, layers = settings.freeze_embeddings, settings.freeze_first_n_layers
     if not embeddings and not layers:
         return []
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -146,10 +147,11 @@ def check_something_to_train(model: nn.Module | None, optimizer=None) -> None:
 def frozen_by_settings(model: nn.Module, args) -> list[str]:
     """Names of the frozen parameters that `freeze_embeddings` / `freeze_first_n_layers` cover, whoever froze them
     (the GLUE example freezes before it builds the trainer, to report a bad setting early)."""
+    settings = GradSettings.of(args)
     modules = []
-    if grad_setting(args, "freeze_embeddings"):
+    if settings.freeze_embeddings:
         modules += [module for _, module in find_input_embeddings(model)]
-    layers = grad_setting(args, "freeze_first_n_layers")
+    layers = settings.freeze_first_n_layers
     if layers:
         stack = find_layer_stack(model)
         modules += [stack.blocks[i] for i in stack.blocks_of_first(layers)]
@@ -162,14 +164,16 @@ def restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
         param.requires_grad_(flag)
 
 
-def check_engine_support(args) -> None:
-    """Refuse settings an engine that clips inside itself cannot honour, from `args` alone (nothing touched yet)."""
+def check_engine_support(args, settings: GradSettings | None = None) -> None:
+    """Refuse settings an engine that clips inside itself cannot honour, from `args` alone (nothing touched yet).
+
+    `settings`: those of `args`, when resolved already (else resolved here).
+    """
     if args is None:
         return
+    settings = GradSettings.from_args(args) if settings is None else settings
     custom = (
-        grad_setting(args, "clip_norm_type") != 2.0
-        or grad_setting(args, "clip_grad_value") is not None
-        or grad_setting(args, "grad_snapshot_steps") > 0
+        settings.clip_norm_type != 2.0 or settings.clip_grad_value is not None or settings.grad_snapshot_steps > 0
     )
     fsdp_version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
     engine = "DeepSpeed" if getattr(args, "deepspeed", None) else None
@@ -181,7 +185,7 @@ def check_engine_support(args) -> None:
             "clips inside its own engine (L2 only). Keep their defaults (2.0, None, 0), or use FSDP2 "
             "(`fsdp_config={'version': 2}`) or DDP."
         )
-    check_insight_engine(args, engine)
+    check_insight_engine(settings, engine)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -217,7 +221,8 @@ class GradTrainerMixin:
        the snapshots, and warns about trainable parameters that received no gradient at the first step.
 
     Same constructor as the host. `args` may be any `TrainingArguments` (subclass or not): it is kept as it is
-    (`trainer.args is args`), and a gradient field it lacks reads as its default.
+    (`trainer.args is args`), and its gradient fields are resolved into `self.grad_settings` (a `GradSettings`,
+    where a field it lacks reads as its default) when the trainer is built and again when `train()` starts.
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -230,10 +235,10 @@ class GradTrainerMixin:
             )
 
     def __init__(self, model: nn.Module | None = None, args=None, *pargs, **kwargs):
-        if args is not None:
-            validate_grad_arguments(args)
-        check_engine_support(args)
-        self._refuse_supplied_optimizer(args, super().__init__, model, pargs, kwargs)
+        # Resolved (and validated) once here and again at each `train()`; the components read it, not `args`.
+        self.grad_settings = GradSettings.from_args(args)
+        check_engine_support(args, self.grad_settings)
+        self._refuse_supplied_optimizer(self.grad_settings, super().__init__, model, args, pargs, kwargs)
         self._setup_grad_insight(model, args)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         # False: not measured yet in this `train()` call; None: not established, the host's scaling is kept.
@@ -243,13 +248,15 @@ class GradTrainerMixin:
         flags = [(p, p.requires_grad) for p in model.parameters()] if model is not None else []
         if model is not None:
             # Before `Trainer.__init__`, which creates `output_dir`: a bad setting must leave nothing behind.
-            self._frozen_by_args = apply_freezing(model, args)
-        self._applied_freezing = tuple(grad_setting(args, name) for name in FROZEN_SETTINGS)
+            self._frozen_by_args = apply_freezing(model, self.grad_settings)
+        self._applied_freezing = tuple(self.grad_settings.freezing().values())
         try:
             super().__init__(model, args, *pargs, **kwargs)
         except BaseException:
             restore_requires_grad(flags)
             raise
+        if args is None:  # the Trainer built its own default arguments
+            self.grad_settings = GradSettings.from_args(self.args)
         self._check_engine()
         self._attach_snapshot_callback()
 
@@ -258,15 +265,15 @@ class GradTrainerMixin:
     def _check_engine(self) -> None:
         """Settings may also come from the environment (accelerate config): check the engine actually chosen."""
         if self._engine_clips():
-            custom = grad_setting(self.args, "clip_norm_type") != 2.0
-            custom = custom or grad_setting(self.args, "clip_grad_value") is not None
-            if custom or grad_setting(self.args, "grad_snapshot_steps"):
+            settings = self.grad_settings
+            custom = settings.clip_norm_type != 2.0 or settings.clip_grad_value is not None
+            if custom or settings.grad_snapshot_steps:
                 raise ValueError(
                     f"`clip_norm_type`, `clip_grad_value` and `grad_snapshot_steps` are not supported with "
                     f"{self.accelerator.distributed_type.value}, which clips inside its own engine. Keep their "
                     "defaults (2.0, None, 0) or train without it."
                 )
-            check_insight_engine(self.args, self.accelerator.distributed_type.value)
+            check_insight_engine(self.grad_settings, self.accelerator.distributed_type.value)
 
     def _engine_clips(self) -> bool:
         """DeepSpeed, XLA and FSDP1 clip inside their own engines: the Trainer's clipping is used unchanged."""
@@ -282,7 +289,7 @@ class GradTrainerMixin:
         """Attach a `GradSnapshotCallback` when there is something to record and none is attached yet."""
         if self._snapshot_callbacks():
             return
-        if grad_setting(self.args, "grad_snapshot_steps") > 0 or _has_frozen_parameters(self.model):
+        if self.grad_settings.grad_snapshot_steps > 0 or _has_frozen_parameters(self.model):
             self.add_callback(GradSnapshotCallback())
 
     def add_callback(self, callback) -> None:
@@ -294,15 +301,15 @@ class GradTrainerMixin:
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
         if trial is None:
-            self._frozen_by_args = apply_freezing(model, self.args)
+            self._frozen_by_args = apply_freezing(model, self.grad_settings)
         # With a trial, `_hp_search_setup` applies the trial's arguments afterwards, and freezes then.
         return model
 
     def _hp_search_setup(self, trial) -> None:
         super()._hp_search_setup(trial)
         if trial is not None and self.model_init is not None:
-            validate_grad_arguments(self.args)
-            self._frozen_by_args = apply_freezing(self.model, self.args)
+            self.grad_settings = GradSettings.from_args(self.args)  # the trial's arguments
+            self._frozen_by_args = apply_freezing(self.model, self.grad_settings)
             self._attach_snapshot_callback()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -312,7 +319,7 @@ class GradTrainerMixin:
         checkpoint at the end of the run trains nothing more (`_init_training_state`). With gradient snapshots to
         write, SIGTERM exits with status 143 once the queued ones are written (`signals.exit_cleanly_on_sigterm`).
         """
-        validate_grad_arguments(self.args)
+        self.grad_settings = GradSettings.from_args(self.args)
         self._apply_changed_freezing()
         if type(self).create_optimizer is GradTrainerMixin.create_optimizer:  # else the optimizer may hold others
             check_something_to_train(self.model, self.optimizer)  # before anything is deleted or written
@@ -334,7 +341,7 @@ class GradTrainerMixin:
 
     def _apply_changed_freezing(self) -> None:
         """Freeze what `args` asks for now, when its freeze fields grew since construction; refuse a shrink."""
-        now = tuple(grad_setting(self.args, name) for name in FROZEN_SETTINGS)
+        now = tuple(self.grad_settings.freezing().values())
         then = getattr(self, "_applied_freezing", now)
         if now == then or self.model_init is not None:  # `model_init` freezes every fresh model itself
             return
@@ -344,7 +351,7 @@ class GradTrainerMixin:
                 "model: frozen parameters cannot be thawed this way. Build a new trainer (or use "
                 "`gradual_unfreeze_steps`)."
             )
-        self._frozen_by_args = (self._frozen_by_args or []) + apply_freezing(self.model, self.args)
+        self._frozen_by_args = (self._frozen_by_args or []) + apply_freezing(self.model, self.grad_settings)
         self._applied_freezing = now
         self._attach_snapshot_callback()
 
@@ -376,7 +383,7 @@ class GradTrainerMixin:
         """How the loss of these micro-batches is accumulated, or `None` to keep the host's count and scaling."""
         if self.loss_is_scaled_for_ga is not None:
             return None  # the user declared the scaling on the class or the instance
-        setting = grad_setting(self.args, "loss_normalization")
+        setting = self.grad_settings.loss_normalization
         if setting == "trainer" or not batch_samples:
             return None
         declared = setting if setting in DECLARED_RULES else None
@@ -761,11 +768,12 @@ class GradTrainerMixin:
         insight = self._insight()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        due = [cb for cb in self._snapshot_callbacks() if cb.is_due(args, self.state)]
+        settings = self.grad_settings
+        due = [cb for cb in self._snapshot_callbacks() if cb.is_due(settings, self.state)]
         tensors = insight.copy_tensors(self.model, self.state.global_step + 1) if due else None
-        norm_type = grad_setting(args, "clip_norm_type")
+        norm_type = self.grad_settings.clip_norm_type
         # A callback given its own norm type measures before clipping, in that norm.
-        other_norms = {id(cb): grad_norms(grads, cb.norm(args)) for cb in due if cb.norm(args) != norm_type}
+        other_norms = {id(cb): grad_norms(grads, cb.norm(settings)) for cb in due if cb.norm(settings) != norm_type}
         result = insight.clip(self.model, params)  # `clip_grad_value`, then `clip_algorithm`
         grads = [p.grad for p in params]  # as the algorithm left them (it may have replaced a `.grad`)
         skipped = insight.nonfinite(result)
@@ -775,7 +783,7 @@ class GradTrainerMixin:
         extras = {k: v for k, v in (("skipped", skipped), ("tensors", tensors)) if v}
         for callback in due:
             if id(callback) in other_norms:
-                cb_norm, norms = callback.norm(args), other_norms[id(callback)]
+                cb_norm, norms = callback.norm(settings), other_norms[id(callback)]
                 post = total_norm(grad_norms(grads, cb_norm), cb_norm)
                 result_in_norm = ClipResult(norms, total_norm(norms, cb_norm), post)
                 callback.record(args, self.state, names, result_in_norm, **extras)
@@ -792,12 +800,12 @@ class GradTrainerMixin:
 
     def _needs_own_clipping(self) -> bool:
         """Whether this step asks for more than the host's L2 clipping (otherwise the host's code runs as is)."""
-        args = self.args
-        if grad_setting(args, "clip_norm_type") != 2.0 or grad_setting(args, "clip_grad_value") is not None:
+        settings = self.grad_settings
+        if settings.clip_norm_type != 2.0 or settings.clip_grad_value is not None:
             return True
-        if needs_every_step(args):
+        if needs_every_step(settings):
             return True
-        return any(cb.is_due(args, self.state) for cb in self._snapshot_callbacks())
+        return any(cb.is_due(settings, self.state) for cb in self._snapshot_callbacks())
 
     def _clip_grad_norm(self, model):
         if not self._needs_own_clipping() or not self._uses_own_clipping():
@@ -817,24 +825,24 @@ class GradTrainerMixin:
         """Before anything is written: patterns of `agc_exclude` / `grad_snapshot_tensors` must match the model."""
         self._grad_insight: GradInsight | None = None
         if model is not None and args is not None:
-            check_patterns(model, args)
+            check_patterns(model, self.grad_settings)
 
     def _start_grad_insight(self) -> None:
         """A fresh per-run state at each `train()`; a resumed run restores it from the checkpoint."""
         if self.model is not None:
-            check_patterns(self.model, self.args)
-        if grad_setting(self.args, "grad_snapshot_tensors") and not any(
-            cb.period(self.args) > 0 for cb in self._snapshot_callbacks()
+            check_patterns(self.model, self.grad_settings)
+        if self.grad_settings.grad_snapshot_tensors and not any(
+            cb.period(self.grad_settings) > 0 for cb in self._snapshot_callbacks()
         ):
             logger.warning(
                 "hf_gradtools: `grad_snapshot_tensors` is set but no gradient snapshot is taken; the tensors are "
                 "saved with each snapshot: set `grad_snapshot_steps` too."
             )
-        self._grad_insight = GradInsight(self.args)
+        self._grad_insight = GradInsight(self.grad_settings)
 
     def _insight(self) -> GradInsight:
         if self._grad_insight is None:
-            self._grad_insight = GradInsight(self.args)
+            self._grad_insight = GradInsight(self.grad_settings)
         return self._grad_insight
 
     def _report_no_grad(self) -> None:
@@ -870,7 +878,7 @@ class GradTrainerMixin:
             return None
         check_resume_settings(checkpoint, run_settings(self.args))
         # A damaged state file is refused here, before anything is deleted or loaded.
-        load_training_state(checkpoint, state_checks(self.args, self.model))
+        load_training_state(checkpoint, state_checks(self.grad_settings, self.model))
         if not self.is_world_process_zero():
             return checkpoint
         try:
@@ -924,7 +932,7 @@ class GradTrainerMixin:
             if self.args.should_save:
                 begin_checkpoint_save(folder)
                 settings = run_settings(self.args)
-                if any(settings[name] != GRAD_DEFAULTS[name] for name in FROZEN_SETTINGS):
+                if any(settings[name] != GradSettings().freezing()[name] for name in FROZEN_SETTINGS):
                     save_run_settings(folder, settings)  # a default run's checkpoints hold the Trainer's files alone
             super()._save_checkpoint(model, trial)
         except Exception as error:
@@ -942,9 +950,9 @@ class GradTrainerMixin:
     _noise_skip_logged = False
 
     @staticmethod
-    def _refuse_supplied_optimizer(args, host_init, model, pargs, kwargs) -> None:
+    def _refuse_supplied_optimizer(settings: GradSettings, host_init, model, args, pargs, kwargs) -> None:
         """LLRD builds the optimizer's groups itself: an optimizer instance passed in cannot get them."""
-        if grad_setting(args, "layerwise_lr_decay") is None:
+        if settings.layerwise_lr_decay is None:
             return
         try:
             optimizers = inspect.signature(host_init).bind_partial(model, args, *pargs, **kwargs).arguments
@@ -953,7 +961,7 @@ class GradTrainerMixin:
         optimizer = (optimizers.get("optimizers") or (None, None))[0]
         if optimizer is not None:
             raise ValueError(
-                f"`layerwise_lr_decay`={grad_setting(args, 'layerwise_lr_decay')} needs to build the optimizer's "
+                f"`layerwise_lr_decay`={settings.layerwise_lr_decay} needs to build the optimizer's "
                 f"parameter groups, but an optimizer instance ({type(optimizer).__name__}) was passed in "
                 "`optimizers`. Pass its class and kwargs as `optimizer_cls_and_kwargs` instead (honoured, with the "
                 "LLRD groups), or leave `layerwise_lr_decay` unset."
@@ -965,7 +973,7 @@ class GradTrainerMixin:
         `optimizer_cls_and_kwargs` is honoured: its class gets the LLRD groups, its kwargs are the defaults.
         """
         opt_model = self.model if model is None else model
-        decay = grad_setting(self.args, "layerwise_lr_decay")
+        decay = self.grad_settings.layerwise_lr_decay
         if self.optimizer is None and decay is not None:
             optimizer_cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
                 self.args, opt_model
@@ -984,16 +992,16 @@ class GradTrainerMixin:
         return optimizer
 
     def _start_schedules(self, model: nn.Module) -> None:
-        args = self.args
+        args, settings = self.args, self.grad_settings
         self._noise_skip_logged = False
         self._noise_meter = None
-        if grad_setting(args, "log_grad_noise_scale"):
-            self._noise_meter = WindowNoiseMeter(grad_setting(args, "grad_noise_scale_beta"))
+        if settings.log_grad_noise_scale:
+            self._noise_meter = WindowNoiseMeter(settings.grad_noise_scale_beta)
         self._unfreezer = None
-        every = grad_setting(args, "gradual_unfreeze_steps")
+        every = settings.gradual_unfreeze_steps
         if not every:
             return
-        plan = unfreeze_order(model, self._frozen_by_args or frozen_by_settings(model, args))
+        plan = unfreeze_order(model, self._frozen_by_args or frozen_by_settings(model, settings))
         if not plan:
             raise ValueError(
                 f"`gradual_unfreeze_steps`={every} but {type(model).__name__} has no block frozen by "
@@ -1005,7 +1013,7 @@ class GradTrainerMixin:
             base_lr=args.learning_rate,
             weight_decay=args.weight_decay,
             decay_parameter_names=self.get_decay_parameter_names(model),
-            layerwise_lr_decay=grad_setting(args, "layerwise_lr_decay"),
+            layerwise_lr_decay=settings.layerwise_lr_decay,
         )
         callback = next(
             (cb for cb in self.callback_handler.callbacks if isinstance(cb, GradualUnfreezeCallback)), None
@@ -1016,7 +1024,7 @@ class GradTrainerMixin:
         callback.unfreezer = self._unfreezer
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        if model.training and grad_setting(self.args, "frozen_eval_mode"):
+        if model.training and self.grad_settings.frozen_eval_mode:
             set_frozen_eval_mode(model)  # after the Trainer's `model.train()` of this step
         return super().compute_loss(model, inputs, *args, **kwargs)
 

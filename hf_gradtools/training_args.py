@@ -10,13 +10,13 @@
     >>> MySeq2SeqArguments("out", freeze_first_n_layers=2, predict_with_generate=True).freeze_first_n_layers
     2
 
-`GradTrainer` also takes a plain `TrainingArguments` (or any subclass) as it is: a field the object lacks reads as
-its default here (`grad_setting`), and is validated the same way (`validate_grad_arguments`).
+`GradTrainer` also takes a plain `TrainingArguments` (or any subclass) as it is: the settings of a run are resolved
+once, `settings.GradSettings.from_args(args)`, where a field the object lacks reads as its default, and every value
+is validated there, in one place.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +24,8 @@ from typing import Any
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .accumulation import LOSS_NORMALIZATIONS
-from .clipping import CLIP_ALGORITHMS, AutoClip, check_clip_algorithm, check_norm_type
-from .clipping.agc import check_agc_settings
-from .guards import NonFiniteGuard
-from .patterns import compile_patterns
-from .schedules.lr_decay import check_layerwise_lr_decay
+from .clipping import CLIP_ALGORITHMS
+from .settings import GradSettings
 
 
 @dataclass
@@ -213,7 +210,7 @@ class GradArgumentsMixin:
 
     def __post_init__(self):
         super().__post_init__()
-        validate_grad_arguments(self)
+        GradSettings.from_args(self)  # checks every field (and normalises `clip_norm_type` and the pattern lists)
 
     def to_dict(self) -> dict[str, Any]:
         """As the host's `to_dict`, with an infinite `clip_norm_type` written as "inf" so JSON stays valid."""
@@ -221,129 +218,6 @@ class GradArgumentsMixin:
         if isinstance(d.get("clip_norm_type"), float) and math.isinf(d["clip_norm_type"]):
             d["clip_norm_type"] = "inf"
         return d
-
-
-GRAD_DEFAULTS: dict[str, Any] = {
-    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    for f in dataclasses.fields(GradArgumentsMixin)
-}
-
-
-def grad_setting(args: Any, name: str) -> Any:
-    """The value of gradient-tool field `name` on `args`, or its default when `args` lacks the field."""
-    return getattr(args, name, GRAD_DEFAULTS[name]) if args is not None else GRAD_DEFAULTS[name]
-
-
-class ArgsWithDefaults:
-    """`args` as a `ClipAlgorithm.from_args` reads it: each attribute of `args`, and a gradient-tool field it lacks
-    as its default."""
-
-    def __init__(self, args: Any):
-        self._args = args
-
-    def __getattr__(self, name: str) -> Any:
-        if hasattr(self._args, name):
-            return getattr(self._args, name)
-        if name in GRAD_DEFAULTS:
-            return GRAD_DEFAULTS[name]
-        raise AttributeError(f"{type(self._args).__name__} has no attribute {name!r}")
-
-
-def _non_negative_int(args: Any, name: str) -> None:
-    value = grad_setting(args, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
-
-
-def validate_grad_arguments(args: Any) -> None:
-    """Check every gradient-tool field of `args` (defaults for those it lacks); raise naming field, value, allowed.
-
-    Normalises in place, where `args` has the field: `clip_norm_type` to a float ("inf" -> `math.inf`), and a
-    pattern list given as `None` (`agc_exclude`, `grad_snapshot_tensors`) to `[]`, none.
-    """
-    for name in PATTERN_FIELDS:
-        if getattr(args, name, []) is None:
-            setattr(args, name, [])
-    for name in ("freeze_first_n_layers", "grad_snapshot_steps"):
-        _non_negative_int(args, name)
-    freeze_embeddings = grad_setting(args, "freeze_embeddings")
-    if not isinstance(freeze_embeddings, bool):
-        raise ValueError(f"`freeze_embeddings` must be True or False, got {freeze_embeddings!r}.")
-    norm_type = check_norm_type(grad_setting(args, "clip_norm_type"), "clip_norm_type")
-    if hasattr(args, "clip_norm_type"):
-        args.clip_norm_type = norm_type
-    value = grad_setting(args, "clip_grad_value")
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
-    ):
-        raise ValueError(f"`clip_grad_value` must be a positive finite number or None (off), got {value!r}.")
-    normalization = grad_setting(args, "loss_normalization")
-    if normalization not in LOSS_NORMALIZATIONS:
-        raise ValueError(
-            f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got {normalization!r}."
-        )
-    limit = grad_setting(args, "grad_snapshot_total_limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"`grad_snapshot_total_limit` must be a positive integer or None (keep all), got {limit!r}.")
-    # ---- issue 9: clipping algorithms, guards, monitoring ----
-    check_clip_algorithm(grad_setting(args, "clip_algorithm"))
-    check_agc_settings(
-        grad_setting(args, "agc_clip_factor"), grad_setting(args, "agc_eps"), grad_setting(args, "agc_exclude")
-    )
-    AutoClip(grad_setting(args, "autoclip_percentile"))
-    NonFiniteGuard(grad_setting(args, "max_nonfinite_skips"))
-    for name in ("skip_nonfinite_grads", "log_grad_norms"):
-        if not isinstance(grad_setting(args, name), bool):
-            raise ValueError(f"`{name}` must be True or False, got {grad_setting(args, name)!r}.")
-    compile_patterns(grad_setting(args, "grad_snapshot_tensors"), "grad_snapshot_tensors")
-    # ---- issues 8 and 12: schedules, noise scale ----
-    validate_schedule_arguments(args)
-
-
-def validate_schedule_arguments(args: Any) -> None:
-    """Check `layerwise_lr_decay`, `gradual_unfreeze_steps`, `frozen_eval_mode` and the noise-scale fields."""
-    decay = grad_setting(args, "layerwise_lr_decay")
-    if decay is not None:
-        check_layerwise_lr_decay(decay)
-    _non_negative_int(args, "gradual_unfreeze_steps")
-    for name in ("frozen_eval_mode", "log_grad_noise_scale"):
-        if not isinstance(grad_setting(args, name), bool):
-            raise ValueError(f"`{name}` must be True or False, got {grad_setting(args, name)!r}.")
-    beta = grad_setting(args, "grad_noise_scale_beta")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-        raise ValueError(f"`grad_noise_scale_beta` must be a number in [0, 1), got {beta!r}.")
-    steps = grad_setting(args, "gradual_unfreeze_steps")
-    if steps:
-        if not grad_setting(args, "freeze_embeddings") and not grad_setting(args, "freeze_first_n_layers"):
-            raise ValueError(
-                f"`gradual_unfreeze_steps`={steps} but nothing is frozen: set `freeze_embeddings` and/or "
-                "`freeze_first_n_layers`, whose blocks it then unfreezes one by one, or leave it at 0."
-            )
-        scheduler = getattr(args, "lr_scheduler_type", "linear")
-        scheduler = getattr(scheduler, "value", scheduler)
-        if scheduler in ("reduce_lr_on_plateau", "greedy"):
-            raise ValueError(
-                f"`gradual_unfreeze_steps`={steps} cannot add parameters under `lr_scheduler_type`={scheduler!r}, "
-                "which keeps no per-group schedule; use any other scheduler (e.g. linear, cosine, constant)."
-            )
-    accumulation = getattr(args, "gradient_accumulation_steps", 1)
-    if grad_setting(args, "log_grad_noise_scale") and accumulation < 2:
-        raise ValueError(
-            "`log_grad_noise_scale`=True needs `gradient_accumulation_steps` >= 2 (the noise scale compares the "
-            f"first micro-batch's gradient with the whole window's), got {accumulation}."
-        )
-    engine = "DeepSpeed" if getattr(args, "deepspeed", None) else ("FSDP" if getattr(args, "fsdp", None) else None)
-    used = [name for name in SCHEDULE_FIELDS if grad_setting(args, name) != GRAD_DEFAULTS[name]]
-    if engine and used:
-        raise ValueError(
-            f"{', '.join(f'`{name}`' for name in used)} are not supported with {engine}, which builds or shards the "
-            "optimizer and the gradients itself. Keep their defaults, or train with DDP or on one device."
-        )
-
-
-# Fields holding a list of regex patterns; `None` reads as no pattern.
-PATTERN_FIELDS = ("agc_exclude", "grad_snapshot_tensors")
-SCHEDULE_FIELDS = ("layerwise_lr_decay", "gradual_unfreeze_steps", "log_grad_noise_scale")
 
 
 @dataclass

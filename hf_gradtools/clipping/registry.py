@@ -42,8 +42,9 @@ class ClipAlgorithm:
         """The algorithm for a run. Default: `cls()`, no arguments.
 
         Args:
-            args: the run's `TrainingArguments`; a gradient-tool field it lacks reads as its default. A subclass
-                of `GradTrainingArguments` can carry the algorithm's own fields.
+            args: the run's settings (`hf_gradtools.settings.GradSettings`): every gradient-tool field, at its
+                default where the run's arguments lack it; any other attribute (`max_grad_norm`, a field of your
+                own subclass of `GradTrainingArguments`) reads through to the run's arguments.
             model: the model being trained (its parameter names, its structure), or `None` outside a trainer.
         """
         return cls()

@@ -31,6 +31,7 @@ from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.clipping import grad_norms  # noqa: E402
 from hf_gradtools.grad_insight import GradInsight  # noqa: E402
 from hf_gradtools.snapshots import GradSnapshotCallback  # noqa: E402
+from hf_gradtools.settings import GradSettings  # noqa: E402
 from hf_gradtools.trainer import GradTrainerMixin  # noqa: E402
 
 WORLD = 2  # processes of the sharded run, also when the reference plays them alone
@@ -97,8 +98,8 @@ class KeepingCallback(GradSnapshotCallback):
 
 
 class TrainerStandIn:
-    """What `GradTrainerMixin._clip_and_record` reads of the Trainer: accelerator, args, model, state, callbacks,
-    and the run's `GradInsight` (clipping by `clip_algorithm`, here `norm`)."""
+    """What `GradTrainerMixin._clip_and_record` reads of the Trainer: accelerator, args (and `grad_settings`), model,
+    state, callbacks, and the run's `GradInsight` (clipping by `clip_algorithm`, here `norm`)."""
 
     def __init__(self, model, output_dir: str, rank: int):
         self.model = model
@@ -108,11 +109,16 @@ class TrainerStandIn:
         self.state.is_world_process_zero = rank == 0
         self.callbacks = [KeepingCallback(), KeepingCallback(norm_type=2.0, name="l2")]
 
+    @property
+    def grad_settings(self):
+        # GradTrainer resolves them at each `train()`; this driver changes `args` between steps.
+        return GradSettings.from_args(self.args)
+
     def _snapshot_callbacks(self):
         return self.callbacks
 
     def _insight(self):
-        return GradInsight(self.args)
+        return GradInsight(self.grad_settings)
 
 
 def main(out_file: str) -> None:

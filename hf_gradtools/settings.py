@@ -1,0 +1,210 @@
+"""The gradient-tool settings of one run, resolved once from any `TrainingArguments` and validated in one place.
+
+`GradSettings.from_args(args)` reads each field of `GradArgumentsMixin` from `args`, or its default where `args`
+lacks it (a plain `TrainingArguments`, a foreign arguments class, `None`), checks every value (raising a
+`ValueError` that names the field, the value and what is allowed) and returns a frozen dataclass. The components
+read its attributes, so a misspelt field fails loudly instead of reading a default:
+
+    >>> from transformers import TrainingArguments
+    >>> settings = GradSettings.from_args(TrainingArguments("out", report_to="none"))
+    >>> settings == GradSettings(), settings.clip_norm_type
+    (True, 2.0)
+    >>> settings.clip_nrom_type
+    Traceback (most recent call last):
+    ...
+    AttributeError: 'TrainingArguments' object has no attribute 'clip_nrom_type'
+
+An attribute that is not a gradient-tool field (`max_grad_norm`, a field of your own arguments subclass) reads
+through to the run's arguments (`settings.args`), as a registered `ClipAlgorithm.from_args` expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .accumulation import LOSS_NORMALIZATIONS
+from .clipping import AutoClip, check_clip_algorithm, check_norm_type
+from .clipping.agc import check_agc_settings
+from .guards import NonFiniteGuard
+from .patterns import compile_patterns
+
+# Fields holding a list of regex patterns; `None` reads as no pattern.
+PATTERN_FIELDS = ("agc_exclude", "grad_snapshot_tensors")
+SCHEDULE_FIELDS = ("layerwise_lr_decay", "gradual_unfreeze_steps", "log_grad_noise_scale")
+
+
+@dataclass(frozen=True)
+class GradSettings:
+    """The fields of `GradArgumentsMixin` (documented there), with their defaults, and the arguments they came from.
+
+    Build it with `from_args`; `GradSettings()` is a run at the defaults.
+    """
+
+    freeze_embeddings: bool = False
+    freeze_first_n_layers: int = 0
+    clip_norm_type: float = 2.0
+    clip_grad_value: float | None = None
+    grad_snapshot_steps: int = 0
+    loss_normalization: str = "auto"
+    grad_snapshot_total_limit: int | None = None
+    layerwise_lr_decay: float | None = None
+    gradual_unfreeze_steps: int = 0
+    frozen_eval_mode: bool = False
+    log_grad_noise_scale: bool = False
+    grad_noise_scale_beta: float = 0.95
+    clip_algorithm: str = "norm"
+    agc_clip_factor: float = 0.01
+    agc_eps: float = 1e-3
+    agc_exclude: list[str] = field(default_factory=list)
+    autoclip_percentile: float = 10.0
+    skip_nonfinite_grads: bool = False
+    max_nonfinite_skips: int = 10
+    log_grad_norms: bool = False
+    grad_snapshot_tensors: list[str] = field(default_factory=list)
+    # The arguments these were read from (`None`: the defaults); not part of equality.
+    args: Any = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_args(cls, args: Any) -> GradSettings:
+        """The settings of `args` (any `TrainingArguments`, or `None`), checked.
+
+        Normalises in place, where `args` has the field: `clip_norm_type` to a float ("inf" -> `math.inf`), and a
+        pattern list given as `None` (`agc_exclude`, `grad_snapshot_tensors`) to `[]`.
+
+        Raises:
+            ValueError: naming the first field whose value is not allowed, the value, and what is.
+        """
+        if args is None:
+            return cls()
+        for name in PATTERN_FIELDS:
+            if getattr(args, name, []) is None:
+                setattr(args, name, [])
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "args":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = getattr(args, f.name, default)
+            values[f.name] = list(value) if f.name in PATTERN_FIELDS and isinstance(value, (list, tuple)) else value
+        settings = cls(**values, args=args)
+        norm_type = settings._validate()
+        if hasattr(args, "clip_norm_type"):
+            args.clip_norm_type = norm_type
+        return dataclasses.replace(settings, clip_norm_type=norm_type)
+
+    @classmethod
+    def of(cls, args_or_settings: Any) -> GradSettings:
+        """`args_or_settings` if it is a `GradSettings` already, else `from_args` of it."""
+        return args_or_settings if isinstance(args_or_settings, GradSettings) else cls.from_args(args_or_settings)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for a name that is not a field: read it from the run's arguments.
+        args = self.__dict__.get("args")
+        if args is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(args, name)
+
+    def freezing(self) -> dict[str, Any]:
+        """The freeze settings, by field name (recorded in a checkpoint and checked on resume)."""
+        return {"freeze_embeddings": self.freeze_embeddings, "freeze_first_n_layers": self.freeze_first_n_layers}
+
+    def non_default_schedule_fields(self) -> list[str]:
+        """The schedule fields (`SCHEDULE_FIELDS`) not at their defaults."""
+        defaults = GradSettings()
+        used = [
+            ("layerwise_lr_decay", self.layerwise_lr_decay != defaults.layerwise_lr_decay),
+            ("gradual_unfreeze_steps", self.gradual_unfreeze_steps != defaults.gradual_unfreeze_steps),
+            ("log_grad_noise_scale", self.log_grad_noise_scale != defaults.log_grad_noise_scale),
+        ]
+        return [name for name, changed in used if changed]
+
+    # ---- validation, in one place ----
+
+    def _validate(self) -> float:
+        """Check every field; return `clip_norm_type` as a float."""
+        _non_negative_int("freeze_first_n_layers", self.freeze_first_n_layers)
+        _non_negative_int("grad_snapshot_steps", self.grad_snapshot_steps)
+        _boolean("freeze_embeddings", self.freeze_embeddings)
+        norm_type = check_norm_type(self.clip_norm_type, "clip_norm_type")
+        value = self.clip_grad_value
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+        ):
+            raise ValueError(f"`clip_grad_value` must be a positive finite number or None (off), got {value!r}.")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got "
+                f"{self.loss_normalization!r}."
+            )
+        limit = self.grad_snapshot_total_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(
+                f"`grad_snapshot_total_limit` must be a positive integer or None (keep all), got {limit!r}."
+            )
+        # clipping algorithms, guards, monitoring
+        check_clip_algorithm(self.clip_algorithm)
+        check_agc_settings(self.agc_clip_factor, self.agc_eps, self.agc_exclude)
+        AutoClip(self.autoclip_percentile)
+        NonFiniteGuard(self.max_nonfinite_skips)
+        _boolean("skip_nonfinite_grads", self.skip_nonfinite_grads)
+        _boolean("log_grad_norms", self.log_grad_norms)
+        compile_patterns(self.grad_snapshot_tensors, "grad_snapshot_tensors")
+        self._validate_schedules()
+        return norm_type
+
+    def _validate_schedules(self) -> None:
+        """Check `layerwise_lr_decay`, `gradual_unfreeze_steps`, `frozen_eval_mode` and the noise-scale fields."""
+        # Here, not at the top: the `schedules` package imports the snapshot callback, which reads these settings.
+        from .schedules.lr_decay import check_layerwise_lr_decay
+
+        args = self.args
+        if self.layerwise_lr_decay is not None:
+            check_layerwise_lr_decay(self.layerwise_lr_decay)
+        _non_negative_int("gradual_unfreeze_steps", self.gradual_unfreeze_steps)
+        _boolean("frozen_eval_mode", self.frozen_eval_mode)
+        _boolean("log_grad_noise_scale", self.log_grad_noise_scale)
+        beta = self.grad_noise_scale_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+            raise ValueError(f"`grad_noise_scale_beta` must be a number in [0, 1), got {beta!r}.")
+        steps = self.gradual_unfreeze_steps
+        if steps:
+            if not self.freeze_embeddings and not self.freeze_first_n_layers:
+                raise ValueError(
+                    f"`gradual_unfreeze_steps`={steps} but nothing is frozen: set `freeze_embeddings` and/or "
+                    "`freeze_first_n_layers`, whose blocks it then unfreezes one by one, or leave it at 0."
+                )
+            scheduler = getattr(args, "lr_scheduler_type", "linear")
+            scheduler = getattr(scheduler, "value", scheduler)
+            if scheduler in ("reduce_lr_on_plateau", "greedy"):
+                raise ValueError(
+                    f"`gradual_unfreeze_steps`={steps} cannot add parameters under `lr_scheduler_type`="
+                    f"{scheduler!r}, which keeps no per-group schedule; use any other scheduler (e.g. linear, cosine, "
+                    "constant)."
+                )
+        accumulation = getattr(args, "gradient_accumulation_steps", 1)
+        if self.log_grad_noise_scale and accumulation < 2:
+            raise ValueError(
+                "`log_grad_noise_scale`=True needs `gradient_accumulation_steps` >= 2 (the noise scale compares the "
+                f"first micro-batch's gradient with the whole window's), got {accumulation}."
+            )
+        deepspeed, fsdp = getattr(args, "deepspeed", None), getattr(args, "fsdp", None)
+        engine = "DeepSpeed" if deepspeed else ("FSDP" if fsdp else None)
+        used = self.non_default_schedule_fields()
+        if engine and used:
+            raise ValueError(
+                f"{', '.join(f'`{name}`' for name in used)} are not supported with {engine}, which builds or shards "
+                "the optimizer and the gradients itself. Keep their defaults, or train with DDP or on one device."
+            )
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
