@@ -39,8 +39,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
 from .errors import GradToolsError
-from .state_fields import FieldReader, read_json_record
 from .settings import GradSettings
+from .state_fields import FieldReader, read_json_record
 
 logger = logging.getLogger(__name__)
 

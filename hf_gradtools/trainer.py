@@ -85,10 +85,10 @@ from .schedules import (
     unfreeze_order,
 )
 from .schedules.lr_decay import layerwise_optimizer
+from .settings import GradSettings
 from .side_effects import undo_forward_side_effects
 from .signals import exit_cleanly_on_sigterm
 from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
-from .settings import GradSettings
 from .training_state import load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
@@ -172,9 +172,7 @@ def check_engine_support(args, settings: GradSettings | None = None) -> None:
     if args is None:
         return
     settings = GradSettings.from_args(args) if settings is None else settings
-    custom = (
-        settings.clip_norm_type != 2.0 or settings.clip_grad_value is not None or settings.grad_snapshot_steps > 0
-    )
+    custom = settings.clip_norm_type != 2.0 or settings.clip_grad_value is not None or settings.grad_snapshot_steps > 0
     fsdp_version = int((getattr(args, "fsdp_config", None) or {}).get("version", 2))
     engine = "DeepSpeed" if getattr(args, "deepspeed", None) else None
     if getattr(args, "fsdp", None) and fsdp_version == 1:

@@ -30,8 +30,8 @@ from transformers.trainer_optimizer import has_mixed_dtensor  # noqa: E402
 from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.clipping import grad_norms  # noqa: E402
 from hf_gradtools.grad_insight import GradInsight  # noqa: E402
-from hf_gradtools.snapshots import GradSnapshotCallback  # noqa: E402
 from hf_gradtools.settings import GradSettings  # noqa: E402
+from hf_gradtools.snapshots import GradSnapshotCallback  # noqa: E402
 from hf_gradtools.trainer import GradTrainerMixin  # noqa: E402
 
 WORLD = 2  # processes of the sharded run, also when the reference plays them alone
