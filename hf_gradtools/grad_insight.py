@@ -1,6 +1,7 @@
 """The per-run state of the gradient insight tools that `GradTrainerMixin` calls once per optimizer step.
 
-One `GradInsight` lives for one `train()` call and holds what the fields of issue 9 need between steps: the clipping
+One `GradInsight` lives for one `train()` call and holds what the clipping, guard and monitoring fields need
+between steps: the clipping
 algorithm (`clip_algorithm`, any registered `ClipAlgorithm`, with its state), the non-finite guard
 (`skip_nonfinite_grads`, `max_nonfinite_skips`), the norms of the last step for the logs (`log_grad_norms`), the
 saver of gradient tensors (`grad_snapshot_tensors`) and whether the parameters without gradient have been reported.

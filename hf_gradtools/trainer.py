@@ -211,10 +211,10 @@ class GradTrainerMixin:
        `clip_norm_type` norm to `max_grad_norm`; logs the norm before clipping as `grad_norm`;
     4. hands the per-parameter norms to `GradSnapshotCallback`, which is attached when there is something to
        record (a frozen parameter, or `grad_snapshot_steps > 0`).
-    5. with the schedule fields (issues 8 and 12): LLRD groups in `create_optimizer`, gradual unfreezing at the end
+    5. with the schedule fields: LLRD groups in `create_optimizer`, gradual unfreezing at the end
        of optimizer steps (`GradualUnfreezeCallback`), frozen modules in eval mode in `compute_loss`, and the
        gradient noise scale measured in `training_step`, logged in `log`, checkpointed beside the optimizer.
-    6. with the fields of `grad_insight.py` (issue 9): clips by `clip_algorithm` (norm, AGC, AutoClip), skips
+    6. with the fields of `grad_insight.py`: clips by `clip_algorithm` (norm, AGC, AutoClip), skips
        optimizer steps with non-finite gradients, adds per-layer norms to the logs, saves gradient tensors with
        the snapshots, and warns about trainable parameters that received no gradient at the first step.
 
@@ -817,7 +817,7 @@ class GradTrainerMixin:
             grad_norm = self._clip_and_record()
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
-    # ---- issue 9: clipping algorithms, guards, monitoring ----
+    # ---- clipping algorithms, guards, monitoring ----
 
     def _setup_grad_insight(self, model: nn.Module | None, args) -> None:
         """Before anything is written: patterns of `agc_exclude` / `grad_snapshot_tensors` must match the model."""
@@ -860,7 +860,7 @@ class GradTrainerMixin:
         """AutoClip's history and the guard's counts, when on, for the checkpoint's `hf_gradtools_state.json`."""
         return self._grad_insight.state_dict() if self._grad_insight is not None else {}
 
-    # ---- issue 10: resuming and checkpoints ----
+    # ---- resuming and checkpoints ----
 
     def _resume_checkpoint(self, resume_from_checkpoint) -> str | None:
         """The checkpoint to resume from, checked against this run; the snapshots of later steps are deleted.
@@ -939,7 +939,7 @@ class GradTrainerMixin:
                 raise
             raise no_space from error
 
-    # ---- issues 8 and 12: schedules, noise scale ----
+    # ---- schedules, noise scale ----
     # Per `train()` call, from `create_optimizer` (the model is final, no checkpoint loaded yet): the unfreezing
     # plan and position (`gradual_unfreeze_steps`) and the noise-scale meter (`log_grad_noise_scale`).
     _frozen_by_args: list[str] | None = None

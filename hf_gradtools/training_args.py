@@ -118,12 +118,12 @@ class GradArgumentsMixin:
             "choices": list(LOSS_NORMALIZATIONS),
         },
     )
-    # ---- issue 10: retention ----
+    # ---- retention ----
     grad_snapshot_total_limit: int | None = field(
         default=None,
         metadata={"help": "Keep only the newest N gradient snapshots, deleting older ones (unset: keep all)."},
     )
-    # ---- issues 8 and 12: schedules, noise scale ----
+    # ---- schedules, noise scale ----
     layerwise_lr_decay: float | None = field(
         default=None,
         metadata={
@@ -153,7 +153,7 @@ class GradArgumentsMixin:
         default=0.95,
         metadata={"help": "Decay of the moving averages behind `grad_noise_scale`, in [0, 1)."},
     )
-    # ---- issue 9: clipping algorithms, guards, monitoring ----
+    # ---- clipping algorithms, guards, monitoring ----
     clip_algorithm: str = field(
         default="norm",
         metadata={

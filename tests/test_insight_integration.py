@@ -1,5 +1,5 @@
-"""Issue 9 wired into GradTrainer: AGC and AutoClip against hand-written loops, the non-finite guard, per-layer norms
-in the logs (and in a TensorBoard event file), gradient tensors on disk, the dead-parameter report, and resume."""
+"""Clip algorithms, guards and monitoring wired into GradTrainer: AGC and AutoClip against hand-written loops, the
+non-finite guard, per-layer norms in the logs (and in a TensorBoard event file), gradient tensors on disk, the dead-parameter report, and resume."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Issue 12 wired into GradTrainer: the logged `grad_noise_scale` against per-example gradients computed by hand.
+"""The noise scale wired into GradTrainer: the logged `grad_noise_scale` against per-example gradients computed
+by hand.
 
 A linear regression with Gaussian inputs, `learning_rate=0` (the gradient distribution never moves) and sequential
 sampling: each micro-batch's per-example gradients are analytic, `(prediction - label) * (x, 1)`.

@@ -1,4 +1,5 @@
-"""Issue 8 wired into GradTrainer: LLRD, gradual unfreezing into the live optimizer, frozen modules in eval mode."""
+"""The fine-tuning schedules wired into GradTrainer: LLRD, gradual unfreezing into the live optimizer, frozen
+modules in eval mode."""
 
 from __future__ import annotations
 

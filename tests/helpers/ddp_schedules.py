@@ -1,4 +1,5 @@
-"""GradTrainer with the issue 8 and 12 fields; run under torchrun (2 processes, gloo) or alone. Saves what it saw.
+"""GradTrainer with the schedule and noise-scale fields; run under torchrun (2 processes, gloo) or alone.
+Saves what it saw.
 
 Usage: python ddp_schedules.py unfreeze OUT_FILE PER_DEVICE_BATCH   (tiny BERT: LLRD + gradual unfreezing)
        python ddp_schedules.py noise OUT_FILE PER_DEVICE_BATCH      (linear regression, learning rate 0)
