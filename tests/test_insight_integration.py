@@ -1,5 +1,6 @@
 """Clip algorithms, guards and monitoring wired into GradTrainer: AGC and AutoClip against hand-written loops, the
-non-finite guard, per-layer norms in the logs (and in a TensorBoard event file), gradient tensors on disk, the dead-parameter report, and resume."""
+non-finite guard, per-layer norms in the logs (and in a TensorBoard event file), gradient tensors on disk, the
+dead-parameter report, and resume."""
 
 from __future__ import annotations
 
