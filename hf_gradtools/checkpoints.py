@@ -38,9 +38,10 @@ from safetensors import SafetensorError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
-from .errors import GradToolsError
+from .errors import DamagedCheckpointError, GradToolsError
+from .run_folder import MAX_COUNT, is_count
 from .settings import GradSettings
-from .state_fields import FieldReader, read_json_record
+from .state_fields import FieldReader, read_json_record, shown
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,20 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
 
 
 def checkpoint_step(folder: str | os.PathLike) -> int:
-    """The `global_step` recorded in the checkpoint's `trainer_state.json`."""
-    with open(os.path.join(os.fspath(folder), TRAINER_STATE_FILE), encoding="utf-8") as f:
-        return int(json.load(f)["global_step"])
+    """The `global_step` recorded in the checkpoint's `trainer_state.json`.
+
+    Raises:
+        DamagedCheckpointError: the recorded step is not an integer from 0 to 2**53.
+    """
+    path = os.path.join(os.fspath(folder), TRAINER_STATE_FILE)
+    with open(path, encoding="utf-8") as f:
+        step = json.load(f)["global_step"]
+    if not is_count(step):
+        raise DamagedCheckpointError(
+            f"{path} is damaged: `global_step` is {shown(step)}, not a step number (an integer from 0 to "
+            f"{MAX_COUNT}). The checkpoint cannot be resumed from: resume from another one."
+        )
+    return step
 
 
 def is_complete_checkpoint(folder: str | os.PathLike) -> bool:

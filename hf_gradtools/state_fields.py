@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import DamagedCheckpointError
+from .run_folder import inside_run_folder
 
 # The largest finite float32: a value above it (e.g. 1e308) would load into a float32 tensor as inf.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -176,10 +177,12 @@ def read_json_record(path: str | os.PathLike, check: Callable[[Any], Any]) -> An
     Raises:
         FileNotFoundError, NotADirectoryError: there is no such file (the caller decides what a missing record
             means).
+        OutsideRunFolderError: the file is a link that leads out of its folder (the checkpoint).
         DamagedCheckpointError: the file cannot be read, is not JSON, or `check` refuses a field; one message
             naming the file and the field.
     """
     path = os.fspath(path)
+    inside_run_folder(os.path.dirname(path) or ".", path)  # a link out of the checkpoint folder is not read
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

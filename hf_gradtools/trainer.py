@@ -63,7 +63,7 @@ from .checkpoints import (
     save_run_settings,
 )
 from .clipping import ClipResult, grad_norms, total_norm
-from .errors import NoTrainableParametersError
+from .errors import DamagedCheckpointError, NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
 from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step, state_checks
 from .layout import find_input_embeddings, find_layer_stack
@@ -877,12 +877,14 @@ class GradTrainerMixin:
         check_resume_settings(checkpoint, run_settings(self.args))
         # A damaged state file is refused here, before anything is deleted or loaded.
         load_training_state(checkpoint, state_checks(self.grad_settings, self.model))
-        if not self.is_world_process_zero():
-            return checkpoint
         try:
             step = checkpoint_step(checkpoint)
+        except DamagedCheckpointError:
+            raise  # a step out of range: refused on every process, before anything is deleted
         except (OSError, ValueError, KeyError, TypeError):
             return checkpoint  # not a readable checkpoint: the Trainer raises its own error when loading it
+        if not self.is_world_process_zero():
+            return checkpoint
         for folder in sorted({SNAPSHOT_DIR, *(cb.folder for cb in self._snapshot_callbacks())}):
             removed = discard_grad_snapshots_after(os.path.join(self.args.output_dir, folder), step)
             if removed:

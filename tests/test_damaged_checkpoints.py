@@ -11,7 +11,7 @@ import shutil
 import pytest
 from conftest import classification_data, folder_contents, grad_args, tiny_classifier
 
-from hf_gradtools import DamagedCheckpointError, GradToolsError, GradTrainer
+from hf_gradtools import DamagedCheckpointError, GradToolsError, GradTrainer, OutsideRunFolderError
 from hf_gradtools.checkpoints import RUN_SETTINGS_FILE, check_resume_settings
 from hf_gradtools.training_state import TRAINING_STATE_FILE, load_training_state
 
@@ -208,3 +208,22 @@ def test_autoclip_history_as_long_as_the_steps_taken_is_accepted(run_copy):
     edit_json(os.path.join(checkpoint, TRAINING_STATE_FILE), set_field("autoclip", "history", [0.5, 0.4, 0.3]))
     with pytest.raises(DamagedCheckpointError, match=r"`autoclip.history` holds 3 norms, more than the 2 optimizer"):
         load_training_state(checkpoint)
+
+
+def test_a_step_out_of_range_is_refused_before_anything_changes(run_copy, tmp_path):
+    path = os.path.join(run_copy, "checkpoint-2", "trainer_state.json")
+    edit_json(path, lambda d: {**d, "global_step": 10**400})
+    assert_refused_and_untouched(run_copy, tmp_path, "trainer_state.json", "`global_step` is 1000")
+
+
+@pytest.mark.parametrize("file_name", [RUN_SETTINGS_FILE, TRAINING_STATE_FILE])
+def test_a_record_linked_out_of_its_checkpoint_is_not_read(run_copy, tmp_path, file_name):
+    record = os.path.join(run_copy, "checkpoint-2", file_name)
+    outside = tmp_path / f"outside-{file_name}"
+    shutil.move(record, outside)  # a sound record, but elsewhere
+    os.symlink(outside, record)
+    before, kept = folder_contents(run_copy), outside.read_bytes()
+    with pytest.raises(OutsideRunFolderError) as raised:
+        resume_from_checkpoint_2(run_copy, tmp_path / "resumed")
+    assert record in str(raised.value) and str(outside) in str(raised.value)
+    assert folder_contents(run_copy) == before and outside.read_bytes() == kept
