@@ -159,12 +159,21 @@ class GradSnapshotCallback(TrainerCallback):
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._description: dict | None = None  # this run's `frozen_parameters.json`, for `record_no_grad`
+        self._run_settings: GradSettings | None = None  # resolved at train begin, not again at every step
+
+    def _settings(self, args) -> GradSettings:
+        """The run's settings: given by GradTrainer, else resolved from `args` once per run."""
+        if isinstance(args, GradSettings):
+            return args
+        if self._run_settings is None or self._run_settings.args is not args:
+            self._run_settings = GradSettings.from_args(args)
+        return self._run_settings
 
     def period(self, args) -> int:
-        return self.every_n_steps if self.every_n_steps is not None else GradSettings.of(args).grad_snapshot_steps
+        return self.every_n_steps if self.every_n_steps is not None else self._settings(args).grad_snapshot_steps
 
     def norm(self, args) -> float:
-        return float(self.norm_type if self.norm_type is not None else GradSettings.of(args).clip_norm_type)
+        return float(self.norm_type if self.norm_type is not None else self._settings(args).clip_norm_type)
 
     def is_due(self, args, state) -> bool:
         """Whether the optimizer step now in progress (producing `global_step + 1`) is recorded."""
@@ -175,7 +184,7 @@ class GradSnapshotCallback(TrainerCallback):
         """How many snapshots this callback keeps (None: all)."""
         if self.total_limit is not None:
             return self.total_limit
-        return GradSettings.of(args).grad_snapshot_total_limit
+        return self._settings(args).grad_snapshot_total_limit
 
     @property
     def folder(self) -> str:
@@ -200,6 +209,7 @@ class GradSnapshotCallback(TrainerCallback):
         self._claims[key] = (id(state), id(self))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._run_settings = None  # a field changed between runs is read (and checked) again
         self._remove_hooks()
         self._claim_folder(args, state)
         if not self.fed_by_trainer and self.period(args) > 0:

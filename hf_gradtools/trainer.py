@@ -762,14 +762,13 @@ class GradTrainerMixin:
     def _clip_and_record(self) -> torch.Tensor:
         """Clip the accumulated gradients, feed due snapshots, and return the total norm before clipping."""
         self.accelerator.unscale_gradients()
-        args = self.args
         insight = self._insight()
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         settings = self.grad_settings
         due = [cb for cb in self._snapshot_callbacks() if cb.is_due(settings, self.state)]
         tensors = insight.copy_tensors(self.model, self.state.global_step + 1) if due else None
-        norm_type = self.grad_settings.clip_norm_type
+        norm_type = settings.clip_norm_type
         # A callback given its own norm type measures before clipping, in that norm.
         other_norms = {id(cb): grad_norms(grads, cb.norm(settings)) for cb in due if cb.norm(settings) != norm_type}
         result = insight.clip(self.model, params)  # `clip_grad_value`, then `clip_algorithm`
@@ -784,9 +783,9 @@ class GradTrainerMixin:
                 cb_norm, norms = callback.norm(settings), other_norms[id(callback)]
                 post = total_norm(grad_norms(grads, cb_norm), cb_norm)
                 result_in_norm = ClipResult(norms, total_norm(norms, cb_norm), post)
-                callback.record(args, self.state, names, result_in_norm, **extras)
+                callback.record(settings, self.state, names, result_in_norm, **extras)
             else:
-                callback.record(args, self.state, names, result, **extras)
+                callback.record(settings, self.state, names, result, **extras)
         if skipped:
             insight.skip_step(self.model, params, result, self.optimizer, self.state.global_step + 1)
         insight.step_done(params, result, skipped)
