@@ -64,6 +64,22 @@ class GradSettings:
     max_nonfinite_skips: int = 10
     log_grad_norms: bool = False
     grad_snapshot_tensors: list[str] = field(default_factory=list)
+    # the spike guard
+    zclip_alpha: float = 0.97
+    zclip_z_threshold: float = 2.5
+    zclip_warmup_steps: int = 25
+    skip_spike_steps: bool = False
+    spike_window: int = 128
+    spike_sigma: float = 6.0
+    spike_min_history: int = 20
+    max_spike_skips: int = 10
+    # automatic freezing and the activation cache
+    auto_freeze: bool = False
+    auto_freeze_interval: int = 50
+    auto_freeze_percentile: float = 50.0
+    auto_freeze_keep_last: int = 1
+    cache_frozen_activations: bool = False
+    frozen_activation_cache_gb: float = 4.0
     # The arguments these were read from (`None`: the defaults); not part of equality.
     args: Any = field(default=None, compare=False, repr=False)
 
@@ -152,7 +168,9 @@ class GradSettings:
         _boolean("skip_nonfinite_grads", self.skip_nonfinite_grads)
         _boolean("log_grad_norms", self.log_grad_norms)
         compile_patterns(self.grad_snapshot_tensors, "grad_snapshot_tensors")
+        self._validate_spike_guard()
         self._validate_schedules()
+        self._validate_auto_freeze()
         return norm_type
 
     def _validate_schedules(self) -> None:
@@ -198,6 +216,64 @@ class GradSettings:
                 f"{', '.join(f'`{name}`' for name in used)} are not supported with {engine}, which builds or shards "
                 "the optimizer and the gradients itself. Keep their defaults, or train with DDP or on one device."
             )
+
+    def _validate_spike_guard(self) -> None:
+        """Check the ZClip fields (`zclip_*`) and the skip-on-spike fields (`skip_spike_steps`, `spike_*`)."""
+        _in_range("zclip_alpha", self.zclip_alpha, 0, 1, "a number in (0, 1)", low_open=True, high_open=True)
+        _in_range("zclip_z_threshold", self.zclip_z_threshold, 0, math.inf, "a positive number", low_open=True)
+        _positive_int("zclip_warmup_steps", self.zclip_warmup_steps)
+        _boolean("skip_spike_steps", self.skip_spike_steps)
+        _positive_int("spike_window", self.spike_window)
+        _in_range("spike_sigma", self.spike_sigma, 0, math.inf, "a positive number", low_open=True)
+        _positive_int("spike_min_history", self.spike_min_history)
+        _positive_int("max_spike_skips", self.max_spike_skips)
+        if self.spike_min_history > self.spike_window:
+            raise ValueError(
+                f"`spike_min_history`={self.spike_min_history} must be at most `spike_window`={self.spike_window}: "
+                "the history never holds more than the window."
+            )
+
+    def _validate_auto_freeze(self) -> None:
+        """Check the automatic-freezing fields (`auto_freeze*`) and the activation cache's."""
+        _boolean("auto_freeze", self.auto_freeze)
+        _positive_int("auto_freeze_interval", self.auto_freeze_interval)
+        _in_range("auto_freeze_percentile", self.auto_freeze_percentile, 0, 100, "a number in (0, 100]", low_open=True)
+        _positive_int("auto_freeze_keep_last", self.auto_freeze_keep_last)
+        _boolean("cache_frozen_activations", self.cache_frozen_activations)
+        _in_range(
+            "frozen_activation_cache_gb",
+            self.frozen_activation_cache_gb,
+            0,
+            math.inf,
+            "a positive number of GB",
+            low_open=True,
+        )
+        if self.auto_freeze and self.gradual_unfreeze_steps:
+            raise ValueError(
+                f"`auto_freeze`=True and `gradual_unfreeze_steps`={self.gradual_unfreeze_steps} work in opposite "
+                "directions (one freezes blocks as training goes, the other unfreezes them): use one of them."
+            )
+        if self.cache_frozen_activations and not self.frozen_eval_mode:
+            raise ValueError(
+                "`cache_frozen_activations`=True needs `frozen_eval_mode`=True: a frozen block's output can be kept "
+                "only when it is deterministic (no dropout in it). Set `frozen_eval_mode`=True as well."
+            )
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _in_range(
+    name: str, value: Any, low: float, high: float, allowed: str, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Refuse `value` unless it is a real number between `low` and `high` (open ends where asked)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
 def _non_negative_int(name: str, value: Any) -> None:

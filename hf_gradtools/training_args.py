@@ -82,6 +82,28 @@ class GradArgumentsMixin:
             Log per-layer gradient norms, `grad_norm_post_clip` and `clip_coef` at every logging step.
         grad_snapshot_tensors (`list[str]`, *optional*, defaults to `[]`):
             Regex name patterns of parameters whose gradient tensors are saved with each snapshot.
+        zclip_alpha (`float`, *optional*, defaults to `0.97`), zclip_z_threshold (`float`, *optional*, defaults to
+        `2.5`), zclip_warmup_steps (`int`, *optional*, defaults to `25`):
+            `clip_algorithm="zclip"` (Kumar et al. 2025): the EMA decay of the gradient norm's mean and variance, the
+            z-score above which a norm is clipped, and the steps whose norms start the statistics.
+        skip_spike_steps (`bool`, *optional*, defaults to `False`):
+            Skip an optimizer step whose loss or pre-clip gradient norm exceeds mean + `spike_sigma` standard
+            deviations of the last `spike_window` steps (once `spike_min_history` exist); logs `spike_skips`.
+        spike_window (`int`, *optional*, defaults to `128`), spike_sigma (`float`, *optional*, defaults to `6.0`),
+        spike_min_history (`int`, *optional*, defaults to `20`), max_spike_skips (`int`, *optional*, defaults to `10`):
+            The spike guard's history length, threshold, the history it needs before deciding, and the consecutive
+            skips after which training stops.
+        auto_freeze (`bool`, *optional*, defaults to `False`):
+            Freeze the layer stack's leading blocks as training goes, once their gradient norms stop changing
+            (AutoFreeze, Liu et al. 2021); logs `frozen_layers`.
+        auto_freeze_interval (`int`, *optional*, defaults to `50`), auto_freeze_percentile (`float`, *optional*,
+        defaults to `50.0`), auto_freeze_keep_last (`int`, *optional*, defaults to `1`):
+            Optimizer steps per decision, the percentile of the blocks' relative change below which a block freezes,
+            and the top blocks never frozen.
+        cache_frozen_activations (`bool`, *optional*, defaults to `False`), frozen_activation_cache_gb (`float`,
+        *optional*, defaults to `4.0`):
+            Keep each training example's output of the frozen prefix (embeddings and first blocks, in eval mode:
+            needs `frozen_eval_mode`) and skip computing it again; the cache's memory budget.
 
     Example:
         >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
@@ -206,6 +228,57 @@ class GradArgumentsMixin:
             "help": "Regex name patterns of parameters whose full gradient tensors are saved with each snapshot "
             "(grad_snapshots/step-N.safetensors)."
         },
+    )
+
+    # ---- the spike guard ----
+    zclip_alpha: float = field(
+        default=0.97, metadata={"help": "ZClip: EMA decay of the gradient norm's mean and variance, in (0, 1)."}
+    )
+    zclip_z_threshold: float = field(
+        default=2.5, metadata={"help": "ZClip: clip a gradient norm whose z-score exceeds this (> 0)."}
+    )
+    zclip_warmup_steps: int = field(
+        default=25, metadata={"help": "ZClip: optimizer steps whose norms start the statistics (>= 1)."}
+    )
+    skip_spike_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip an optimizer step whose loss or gradient norm exceeds mean + spike_sigma std of the "
+            "recent steps; logs `spike_skips`."
+        },
+    )
+    spike_window: int = field(default=128, metadata={"help": "Spike guard: steps of history (>= 1)."})
+    spike_sigma: float = field(default=6.0, metadata={"help": "Spike guard: standard deviations above the mean."})
+    spike_min_history: int = field(
+        default=20, metadata={"help": "Spike guard: steps of history needed before a step can be skipped."}
+    )
+    max_spike_skips: int = field(
+        default=10, metadata={"help": "Stop training after this many consecutive steps skipped as spikes."}
+    )
+    # ---- automatic freezing, activation cache ----
+    auto_freeze: bool = field(
+        default=False,
+        metadata={"help": "Freeze leading blocks once their gradient norms stop changing; logs `frozen_layers`."},
+    )
+    auto_freeze_interval: int = field(
+        default=50, metadata={"help": "Automatic freezing: optimizer steps per decision (>= 1)."}
+    )
+    auto_freeze_percentile: float = field(
+        default=50.0,
+        metadata={"help": "Automatic freezing: percentile (0, 100] of the blocks' relative norm change."},
+    )
+    auto_freeze_keep_last: int = field(
+        default=1, metadata={"help": "Automatic freezing: the top blocks that are never frozen (>= 1)."}
+    )
+    cache_frozen_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each training example's output of the frozen prefix and skip computing it again "
+            "(needs frozen_eval_mode)."
+        },
+    )
+    frozen_activation_cache_gb: float = field(
+        default=4.0, metadata={"help": "Memory budget of the frozen-activation cache, in GB (> 0)."}
     )
 
     def __post_init__(self):
