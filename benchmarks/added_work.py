@@ -25,7 +25,7 @@ import torch
 import transformers as T
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
-from hf_gradtools.noise_scale import WindowNoiseMeter
+from hf_gradtools.monitoring.noise_scale import WindowNoiseMeter
 
 T.logging.set_verbosity_error()
 

@@ -2,6 +2,7 @@
 Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`."""
 
 from .accumulation import ItemRule, count_items, micro_batch_loss_weights
+from .accumulation.loss_probe import probe_loss_normalization
 from .checkpoints import (
     ChangedSettingsError,
     CheckpointSaveError,
@@ -18,10 +19,8 @@ from .freezing import (
     get_trainable_parameters,
     unfreeze,
 )
-from .grad_tensors import DamagedTensorFileError, load_grad_tensors
 from .guards import NonFiniteGradientError
 from .layout import LayerStack, find_input_embeddings, find_layer_stack
-from .loss_probe import probe_loss_normalization
 from .run_folder import OutsideRunFolderError
 from .snapshots import (
     DamagedSnapshotError,
@@ -30,6 +29,7 @@ from .snapshots import (
     load_grad_snapshots,
     prune_grad_snapshots,
 )
+from .snapshots.tensors import DamagedTensorFileError, load_grad_tensors
 from .trainer import GradSeq2SeqTrainer, GradTrainer, GradTrainerMixin
 from .training_args import GradArgumentsMixin, GradSeq2SeqTrainingArguments, GradTrainingArguments
 

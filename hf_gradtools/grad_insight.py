@@ -37,12 +37,12 @@ from .clipping import (
     clip_coefficient,
     clip_state_checks,
 )
-from .clipping.norm import _is_sharded, _local
-from .grad_tensors import GradTensorCopy, GradTensorSaver
-from .guards import SHOWN_NAMES, NonFiniteGuard, agree_across_ranks, norms_nonfinite, skip_message
+from .distributed import agree_across_ranks, is_sharded, local_tensor
+from .guards import SHOWN_NAMES, NonFiniteGuard, norms_nonfinite, skip_message, skip_optimizer_step
 from .monitoring import LayerNormGrouper, no_grad_warning, parameters_without_grad
 from .patterns import match_names
 from .settings import GradSettings
+from .snapshots.tensors import GradTensorCopy, GradTensorSaver
 
 logger = logging.getLogger(__name__)
 
@@ -79,33 +79,6 @@ def state_checks(settings, model: nn.Module | None) -> dict:
     algorithm's entry is loaded into a fresh instance built from `settings` and `model`."""
     settings = GradSettings.of(settings)
     return clip_state_checks(settings.clip_algorithm, settings, model)
-
-
-def skip_optimizer_step(optimizer) -> None:
-    """Make the next `optimizer.step()` of an accelerate `AcceleratedOptimizer` skip the update and say so.
-
-    The Trainer then leaves the scheduler alone (`accelerator.optimizer_step_was_skipped`), as it does for a step
-    that fp16's grad scaler skips. With a grad scaler, the step is handed to it marked as overflowed: it skips the
-    update and lowers the scale, as for any overflow. Without one, `step` is a no-op once, then the class's own.
-    """
-    scaler = getattr(optimizer, "scaler", None)
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(getattr(optimizer, "optimizer", None)), {})
-    if scaler is not None and state.get("found_inf_per_device"):
-        for found_inf in state["found_inf_per_device"].values():
-            found_inf.fill_(1.0)  # the scaler then skips the step and backs off, on every process alike
-        return
-    previous = optimizer.__dict__.get("step")
-
-    def skipped_step(*args, **kwargs):
-        if previous is None:
-            del optimizer.step
-        else:
-            optimizer.step = previous
-        optimizer._is_overflow = True
-        if scaler is not None:  # keep the scaler's bookkeeping consistent: its scale backs off
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-
-    optimizer.step = skipped_step
 
 
 class GradInsight:
@@ -195,7 +168,7 @@ class GradInsight:
         all_names = self.names_of(model, params)
         names = [all_names[i] for i in bad]
         logger.warning(skip_message(step, names, self.guard.nonfinite_skips + 1))
-        torch._foreach_zero_(_local(grads) if _is_sharded(grads) else grads)
+        torch._foreach_zero_(local_tensor(grads) if is_sharded(grads) else grads)
         skip_optimizer_step(optimizer)
         self._marked_optimizer = optimizer
         self.guard.record(True, step, names)

@@ -39,7 +39,6 @@ import torch
 
 from .atomic import write_file_atomic
 from .clipping import check_norm_type
-from .grad_tensors import grad_tensor_files, load_grad_tensors
 from .monitoring import EMBEDDINGS, HEAD, parameter_group
 from .monitoring import group_order as _group_order
 from .patterns import example_names, match_names
@@ -52,6 +51,7 @@ from .run_folder import (
     training_args_fields,
 )
 from .snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, load_grad_snapshots
+from .snapshots.tensors import grad_tensor_files, load_grad_tensors
 from .state_fields import shown
 
 PLOT_FILE = "grad_norms.png"

@@ -52,6 +52,15 @@ from .accumulation import (
     micro_batch_loss_weights,
     window_count,
 )
+from .accumulation.loss_probe import (
+    GRADIENT_DIRECTIONS,
+    describe_error,
+    join_rows,
+    probe_count_response,
+    probe_loss_normalization,
+    project_on_random_signs,
+    split_gradient_error,
+)
 from .checkpoints import (
     FROZEN_SETTINGS,
     begin_checkpoint_save,
@@ -63,24 +72,15 @@ from .checkpoints import (
     save_run_settings,
 )
 from .clipping import ClipResult, grad_norms, total_norm
+from .distributed import all_reduce_grads_
 from .errors import DamagedCheckpointError, NoTrainableParametersError
 from .freezing import freeze_embeddings, freeze_first_n_layers
 from .grad_insight import GradInsight, check_insight_engine, check_patterns, needs_every_step, state_checks
 from .layout import find_input_embeddings, find_layer_stack
-from .loss_probe import (
-    GRADIENT_DIRECTIONS,
-    describe_error,
-    join_rows,
-    probe_count_response,
-    probe_loss_normalization,
-    project_on_random_signs,
-    split_gradient_error,
-)
-from .noise_scale import WindowNoiseMeter
+from .monitoring.noise_scale import WindowNoiseMeter
 from .schedules import (
     GradualUnfreezeCallback,
     GradualUnfreezer,
-    all_reduce_grads_,
     set_frozen_eval_mode,
     unfreeze_order,
 )

@@ -35,7 +35,7 @@ from .atomic import write_json_atomic
 from .checkpoints import TRAINER_STATE_FILE
 from .clipping import clip_state_checks
 from .guards import NonFiniteGuard
-from .noise_scale import GradientNoiseScale
+from .monitoring.noise_scale import GradientNoiseScale
 from .run_folder import is_count
 from .schedules.unfreezing import GradualUnfreezer
 from .state_fields import FieldReader, read_json_record

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hf_gradtools.atomic import write_file_atomic, write_json_atomic, write_text_atomic
-from hf_gradtools.grad_tensors import GradTensorCopy
 from hf_gradtools.run_folder import OutsideRunFolderError
+from hf_gradtools.snapshots.tensors import GradTensorCopy
 
 
 def test_replaces_and_keeps_ordinary_permissions(tmp_path):

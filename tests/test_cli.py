@@ -179,7 +179,7 @@ TENSOR_NAMES = ["enc.layer.1.w", "head.w"]
 @pytest.fixture
 def hand_run(tmp_path) -> str:
     """Four snapshots (step 3 skipped for a NaN) and gradient tensors at steps 2 and 4."""
-    from hf_gradtools.grad_tensors import GradTensorCopy
+    from hf_gradtools.snapshots.tensors import GradTensorCopy
 
     run = tmp_path / "run"
     (run / "grad_snapshots").mkdir(parents=True)
@@ -249,8 +249,8 @@ def test_plot_params_draws_the_chosen_parameters(hand_run, capsys):
 
 
 def test_hist_draws_a_saved_tensor(hand_run, capsys):
-    from hf_gradtools.grad_tensors import load_grad_tensors
     from hf_gradtools.plotting import draw_grad_histogram
+    from hf_gradtools.snapshots.tensors import load_grad_tensors
 
     assert main(["hist", hand_run, "--step", "2", "--param", "enc.layer.1.w", "--bins", "6"]) == 0
     path = os.path.join(hand_run, "grad_hist_step-00000002_enc.layer.1.w.png")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hf_gradtools.schedules import all_reduce_grads_
+from hf_gradtools.distributed import all_reduce_grads_
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 

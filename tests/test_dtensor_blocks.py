@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_gradtools.clipping import AutoClip, agc_clip_
-from hf_gradtools.grad_tensors import GradTensorSaver
 from hf_gradtools.guards import has_nonfinite, nonfinite_names
+from hf_gradtools.snapshots.tensors import GradTensorSaver
 
 tensor_api = pytest.importorskip("torch.distributed.tensor")
 

@@ -30,7 +30,7 @@ from hf_gradtools.checkpoints import (
     checkpoint_step,
     last_complete_checkpoint,
 )
-from hf_gradtools.grad_tensors import grad_tensor_files, load_grad_tensors
+from hf_gradtools.snapshots.tensors import grad_tensor_files, load_grad_tensors
 
 MAX_STEPS = fault_train.MAX_STEPS
 

@@ -12,9 +12,9 @@ from conftest import tiny_classifier, token_rows
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import hf_gradtools.grad_tensors as grad_tensors
+import hf_gradtools.snapshots.tensors as grad_tensors
 from hf_gradtools.clipping import clip_gradients
-from hf_gradtools.grad_tensors import (
+from hf_gradtools.snapshots.tensors import (
     GradTensorSaver,
     grad_tensor_files,
     grad_tensor_path,

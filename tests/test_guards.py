@@ -10,11 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hf_gradtools.clipping import grad_norms
+from hf_gradtools.distributed import agree_across_ranks
 from hf_gradtools.errors import GradToolsError
 from hf_gradtools.guards import (
     NonFiniteGradientError,
     NonFiniteGuard,
-    agree_across_ranks,
     has_nonfinite,
     nonfinite_names,
     norms_nonfinite,

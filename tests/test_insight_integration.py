@@ -365,7 +365,7 @@ def test_skipped_optimizer_step_reports_itself_and_the_next_one_runs(with_scaler
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from hf_gradtools.grad_insight import skip_optimizer_step
+    from hf_gradtools.guards import skip_optimizer_step
 
     Accelerator(cpu=True)
     model = torch.nn.Linear(2, 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hf_gradtools.accumulation import SHIFTED_TOKEN, TOKEN
-from hf_gradtools.loss_probe import (
+from hf_gradtools.accumulation.loss_probe import (
     drop_one_label,
     probe_count_response,
     probe_loss_normalization,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_gradtools.accumulation import micro_batch_loss_weights
-from hf_gradtools.noise_scale import (
+from hf_gradtools.monitoring.noise_scale import (
     GradientNoiseScale,
     exact_noise_scale,
     micro_batch_sq_norm,

@@ -13,7 +13,7 @@ from conftest import grad_args
 from torch import nn
 
 from hf_gradtools import GradTrainer
-from hf_gradtools.noise_scale import exact_noise_scale
+from hf_gradtools.monitoring.noise_scale import exact_noise_scale
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

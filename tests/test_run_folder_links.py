@@ -17,9 +17,9 @@ from conftest import classification_data, folder_contents, tiny_classifier
 
 from hf_gradtools import GradSnapshotCallback, GradTrainer, load_grad_snapshots, load_grad_tensors
 from hf_gradtools.cli import main
-from hf_gradtools.grad_tensors import GradTensorCopy
 from hf_gradtools.run_folder import OutsideRunFolderError, inside_run_folder, read_run_file
 from hf_gradtools.snapshots import DamagedSnapshotError, discard_grad_snapshots_after, prune_grad_snapshots
+from hf_gradtools.snapshots.tensors import GradTensorCopy
 
 
 def snapshot(step: int, norm: float = 1.0) -> dict:

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import local_tensor
 from ..layout import head_parameter_names
 from ..patterns import compile_patterns
-from .norm import Partial, Shard, _local, grad_norms, total_norm
+from .norm import Partial, Shard, grad_norms, total_norm
 from .registry import ClipAlgorithm, register_clip_algorithm
 
 # Floor of a unit's gradient norm before dividing by it (a zero gradient needs no clipping).
@@ -90,7 +91,7 @@ def _unit_norms(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     processes that hold it, with one all-reduce per sharded mesh dimension.
     """
     unit_dim = None if tensor.ndim <= 1 else (tensor.ndim - 1 if transposed else 0)
-    local = _local([tensor])[0]
+    local = local_tensor([tensor])[0]
     if unit_dim is None:
         dims, keepdim = tuple(range(local.ndim)), False
     else:
@@ -140,7 +141,7 @@ def agc_clip_(
         if grad is None:
             continue
         grads.append(grad)
-        local = _local([grad])[0]  # FSDP2 (DTensor): this process's shard, sharing the gradient's storage
+        local = local_tensor([grad])[0]  # FSDP2 (DTensor): this process's shard, sharing the gradient's storage
         device = device or local.device
         if any(regex.search(name) for regex in regexes):
             continue

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import is_sharded, local_tensor
 from ..state_fields import FLOAT32_MAX, FieldReader
-from .norm import TotalNormClipAlgorithm, _is_sharded, _local, _scale_
+from .norm import TotalNormClipAlgorithm, _scale_
 from .registry import register_clip_algorithm
 
 # `torch.nn.utils.clip_grad_norm_` adds this to the total norm before dividing; AutoClip uses the same formula.
@@ -112,7 +113,7 @@ class AutoClip:
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads:
             # FSDP2 (DTensor) gradients: `total_norm` is already global; each process scales its own shards.
-            _scale_(_local(grads) if _is_sharded(grads) else grads, coef)
+            _scale_(local_tensor(grads) if is_sharded(grads) else grads, coef)
         return AutoClipResult(threshold=threshold, clip_coef=coef, total_norm_post_clip=norm * coef)
 
     def state_dict(self) -> dict:

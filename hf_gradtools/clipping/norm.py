@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import is_sharded, local_tensor
 from .registry import ClipAlgorithm, register_clip_algorithm
 
 try:
@@ -81,15 +82,6 @@ def _grouped(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtyp
     return groups
 
 
-def _is_sharded(grads: list[torch.Tensor]) -> bool:
-    return DTensor is not None and any(isinstance(g, DTensor) for g in grads)
-
-
-def _local(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The local shard of each DTensor (sharing its storage, so in-place ops reach the DTensor); others as they are."""
-    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-
-
 def _reduction_key(grad: torch.Tensor) -> tuple:
     """What a norm of `grad` must be reduced over: `()` for a whole tensor, else its mesh and sharded mesh dims."""
     if not isinstance(grad, DTensor):
@@ -105,7 +97,7 @@ def _reduction_key(grad: torch.Tensor) -> tuple:
 
 def _sharded_grad_norms(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """`grad_norms` for a list holding DTensors: local norms, then one all-reduce per reduction group."""
-    local = _local(grads)
+    local = local_tensor(grads)
     nonempty = [i for i, g in enumerate(local) if g.numel() > 0]
     device = local[nonempty[0] if nonempty else 0].device  # where `grad_norms` puts the local norms
     zero = torch.zeros((), device=device, dtype=torch.float32)  # an empty shard has norm 0
@@ -142,7 +134,7 @@ def grad_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tenso
     """
     if not grads:
         return torch.zeros(0)
-    if _is_sharded(grads):
+    if is_sharded(grads):
         return _sharded_grad_norms(grads, norm_type)
     device = grads[0].device
     norms: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
@@ -195,7 +187,7 @@ def clip_gradients(
     pre_clip = total_norm(param_norms, norm_type)
     post_clip = pre_clip
     # Element-wise work on DTensors acts on their local shards; `grad_norms` still gets the DTensors to reduce.
-    local = _local(grads) if _is_sharded(grads) else grads
+    local = local_tensor(grads) if is_sharded(grads) else grads
     if clip_value is not None:
         for grad in local:
             grad.clamp_(-clip_value, clip_value)
@@ -238,5 +230,5 @@ class NormClip(TotalNormClipAlgorithm):
             return norm
         grads = [p.grad for _, p in named_parameters if p.grad is not None]
         coef = torch.clamp(self.max_norm / (norm + _EPS), max=1.0)
-        _scale_(_local(grads) if _is_sharded(grads) else grads, coef)
+        _scale_(local_tensor(grads) if is_sharded(grads) else grads, coef)
         return norm * coef

@@ -7,14 +7,12 @@ One concept per module:
 | `lr_decay.py` | `layerwise_lr_groups`, `param_groups_for`, `layerwise_lr_scales`: optimizer groups whose rate falls with depth |
 | `live_groups.py` | `add_param_groups`: new groups in a live optimizer, driven by its `LambdaLR` scheduler |
 | `unfreezing.py` | `unfreeze_order`, `GradualUnfreezer`: which block unfreezes when, applied and resumable |
-| `ddp_grads.py` | `all_reduce_grads_`: averages the gradients DDP does not reduce (parameters unfrozen after wrapping) |
 | `eval_mode.py` | `find_frozen_modules`, `set_frozen_eval_mode`: frozen modules stay in eval mode |
 | `unfreeze_callback.py` | `GradualUnfreezeCallback`: a `GradualUnfreezer` in a Trainer run, its events logged and recorded |
 """  # noqa: E501
 
 from __future__ import annotations
 
-from .ddp_grads import all_reduce_grads_
 from .eval_mode import find_frozen_modules, set_frozen_eval_mode
 from .live_groups import add_param_groups
 from .lr_decay import (
@@ -33,7 +31,6 @@ __all__ = [
     "GradualUnfreezer",
     "UnfreezeEvent",
     "add_param_groups",
-    "all_reduce_grads_",
     "check_layerwise_lr_decay",
     "find_frozen_modules",
     "layerwise_lr_groups",

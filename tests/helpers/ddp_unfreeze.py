@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 def load_all_reduce_grads_():
     """`all_reduce_grads_` from its file: it needs only torch, and the package would import transformers (seconds)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "hf_gradtools", "schedules", "ddp_grads.py")
-    spec = importlib.util.spec_from_file_location("ddp_grads", path)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "hf_gradtools", "distributed.py")
+    spec = importlib.util.spec_from_file_location("distributed", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.all_reduce_grads_

@@ -22,7 +22,7 @@ from conftest import exit_without_teardown, tiny_config, token_rows  # noqa: E40
 
 from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.clipping.agc import agc_clip_, default_agc_exclude  # noqa: E402
-from hf_gradtools.grad_tensors import GradTensorSaver  # noqa: E402
+from hf_gradtools.snapshots.tensors import GradTensorSaver  # noqa: E402
 
 
 def main(out_file: str) -> None:

@@ -1,4 +1,9 @@
-"""Average across processes the gradients of parameters that DDP does not reduce: those unfrozen after wrapping.
+"""What the gradient tools need from `torch.distributed`: sharded gradients, agreement, late gradient reduction.
+
+- `is_sharded` / `local_tensor`: FSDP2 gives DTensor gradients; in-place work acts on each local shard.
+- `agree_across_ranks`: a flag OR-ed over every process, so each decides alike (the guards' skips).
+- `all_reduce_grads_`: average the gradients of parameters that DDP does not reduce, those unfrozen after
+  wrapping.
 
 `DistributedDataParallel` registers only the parameters with `requires_grad=True` when it wraps the model; a
 parameter unfrozen later gets its gradient on each process but never all-reduced, so the processes drift apart.
@@ -21,6 +26,34 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch without DTensor
+    DTensor = None
+
+
+def is_sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether any of `tensors` is a DTensor (FSDP2's sharded parameters and gradients)."""
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def local_tensor(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shard of each DTensor (sharing its storage, so in-place ops reach the DTensor); others as they are."""
+    return [t.to_local() if DTensor is not None and isinstance(t, DTensor) else t for t in tensors]
+
+
+def agree_across_ranks(flag: torch.Tensor) -> torch.Tensor:
+    """`flag` OR-ed over every process of the default group (all-reduce MAX), so all ranks decide alike.
+
+    Without an initialised `torch.distributed` group, or with one process, returns `flag` as it is. The flag must
+    be on a device the backend reduces (CUDA for NCCL, CPU for gloo): where the gradients are.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return flag
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.bool()
 
 
 def all_reduce_grads_(parameters: Iterable[torch.Tensor], group=None) -> int:

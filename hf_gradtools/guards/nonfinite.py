@@ -24,11 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
-from .clipping.norm import _is_sharded, _local
-from .errors import GradToolsError
-from .state_fields import FieldReader
+from ..distributed import is_sharded, local_tensor
+from ..errors import GradToolsError
+from ..state_fields import FieldReader
 
 # How many parameter names a log line or an error lists.
 SHOWN_NAMES = 5
@@ -46,7 +45,7 @@ def finite_mask(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         return torch.ones(0, dtype=torch.bool)
-    grads = _local(grads) if _is_sharded(grads) else list(grads)
+    grads = local_tensor(grads) if is_sharded(grads) else list(grads)
     device = grads[0].device
     flags = []
     for grad in grads:
@@ -89,19 +88,6 @@ def nonfinite_names(names: Sequence[str], grads: Sequence[torch.Tensor], limit: 
         return []
     bad = (~finite_mask(grads)).nonzero().flatten()[:limit].tolist()
     return [names[i] for i in bad]
-
-
-def agree_across_ranks(flag: torch.Tensor) -> torch.Tensor:
-    """`flag` OR-ed over every process of the default group (all-reduce MAX), so all ranks decide alike.
-
-    Without an initialised `torch.distributed` group, or with one process, returns `flag` as it is. The flag must
-    be on a device the backend reduces (CUDA for NCCL, CPU for gloo): where the gradients are.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-        return flag
-    value = flag.to(torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.bool()
 
 
 def skip_message(step: int, names: Sequence[str], total_skips: int) -> str:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .accumulation import (
+from .weights import (
     ELEMENT,
     IGNORE_INDEX,
     SAMPLE,

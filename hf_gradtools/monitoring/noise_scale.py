@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from .clipping import grad_norms
-from .state_fields import FLOAT64_EXACT_INT, FieldReader
+from ..clipping import grad_norms
+from ..state_fields import FLOAT64_EXACT_INT, FieldReader
 
 Number = float | int | torch.Tensor
 

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .clipping import check_norm_type
-from .layout import model_layout
+from ..clipping import check_norm_type
+from ..layout import model_layout
 
 EMBEDDINGS = "embeddings"
 HEAD = "head"

@@ -33,11 +33,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import write_file_atomic
-from .clipping.norm import _is_sharded
-from .errors import GradToolsError
-from .patterns import example_names, match_names
-from .run_folder import SNAPSHOT_DIR, inside_run_folder, locate_snapshots
+from ..atomic import write_file_atomic
+from ..distributed import is_sharded
+from ..errors import GradToolsError
+from ..patterns import example_names, match_names
+from ..run_folder import SNAPSHOT_DIR, inside_run_folder, locate_snapshots
 
 TENSOR_SUFFIX = ".safetensors"
 _STEP_FILE = re.compile(r"step-(\d+)" + re.escape(TENSOR_SUFFIX) + "$")
@@ -120,7 +120,7 @@ class GradTensorSaver:
             if grad is None:
                 continue
             grad = grad.detach()
-            if _is_sharded([grad]):
+            if is_sharded([grad]):
                 # FSDP2: gather the whole gradient (a collective: every process copies the same parameters in the
                 # same order, and the trainer calls this on every process); only the main process writes it.
                 grad = grad.full_tensor()

@@ -1,0 +1,32 @@
+"""Guards: optimizer steps that must not be applied, found and skipped by one mechanism (`skip.py`).
+
+| module | what |
+|---|---|
+| `skip.py` | `skip_optimizer_step`, `StepSkipper`: no update, optimizer-state or scheduler change; the step counts |
+| `nonfinite.py` | `NonFiniteGuard`: a step whose gradients hold NaN or Inf (`skip_nonfinite_grads`) |
+"""
+
+from .nonfinite import (
+    SHOWN_NAMES,
+    NonFiniteGradientError,
+    NonFiniteGuard,
+    finite_mask,
+    has_nonfinite,
+    nonfinite_names,
+    norms_nonfinite,
+    skip_message,
+)
+from .skip import StepSkipper, skip_optimizer_step
+
+__all__ = [
+    "SHOWN_NAMES",
+    "NonFiniteGradientError",
+    "NonFiniteGuard",
+    "finite_mask",
+    "has_nonfinite",
+    "nonfinite_names",
+    "norms_nonfinite",
+    "skip_message",
+    "StepSkipper",
+    "skip_optimizer_step",
+]
