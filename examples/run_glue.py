@@ -45,9 +45,9 @@ from transformers import (
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
 from hf_gradtools.atomic import write_text_atomic
-from hf_gradtools.grad_insight import check_patterns
+from hf_gradtools.freezing import apply_freezing
+from hf_gradtools.patterns import check_patterns
 from hf_gradtools.snapshots import FROZEN_PARAMETERS_FILE, SNAPSHOT_DIR, describe_parameters, summary_line
-from hf_gradtools.trainer import apply_freezing
 
 logger = logging.getLogger("run_glue")
 

@@ -21,7 +21,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .errors import NoTrainableParametersError
 from .layout import find_input_embeddings, find_layer_stack
+from .settings import GradSettings
 
 ModuleOrModules = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter]
 
@@ -155,3 +157,79 @@ def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
         if id(param) in changed:
             param.requires_grad_(False)
     return [name for name, p in model.named_parameters() if id(p) in changed]
+
+
+# ---- freezing from the settings (`freeze_embeddings`, `freeze_first_n_layers`) ----
+
+
+def apply_freezing(model: nn.Module, args) -> list[str]:
+    """Freeze what `args` (any `TrainingArguments`, or its `GradSettings`) asks for; return the names frozen.
+
+    All or nothing: on an error (too many layers, no layer stack, nothing left to train) every `requires_grad`
+    flag is restored before the error propagates.
+    """
+    settings = GradSettings.of(args)
+    embeddings, layers = settings.freeze_embeddings, settings.freeze_first_n_layers
+    if not embeddings and not layers:
+        return []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        frozen = freeze_embeddings(model) if embeddings else []
+        frozen += freeze_first_n_layers(model, layers)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise NoTrainableParametersError(
+                f"No trainable parameter is left in {type(model).__name__} after freezing (`freeze_embeddings`="
+                f"{embeddings}, `freeze_first_n_layers`={layers}). Freeze fewer layers, or unfreeze a head."
+            )
+    except Exception:
+        restore_requires_grad(flags)
+        raise
+    return frozen
+
+
+def check_something_to_train(model: nn.Module | None, optimizer=None) -> None:
+    """Refuse to train a model none of whose parameters requires a gradient (frozen by hand, or a PEFT model loaded
+    for inference): its first backward would fail with torch's "element 0 of tensors does not require grad". An
+    optimizer passed in that holds a tensor requiring a gradient (trained beside the model) lets it pass.
+
+    Raises:
+        NoTrainableParametersError: naming the model's class (and the class inside a PEFT wrapper).
+    """
+    if model is None or any(p.requires_grad for p in model.parameters()):
+        return
+    if optimizer is not None and any(p.requires_grad for group in optimizer.param_groups for p in group["params"]):
+        return
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    name = type(model).__name__ + (f" (around {type(base).__name__})" if base is not model else "")
+    count = sum(1 for _ in model.parameters())
+    raise NoTrainableParametersError(
+        f"No trainable parameter in {name}: all {count} of its parameter tensors have `requires_grad=False` (frozen "
+        "by hand, or a PEFT model loaded for inference), so training would fail at the first backward. Unfreeze what "
+        "should train (`hf_gradtools.unfreeze`, or `PeftModel.from_pretrained(..., is_trainable=True)`), or pass "
+        "in `optimizers` an optimizer holding the tensors to train."
+    )
+
+
+def frozen_by_settings(model: nn.Module, args) -> list[str]:
+    """Names of the frozen parameters that `freeze_embeddings` / `freeze_first_n_layers` cover, whoever froze them
+    (the GLUE example freezes before it builds the trainer, to report a bad setting early)."""
+    settings = GradSettings.of(args)
+    modules = []
+    if settings.freeze_embeddings:
+        modules += [module for _, module in find_input_embeddings(model)]
+    layers = settings.freeze_first_n_layers
+    if layers:
+        stack = find_layer_stack(model)
+        modules += [stack.blocks[i] for i in stack.blocks_of_first(layers)]
+    covered = {id(p) for module in modules for p in module.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in covered and not p.requires_grad]
+
+
+def restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def has_frozen_parameters(model: nn.Module | None) -> bool:
+    return model is not None and any(not p.requires_grad for p in model.parameters())

@@ -70,3 +70,12 @@ def match_names(names: Sequence[str], patterns: Iterable[str], field: str, requi
                     f"{example_names(list(names))}."
                 )
     return [name for name in names if any(regex.search(name) for regex in compiled)]
+
+
+def check_patterns(model, settings) -> None:
+    """Fail before training when a pattern of `agc_exclude` (with `clip_algorithm="agc"`) or
+    `grad_snapshot_tensors` matches no parameter of `model`; `settings`: a `GradSettings` or arguments."""
+    names = [name for name, _ in model.named_parameters()]
+    if getattr(settings, "clip_algorithm", "norm") == "agc":
+        match_names(names, list(getattr(settings, "agc_exclude", None) or []), field="agc_exclude")
+    match_names(names, list(getattr(settings, "grad_snapshot_tensors", None) or []), field="grad_snapshot_tensors")

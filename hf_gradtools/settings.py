@@ -28,12 +28,12 @@ from typing import Any
 from .accumulation import LOSS_NORMALIZATIONS
 from .clipping import AutoClip, check_clip_algorithm, check_norm_type
 from .clipping.agc import check_agc_settings
+from .engines import check_optimizer_fields
 from .guards import NonFiniteGuard
 from .patterns import compile_patterns
 
 # Fields holding a list of regex patterns; `None` reads as no pattern.
 PATTERN_FIELDS = ("agc_exclude", "grad_snapshot_tensors")
-SCHEDULE_FIELDS = ("layerwise_lr_decay", "gradual_unfreeze_steps", "log_grad_noise_scale")
 
 
 @dataclass(frozen=True)
@@ -127,16 +127,6 @@ class GradSettings:
         """The freeze settings, by field name (recorded in a checkpoint and checked on resume)."""
         return {"freeze_embeddings": self.freeze_embeddings, "freeze_first_n_layers": self.freeze_first_n_layers}
 
-    def non_default_schedule_fields(self) -> list[str]:
-        """The schedule fields (`SCHEDULE_FIELDS`) not at their defaults."""
-        defaults = GradSettings()
-        used = [
-            ("layerwise_lr_decay", self.layerwise_lr_decay != defaults.layerwise_lr_decay),
-            ("gradual_unfreeze_steps", self.gradual_unfreeze_steps != defaults.gradual_unfreeze_steps),
-            ("log_grad_noise_scale", self.log_grad_noise_scale != defaults.log_grad_noise_scale),
-        ]
-        return [name for name, changed in used if changed]
-
     # ---- validation, in one place ----
 
     def _validate(self) -> float:
@@ -208,14 +198,7 @@ class GradSettings:
                 "`log_grad_noise_scale`=True needs `gradient_accumulation_steps` >= 2 (the noise scale compares the "
                 f"first micro-batch's gradient with the whole window's), got {accumulation}."
             )
-        deepspeed, fsdp = getattr(args, "deepspeed", None), getattr(args, "fsdp", None)
-        engine = "DeepSpeed" if deepspeed else ("FSDP" if fsdp else None)
-        used = self.non_default_schedule_fields()
-        if engine and used:
-            raise ValueError(
-                f"{', '.join(f'`{name}`' for name in used)} are not supported with {engine}, which builds or shards "
-                "the optimizer and the gradients itself. Keep their defaults, or train with DDP or on one device."
-            )
+        check_optimizer_fields(self, args)
 
     def _validate_spike_guard(self) -> None:
         """Check the ZClip fields (`zclip_*`) and the skip-on-spike fields (`skip_spike_steps`, `spike_*`)."""

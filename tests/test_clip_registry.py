@@ -22,6 +22,7 @@ from hf_gradtools import (
     register_clip_algorithm,
 )
 from hf_gradtools.clipping import CLIP_ALGORITHMS, clip_by, unregister_clip_algorithm
+from hf_gradtools.clipping.component import GradientClipping
 from hf_gradtools.clipping.registry import RESERVED_NAMES
 from hf_gradtools.trainer import check_engine_support
 from hf_gradtools.training_state import COMPONENT_CHECKS, TRAINING_STATE_FILE
@@ -142,7 +143,7 @@ def test_state_survives_resume_and_log_entries_reach_the_logs(tmp_path, register
 
     resumed = GradTrainer(model=tiny_classifier(seed=5), args=decay_run(tmp_path, "re"), train_dataset=data)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed._grad_insight.clipper(resumed.model).steps == 4
+    assert resumed.component(GradientClipping).algorithm(resumed.model).steps == 4
     # The checkpoint's log history holds steps 1 and 2, the resumed run logs 3 and 4.
     assert [h["decay_steps"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4]
     assert_same_parameters(resumed.model, full.model)
@@ -151,7 +152,7 @@ def test_state_survives_resume_and_log_entries_reach_the_logs(tmp_path, register
     os.remove(checkpoint / TRAINING_STATE_FILE)
     fresh = GradTrainer(model=tiny_classifier(seed=5), args=decay_run(tmp_path, "fresh"), train_dataset=data)
     fresh.train(resume_from_checkpoint=str(checkpoint))
-    assert fresh._grad_insight.clipper(fresh.model).steps == 2
+    assert fresh.component(GradientClipping).algorithm(fresh.model).steps == 2
     assert not torch.allclose(fresh.model.classifier.weight, full.model.classifier.weight, rtol=0, atol=1e-6)
 
 

@@ -12,13 +12,13 @@ import torch
 
 from hf_gradtools.atomic import write_json_atomic
 from hf_gradtools.clipping import ClipResult
-from hf_gradtools.snapshots.files import _write_snapshot
 from hf_gradtools.snapshots import (
     DamagedSnapshotError,
     discard_grad_snapshots_after,
     load_grad_snapshots,
     prune_grad_snapshots,
 )
+from hf_gradtools.snapshots.files import _write_snapshot
 
 
 def snapshot(step: int) -> dict:

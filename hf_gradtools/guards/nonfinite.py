@@ -21,15 +21,19 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
-from ..distributed import is_sharded, local_tensor
+from ..components import ClipStep, TrainerComponent, warn_starts_afresh
+from ..distributed import agree_across_ranks, is_sharded, local_tensor
 from ..errors import GradToolsError
 from ..state_fields import FieldReader
 
 # How many parameter names a log line or an error lists.
+logger = logging.getLogger(__name__)
+
 SHOWN_NAMES = 5
 
 
@@ -185,3 +189,48 @@ class NonFiniteGuard:
         state = self.check_state(state)
         self.nonfinite_skips, self.consecutive = state["nonfinite_skips"], state["consecutive"]
         self.first_skipped_step = state["first_skipped_step"]
+
+
+class SkipNonFinite(TrainerComponent):
+    """`skip_nonfinite_grads`: a step whose gradients hold NaN or Inf before clipping is skipped (one host sync a
+    step: the decision is the host's), and `nonfinite_skips` is logged."""
+
+    name = "nonfinite_guard"
+    every_step = True
+    check_state = staticmethod(NonFiniteGuard.check_state)
+
+    def __init__(self, max_consecutive: int):
+        self.guard = NonFiniteGuard(max_consecutive)
+        self._found = False
+        self._names: list[str] = []
+
+    @classmethod
+    def from_args(cls, settings, model) -> SkipNonFinite | None:
+        return cls(settings.max_nonfinite_skips) if settings.skip_nonfinite_grads else None
+
+    def should_skip(self, trainer, step: ClipStep) -> bool:
+        norms = step.result.param_norms
+        self._found = bool(agree_across_ranks(norms_nonfinite(norms)))
+        if not self._found:
+            self._names = []
+            return False
+        # From the norms before clipping: clipping by a NaN norm spreads NaN to every gradient.
+        bad = (~torch.isfinite(norms)).nonzero().flatten()[:SHOWN_NAMES].tolist()
+        self._names = [step.names[i] for i in bad]
+        logger.warning(skip_message(step.step, self._names, self.guard.nonfinite_skips + 1))
+        return True
+
+    def after_clip(self, trainer, step: ClipStep) -> None:
+        self.guard.record(self._found, step.step, self._names)
+
+    def log_entries(self, trainer) -> dict[str, float]:
+        return {"nonfinite_skips": self.guard.nonfinite_skips}
+
+    def state_dict(self) -> dict:
+        return self.guard.state_dict()
+
+    def load_state_dict(self, state, trainer) -> None:
+        if state is None:
+            warn_starts_afresh(trainer, self.name)
+        else:
+            self.guard.load_state_dict(state)

@@ -27,7 +27,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..clipping import check_norm_type
+from ..clipping import check_norm_type, clip_coefficient
+from ..components import ClipStep, TrainerComponent
 from ..layout import model_layout
 
 EMBEDDINGS = "embeddings"
@@ -161,3 +162,37 @@ graph cut by .detach()?): unused.weight, unused.bias'
         f"{len(names)} trainable {noun} received no gradient at the first optimizer step (an unused branch or head, "
         f"or a graph cut by .detach()?): {shown}"
     )
+
+
+class LayerNormsLog(TrainerComponent):
+    """`log_grad_norms`: each training log gains the last optimizer step's norm of every layer group
+    (`grad_norm/embeddings`, `grad_norm/layer.<i>`, `grad_norm/head`), `grad_norm_post_clip` and `clip_coef`
+    (one host sync a log)."""
+
+    every_step = True
+
+    def __init__(self, norm_type: float):
+        self.norm_type = norm_type
+        self._grouper: LayerNormGrouper | None = None
+        self._last: ClipStep | None = None
+
+    @classmethod
+    def from_args(cls, settings, model) -> LayerNormsLog | None:
+        return cls(settings.clip_norm_type) if settings.log_grad_norms else None
+
+    def after_clip(self, trainer, step: ClipStep) -> None:
+        self._last = step
+
+    def log_entries(self, trainer) -> dict[str, float]:
+        if self._last is None:
+            return {}
+        step, self._last = self._last, None
+        if self._grouper is None or self._grouper.names != step.names:
+            self._grouper = LayerNormGrouper(trainer.model, step.names)
+        result = step.result
+        groups = self._grouper.group_norms(result.param_norms, self.norm_type)
+        coef = clip_coefficient(result)
+        values = torch.cat([groups, torch.stack([result.total_norm_post_clip, coef]).float()]).tolist()
+        logs = dict(zip(self._grouper.keys, values[:-2], strict=True))
+        logs["grad_norm_post_clip"], logs["clip_coef"] = values[-2:]
+        return logs

@@ -27,14 +27,19 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 
+from ..accumulation import count_items
 from ..clipping import grad_norms
+from ..components import TrainerComponent
 from ..state_fields import FLOAT64_EXACT_INT, FieldReader
+
+logger = logging.getLogger(__name__)
 
 Number = float | int | torch.Tensor
 
@@ -272,3 +277,76 @@ class WindowNoiseMeter:
     def cancel(self) -> None:
         """Forget a measured first micro-batch (a window whose end is not measured)."""
         self._small = None
+
+
+def loss_scale(accelerator) -> Number:
+    """The grad scaler's loss scale (a device tensor: no host sync), or 1 without one."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else scaler.get_scale()
+
+
+class NoiseScaleLog(TrainerComponent):
+    """`log_grad_noise_scale`: a `WindowNoiseMeter` fed by the trainer's windows; logs `grad_noise_scale`.
+
+    It reads the trainer's accumulation weights of the window (`_pending_loss_weights`, `_window_rule`): a window
+    whose loss is not a mean over known items is skipped, with one warning.
+    """
+
+    name = "noise_scale"
+    check_state = staticmethod(GradientNoiseScale.check_state)
+
+    def __init__(self, beta: float):
+        self.meter = WindowNoiseMeter(beta)
+        self._first: tuple[torch.Tensor, Number] | None = None
+        self._skip_logged = False
+
+    @classmethod
+    def from_args(cls, settings, model) -> NoiseScaleLog | None:
+        return cls(settings.grad_noise_scale_beta) if settings.log_grad_noise_scale else None
+
+    def before_micro_batch(self, trainer, inputs: dict) -> None:
+        """The loss weight and item count of a window's first micro-batch, when it can be measured."""
+        self._first = None
+        steps, weights, rule = trainer.current_gradient_accumulation_steps, trainer._pending_loss_weights, None
+        if steps < 2:
+            return
+        rule = trainer._window_rule
+        if not weights or rule is None or rule.kind == "sum":
+            if not self._skip_logged and (not weights or len(weights) == steps):
+                self._skip_logged = True
+                logger.warning(
+                    "hf_gradtools: `grad_noise_scale` skips every window whose loss is not a mean over known items; "
+                    "the loss normalisation here is %s. Declare it with `loss_normalization` (token, sample, ...).",
+                    "a sum" if rule is not None and rule.kind == "sum" else "not established",
+                )
+            return
+        if len(weights) == steps:
+            self._first = (weights[0], count_items(inputs, rule))
+
+    def after_micro_batch(self, trainer, inputs: dict, loss: torch.Tensor) -> None:
+        if self._first is not None:
+            weight, items = self._first
+            world = trainer.accelerator.num_processes
+            self.meter.first_micro_batch(
+                trainer.model.parameters(), weight, items, world, loss_scale(trainer.accelerator)
+            )
+            self._first = None
+
+    def on_window_end(self, trainer) -> None:
+        self.meter.window_end(trainer.model.parameters(), loss_scale(trainer.accelerator))
+
+    def log_entries(self, trainer) -> dict[str, float]:
+        value, windows = torch.stack([self.meter.estimate.value, self.meter.estimate.num_updates]).tolist()
+        return {"grad_noise_scale": value} if windows > 0 else {}
+
+    def state_dict(self) -> dict:
+        return self.meter.estimate.state_dict()
+
+    def load_state_dict(self, state, trainer) -> None:
+        if state is None:
+            logger.info("hf_gradtools: the checkpoint holds no noise-scale averages; they start afresh.")
+        else:
+            self.meter.estimate.load_state_dict(state)

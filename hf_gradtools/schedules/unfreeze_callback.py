@@ -27,9 +27,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..atomic import write_json_atomic
+from ..components import TrainerComponent
+from ..distributed import all_reduce_grads_
 from ..snapshots import FROZEN_PARAMETERS_FILE, describe_parameters
 from .live_groups import _inner_scheduler
-from .unfreezing import GradualUnfreezer
+from .unfreezing import GradualUnfreezer, unfreeze_order
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +98,73 @@ class GradualUnfreezeCallback(TrainerCallback):
         control.should_log = True
         if state.is_world_process_zero:
             write_frozen_record(args.output_dir, model, self.unfreezer)
+
+
+class GradualUnfreezing(TrainerComponent):
+    """`gradual_unfreeze_steps` in a `GradTrainer` run, or a `GradualUnfreezeCallback` of your own with its
+    unfreezer: the position is checkpointed (and replayed on resume, so the optimizer state loads into the right
+    groups), `unfrozen_blocks` is logged, and under DDP the gradients of blocks unfrozen after wrapping are
+    averaged at each window's end (DDP does not reduce them)."""
+
+    name = "unfreezer"
+    check_state = staticmethod(GradualUnfreezer.check_state)
+
+    def __init__(self, settings=None, callback: GradualUnfreezeCallback | None = None):
+        self.settings = settings
+        self.callback = callback  # a user's own, with its unfreezer; else one attached in `on_train_begin`
+
+    @classmethod
+    def from_args(cls, settings, model) -> GradualUnfreezing | None:
+        return cls(settings) if settings.gradual_unfreeze_steps else None
+
+    @property
+    def unfreezer(self) -> GradualUnfreezer | None:
+        return self.callback.unfreezer if self.callback is not None else None
+
+    def on_train_begin(self, trainer) -> None:
+        if self.settings is None:
+            return  # a user's own callback and unfreezer
+        from ..freezing import frozen_by_settings
+
+        model, settings, every = trainer.model, self.settings, self.settings.gradual_unfreeze_steps
+        plan = unfreeze_order(model, trainer._frozen_by_args or frozen_by_settings(model, settings))
+        if not plan:
+            raise ValueError(
+                f"`gradual_unfreeze_steps`={every} but {type(model).__name__} has no block frozen by "
+                "`freeze_embeddings` / `freeze_first_n_layers`: there is nothing to unfreeze."
+            )
+        unfreezer = GradualUnfreezer(
+            plan,
+            every,
+            base_lr=trainer.args.learning_rate,
+            weight_decay=trainer.args.weight_decay,
+            decay_parameter_names=trainer.get_decay_parameter_names(model),
+            layerwise_lr_decay=settings.layerwise_lr_decay,
+        )
+        if self.callback is None:
+            self.callback = GradualUnfreezeCallback()
+            trainer.add_callback(self.callback)
+        self.callback.unfreezer = unfreezer
+
+    def on_window_end(self, trainer) -> None:
+        if self.unfreezer is not None and trainer.accelerator.num_processes > 1:
+            all_reduce_grads_(self.unfreezer.unfrozen_parameters(trainer.model))
+
+    def log_entries(self, trainer) -> dict[str, float]:
+        return {"unfrozen_blocks": self.unfreezer.position} if self.unfreezer is not None else {}
+
+    def state_dict(self):
+        return self.unfreezer.state_dict() if self.unfreezer is not None else None
+
+    def load_state_dict(self, state, trainer) -> None:
+        if self.unfreezer is None:
+            return
+        if state is None:
+            checkpoint = getattr(trainer, "resumed_checkpoint", None) or "being resumed"
+            raise ValueError(
+                f"`gradual_unfreeze_steps`={self.unfreezer.every_n_steps} but the checkpoint {checkpoint} holds no "
+                "unfreezing position (it was trained without gradual unfreezing). Resume with the settings it was "
+                "trained with."
+            )
+        self.unfreezer.load_state_dict(state)
+        self.unfreezer.replay(trainer.model, trainer.optimizer, trainer.lr_scheduler)

@@ -29,9 +29,12 @@ from transformers.trainer_optimizer import has_mixed_dtensor  # noqa: E402
 
 from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.clipping import grad_norms  # noqa: E402
-from hf_gradtools.grad_insight import GradInsight  # noqa: E402
+from hf_gradtools.clipping.component import GradientClipping  # noqa: E402
+from hf_gradtools.components import ParameterNames  # noqa: E402
+from hf_gradtools.guards import StepSkipper  # noqa: E402
 from hf_gradtools.settings import GradSettings  # noqa: E402
 from hf_gradtools.snapshots import GradSnapshotCallback  # noqa: E402
+from hf_gradtools.snapshots.feed import SnapshotFeed  # noqa: E402
 from hf_gradtools.trainer import GradTrainerMixin  # noqa: E402
 
 WORLD = 2  # processes of the sharded run, also when the reference plays them alone
@@ -99,7 +102,7 @@ class KeepingCallback(GradSnapshotCallback):
 
 class TrainerStandIn:
     """What `GradTrainerMixin._clip_and_record` reads of the Trainer: accelerator, args (and `grad_settings`), model,
-    state, callbacks, and the run's `GradInsight` (clipping by `clip_algorithm`, here `norm`)."""
+    state, callbacks, and the run's components (clipping by `clip_algorithm`, here `norm`, and the snapshot feed)."""
 
     def __init__(self, model, output_dir: str, rank: int):
         self.model = model
@@ -108,6 +111,9 @@ class TrainerStandIn:
         self.state = TrainerState()
         self.state.is_world_process_zero = rank == 0
         self.callbacks = [KeepingCallback(), KeepingCallback(norm_type=2.0, name="l2")]
+        self.optimizer = None
+        self._names = ParameterNames()
+        self._skipper = StepSkipper()
 
     @property
     def grad_settings(self):
@@ -117,8 +123,12 @@ class TrainerStandIn:
     def _snapshot_callbacks(self):
         return self.callbacks
 
-    def _insight(self):
-        return GradInsight(self.grad_settings)
+    @property
+    def components(self):
+        return [GradientClipping(self.grad_settings), SnapshotFeed(self.grad_settings)]
+
+    def component(self, cls):
+        return next((c for c in self.components if isinstance(c, cls)), None)
 
 
 def main(out_file: str) -> None:
