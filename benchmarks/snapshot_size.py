@@ -19,7 +19,8 @@ import transformers as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_gradtools import ClipResult, clip_gradients, freeze_embeddings, freeze_first_n_layers  # noqa: E402
+from hf_gradtools import clip_gradients, freeze_embeddings, freeze_first_n_layers  # noqa: E402
+from hf_gradtools.clipping import ClipResult  # noqa: E402
 from hf_gradtools.snapshots.files import _write_snapshot  # noqa: E402
 
 

@@ -1,16 +1,26 @@
 """hf_gradtools: layer freezing, clipping in any norm, exact gradient accumulation and gradient snapshots for the
-Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`."""
+Hugging Face Trainer. Swap `Trainer` for `GradTrainer` and `TrainingArguments` for `GradTrainingArguments`.
 
-from .accumulation import ItemRule, count_items, micro_batch_loss_weights
-from .accumulation.loss_probe import probe_loss_normalization
-from .checkpoints import (
+What is exported here is what a user calls; the building blocks live in their folders (see the README's layout).
+"""
+
+from .checkpoints import last_complete_checkpoint
+from .clipping import ClipAlgorithm, clip_gradients, register_clip_algorithm
+from .components import ClipStep, TrainerComponent
+from .errors import (
     ChangedSettingsError,
     CheckpointSaveError,
-    last_complete_checkpoint,
-    resolve_resume_checkpoint,
+    DamagedCheckpointError,
+    DamagedSnapshotError,
+    DamagedTensorFileError,
+    GradToolsError,
+    LayerStackNotFoundError,
+    NonFiniteGradientError,
+    NoTrainableParametersError,
+    OutsideRunFolderError,
+    StateFieldError,
+    UnreadableRunFileError,
 )
-from .clipping import ClipAlgorithm, ClipResult, clip_gradients, register_clip_algorithm
-from .errors import DamagedCheckpointError, GradToolsError, LayerStackNotFoundError, NoTrainableParametersError
 from .freezing import (
     freeze,
     freeze_embeddings,
@@ -19,17 +29,8 @@ from .freezing import (
     get_trainable_parameters,
     unfreeze,
 )
-from .guards import NonFiniteGradientError
-from .layout import LayerStack, find_input_embeddings, find_layer_stack
-from .run_folder import OutsideRunFolderError
-from .snapshots import (
-    DamagedSnapshotError,
-    GradSnapshotCallback,
-    discard_grad_snapshots_after,
-    load_grad_snapshots,
-    prune_grad_snapshots,
-)
-from .snapshots.tensors import DamagedTensorFileError, load_grad_tensors
+from .layout import find_input_embeddings, find_layer_stack
+from .snapshots import GradSnapshotCallback, load_grad_snapshots, load_grad_tensors, prune_grad_snapshots
 from .trainer import GradSeq2SeqTrainer, GradTrainer, GradTrainerMixin
 from .training_args import GradArgumentsMixin, GradSeq2SeqTrainingArguments, GradTrainingArguments
 
@@ -39,7 +40,7 @@ __all__ = [
     "ChangedSettingsError",
     "CheckpointSaveError",
     "ClipAlgorithm",
-    "ClipResult",
+    "ClipStep",
     "DamagedCheckpointError",
     "DamagedSnapshotError",
     "DamagedTensorFileError",
@@ -51,15 +52,14 @@ __all__ = [
     "GradTrainer",
     "GradTrainerMixin",
     "GradTrainingArguments",
-    "ItemRule",
-    "LayerStack",
     "LayerStackNotFoundError",
     "NoTrainableParametersError",
     "NonFiniteGradientError",
     "OutsideRunFolderError",
+    "StateFieldError",
+    "TrainerComponent",
+    "UnreadableRunFileError",
     "clip_gradients",
-    "count_items",
-    "discard_grad_snapshots_after",
     "find_input_embeddings",
     "find_layer_stack",
     "freeze",
@@ -70,10 +70,7 @@ __all__ = [
     "last_complete_checkpoint",
     "load_grad_snapshots",
     "load_grad_tensors",
-    "micro_batch_loss_weights",
-    "probe_loss_normalization",
     "prune_grad_snapshots",
     "register_clip_algorithm",
-    "resolve_resume_checkpoint",
     "unfreeze",
 ]

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
-from .errors import DamagedCheckpointError, GradToolsError
+from .errors import ChangedSettingsError, CheckpointSaveError, DamagedCheckpointError
 from .run_folder import MAX_COUNT, is_count
 from .settings import GradSettings
 from .state_fields import FieldReader, read_json_record, shown
@@ -192,18 +192,6 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _TORCH_WRITE_FAILED = ("unexpected pos", "iostream error", "write failed")  # torch's zip writer, without an errno
 
 
-class CheckpointSaveError(OSError):
-    """A checkpoint save ran out of space. `errno` and `filename` are those of the failed write; the message also
-    says that the folder is incomplete, so that resuming skips it."""
-
-    def __init__(self, code: int, filename: str, message: str):
-        super().__init__(code, os.strerror(code), filename)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
 def _no_space_errno(error: BaseException, folder: str | os.PathLike) -> int | None:
     """`ENOSPC` or `EDQUOT` when `error` is a write into `folder` that ran out of space, else `None`.
 
@@ -284,10 +272,6 @@ RUN_SETTINGS_FILE = "grad_settings.json"
 FROZEN_SETTINGS = ("freeze_embeddings", "freeze_first_n_layers")
 # The most processes a record may name: far beyond any run (a million GPUs), far below a number no run has.
 MAX_WORLD_SIZE = 2**20
-
-
-class ChangedSettingsError(GradToolsError):
-    """A run resumes from a checkpoint saved with other freeze settings."""
 
 
 def run_settings(args) -> dict:

@@ -33,18 +33,10 @@ import zipfile
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import GradToolsError
+from .errors import GradToolsError, OutsideRunFolderError, UnreadableRunFileError
 
 SNAPSHOT_DIR = "grad_snapshots"
 TRAINING_ARGS_FILE = "training_args.bin"
-
-
-class OutsideRunFolderError(GradToolsError):
-    """A path inside a run folder leads, through a symbolic link, to a place outside it."""
-
-
-class UnreadableRunFileError(GradToolsError):
-    """A file of a run folder is not what it should be: a folder or a pipe, not UTF-8, not JSON."""
 
 
 def is_number(value) -> bool:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .errors import DamagedCheckpointError
+from .errors import DamagedCheckpointError, StateFieldError
 from .run_folder import inside_run_folder
 
 # The largest finite float32: a value above it (e.g. 1e308) would load into a float32 tensor as inf.
@@ -35,24 +35,6 @@ def shown(value: Any) -> str:
     """`repr(value)`, cut to a readable length for an error message."""
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 5] + " ...)"
-
-
-class StateFieldError(ValueError):
-    """A field of a saved state has the wrong type or value.
-
-    Attributes:
-        field: where, inside the state (`history[3]`; `""` for the state itself).
-        problem: what is wrong (`must be a non-negative integer, got -1`).
-    """
-
-    def __init__(self, field: str, problem: str, context: str = ""):
-        self.field, self.problem = field, problem
-        where = f"`{field}` {problem}" if field else problem
-        super().__init__(f"{context}: {where}." if context else f"{where}.")
-
-    def within(self, outer: str, context: str = "") -> StateFieldError:
-        """The same error, its field seen from the enclosing state (`autoclip` and `history[3]`)."""
-        return StateFieldError(f"{outer}.{self.field}" if self.field else outer, self.problem, context)
 
 
 def _is_number(value: Any) -> bool:

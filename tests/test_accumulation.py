@@ -8,8 +8,17 @@ import transformers as T
 from conftest import classification_data, tiny_classifier, tiny_config
 from datasets import Dataset
 
-from hf_gradtools import GradTrainer, count_items, micro_batch_loss_weights
-from hf_gradtools.accumulation import ELEMENT, SAMPLE, SHIFTED_TOKEN, SUM, TOKEN, ItemRule
+from hf_gradtools import GradTrainer
+from hf_gradtools.accumulation import (
+    ELEMENT,
+    SAMPLE,
+    SHIFTED_TOKEN,
+    SUM,
+    TOKEN,
+    ItemRule,
+    count_items,
+    micro_batch_loss_weights,
+)
 
 
 class GradCapture(T.TrainerCallback):

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_gradtools import GradTrainer, snapshots
+from hf_gradtools import GradTrainer
 from hf_gradtools.checkpoints import (
     RUN_SETTINGS_FILE,
     ChangedSettingsError,
@@ -31,6 +31,7 @@ from hf_gradtools.checkpoints import (
     run_settings,
     save_run_settings,
 )
+from hf_gradtools.snapshots import callback as snapshot_callback
 
 
 class StopAt(TrainerCallback):
@@ -230,7 +231,7 @@ def test_a_checkpoint_is_written_after_the_snapshots_of_its_steps(args_factory, 
     the checkpoint complete, waits for it (a kill right after it must not lose a snapshot no resume writes again)."""
     state_written = threading.Event()
     on_disk_at_state = {}
-    write_snapshot, save_state = snapshots._write_snapshot, TrainerState.save_to_json
+    write_snapshot, save_state = snapshot_callback._write_snapshot, TrainerState.save_to_json
 
     def slow_write(path, step, *args):
         if step == 2:
@@ -243,7 +244,7 @@ def test_a_checkpoint_is_written_after_the_snapshots_of_its_steps(args_factory, 
         state_written.set()
         save_state(state, json_path)
 
-    monkeypatch.setattr(snapshots, "_write_snapshot", slow_write)
+    monkeypatch.setattr(snapshot_callback, "_write_snapshot", slow_write)
     monkeypatch.setattr(TrainerState, "save_to_json", record_snapshots)
     train(args_factory, grad_snapshot_steps=1)
     assert on_disk_at_state == {

@@ -26,10 +26,10 @@ from hf_gradtools.guards import NonFiniteGradientError
 HEAD = ("classifier.weight", "classifier.bias")
 
 
-
 def autoclip_history(trainer) -> list[float]:
     """The norms AutoClip kept in the trainer's last run."""
     return trainer.component(GradientClipping).algorithm(None).autoclip.history
+
 
 def rows(data, start, stop):
     return {k: torch.tensor(data[start:stop][k]) for k in data.column_names}
@@ -113,9 +113,7 @@ def test_autoclip_run_equals_hand_loop(args_factory, single_thread):
     args = train_settings(args_factory, clip_algorithm="autoclip", autoclip_percentile=50.0, max_steps=4)
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=data)
     trainer.train()
-    assert autoclip_history(trainer) == pytest.approx(
-        hand.history, rel=1e-5
-    )
+    assert autoclip_history(trainer) == pytest.approx(hand.history, rel=1e-5)
     assert_same_parameters(trainer.model, expected)
 
 
@@ -303,9 +301,7 @@ def test_resume_continues_autoclip_history(tmp_path, single_thread):
 
     resumed = GradTrainer(model=tiny_classifier(seed=5), args=grad_args(tmp_path / "re", **common), train_dataset=data)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert autoclip_history(resumed) == pytest.approx(
-        autoclip_history(full), rel=1e-6
-    )
+    assert autoclip_history(resumed) == pytest.approx(autoclip_history(full), rel=1e-6)
     assert len(autoclip_history(resumed)) == 4
     assert_same_parameters(resumed.model, full.model)
 

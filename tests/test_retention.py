@@ -13,14 +13,9 @@ import torch
 from conftest import classification_data, tiny_classifier
 from transformers import HfArgumentParser, TrainerControl, TrainerState
 
-from hf_gradtools import (
-    ClipResult,
-    GradSnapshotCallback,
-    GradTrainer,
-    GradTrainingArguments,
-    load_grad_snapshots,
-    snapshots,
-)
+from hf_gradtools import GradSnapshotCallback, GradTrainer, GradTrainingArguments, load_grad_snapshots
+from hf_gradtools.clipping import ClipResult
+from hf_gradtools.snapshots import files as snapshot_files
 
 
 def test_total_limit_keeps_the_newest_snapshots_of_each_folder(args_factory, single_thread):
@@ -87,8 +82,8 @@ def test_a_failed_write_prunes_nothing(tmp_path, monkeypatch):
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
 
-    monkeypatch.setattr(snapshots, "write_json_atomic", full_disk)
+    monkeypatch.setattr(snapshot_files, "write_json_atomic", full_disk)
     result = ClipResult(torch.ones(1), torch.tensor(1.0), torch.tensor(1.0))
     with pytest.raises(OSError, match="No space left"):
-        snapshots._write_snapshot(str(folder / "step-00000004.json"), 4, 2.0, ["w"], result, keep=1)
+        snapshot_files._write_snapshot(str(folder / "step-00000004.json"), 4, 2.0, ["w"], result, keep=1)
     assert sorted(os.listdir(folder)) == [f"step-{step:08d}.json" for step in (1, 2, 3)]

@@ -16,7 +16,7 @@ Example:
     >>> guard.record(True, step=8, names=["b.bias"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    hf_gradtools.guards.NonFiniteGradientError: Non-finite gradients at 2 consecutive optimizer steps (7 to 8)...
+    hf_gradtools.errors.NonFiniteGradientError: Non-finite gradients at 2 consecutive optimizer steps (7 to 8)...
 """
 
 from __future__ import annotations
@@ -28,17 +28,13 @@ import torch
 
 from ..components import ClipStep, TrainerComponent, warn_starts_afresh
 from ..distributed import agree_across_ranks, is_sharded, local_tensor
-from ..errors import GradToolsError
+from ..errors import NonFiniteGradientError
 from ..state_fields import FieldReader
 
 # How many parameter names a log line or an error lists.
 logger = logging.getLogger(__name__)
 
 SHOWN_NAMES = 5
-
-
-class NonFiniteGradientError(GradToolsError):
-    """Too many optimizer steps in a row had NaN or Inf gradients; training cannot go on."""
 
 
 def finite_mask(grads: Sequence[torch.Tensor]) -> torch.Tensor:

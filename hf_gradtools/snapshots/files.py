@@ -36,6 +36,7 @@ from torch import nn
 
 from ..atomic import write_json_atomic
 from ..clipping import ClipResult, check_norm_type
+from ..errors import DamagedSnapshotError
 from ..layout import model_layout
 from ..run_folder import (
     MAX_COUNT,
@@ -163,10 +164,6 @@ class GradSnapshots(list):
         """The gradient tensors saved with the snapshot of `step` (`grad_snapshot_tensors`), each read from the
         file only when looked up. Raises `FileNotFoundError` listing the steps that have tensors."""
         return load_grad_tensors(self.folder, step=step)
-
-
-class DamagedSnapshotError(ValueError):
-    """A `step-*.json` file in the snapshot folder is not a readable snapshot (raised with `strict=True`)."""
 
 
 def snapshot_folder(path: str | os.PathLike) -> str:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from ..atomic import write_file_atomic
 from ..distributed import is_sharded
-from ..errors import GradToolsError
+from ..errors import DamagedTensorFileError
 from ..patterns import example_names, match_names
 from ..run_folder import SNAPSHOT_DIR, inside_run_folder, locate_snapshots
 
@@ -134,10 +134,6 @@ class GradTensorSaver:
                 host = grad.to("cpu", copy=True)
             tensors[name] = host.contiguous()
         return GradTensorCopy(step=step, tensors=tensors, _pending=pending)
-
-
-class DamagedTensorFileError(GradToolsError):
-    """A gradient tensor file is not a readable safetensors file of `GradTensorCopy.write`."""
 
 
 class GradTensors(Mapping):
