@@ -81,3 +81,7 @@ class DamagedTensorFileError(GradToolsError, ValueError):
 
 class NonFiniteGradientError(GradToolsError, ValueError):
     """Too many optimizer steps in a row had NaN or Inf gradients; training cannot go on."""
+
+
+class LossSpikeError(GradToolsError, ValueError):
+    """Too many optimizer steps in a row were skipped as loss or gradient spikes (`max_spike_skips`)."""

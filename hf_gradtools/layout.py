@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -350,6 +351,43 @@ def model_layout(model: nn.Module) -> tuple[str | None, list[str]]:
     except LayerStackNotFoundError:
         embeddings = []
     return stack, embeddings
+
+
+# ---- the one partition of a model's parameters, and its labels (monitoring, LLRD, the spike guard) ----
+
+EMBEDDINGS = "embeddings"
+HEAD = "head"
+
+
+def block_label(index: int) -> str:
+    """The label of block `index` of the layer stack, e.g. `layer.3`."""
+    return f"layer.{index}"
+
+
+def parameter_group(name: str, layer_stack: str | None, embeddings: Iterable[str]) -> str:
+    """The group of parameter `name` in the one partition of a model's parameters: `"embeddings"`, `"layer.<i>"`
+    (block i of the layer stack) or `"head"` (everything else: the task head, pooler, final norms).
+
+    Example:
+        >>> parameter_group("bert.encoder.layer.3.attention.self.query.weight", "bert.encoder.layer", [])
+        'layer.3'
+    """
+    if any(name.startswith(module + ".") for module in embeddings):
+        return EMBEDDINGS
+    if layer_stack:
+        match = re.match(re.escape(layer_stack) + r"\.(\d+)\.", name)
+        if match:
+            return block_label(int(match.group(1)))
+    return HEAD
+
+
+def group_order(group: str) -> tuple[int, int]:
+    """Sort key: embeddings, layer.0, layer.1, ..., head."""
+    if group == EMBEDDINGS:
+        return (0, 0)
+    if group == HEAD:
+        return (2, 0)
+    return (1, int(group.split(".", 1)[1]))
 
 
 # Module names that hold a task head, for models that are not a transformers task model.

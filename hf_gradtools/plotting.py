@@ -1,7 +1,7 @@
 """Per-layer gradient norms over training steps, from a run's snapshots, drawn to a PNG.
 
 Each parameter name of a snapshot goes to one group, using `layer_stack` and `embeddings` from the run's
-`frozen_parameters.json`: names under `<layer_stack>.<i>.` go to `"layer i"`, names under an embeddings module
+`frozen_parameters.json`: names under `<layer_stack>.<i>.` go to `"layer.i"`, names under an embeddings module
 to `"embeddings"`, everything else (pooler, classifier, final norm) to `"head"`. A group's norm is the norm, in
 the snapshot's `norm_type`, of its parameters' norms: the norm of the group's gradient as one vector. Frozen
 parameters have no gradient, so a fully frozen group is not drawn.
@@ -22,7 +22,7 @@ Example:
     >>> snapshot = {"step": 10, "norm_type": 2.0, "norms": {"bert.encoder.layer.1.output.dense.weight": 3.0,
     ...     "bert.encoder.layer.1.output.dense.bias": 4.0, "classifier.weight": 1.0}}
     >>> group_norms(snapshot, description)
-    {'layer 1': 5.0, 'head': 1.0}
+    {'layer.1': 5.0, 'head': 1.0}
     >>> plot_grad_norms("outputs/sst2")  # doctest: +SKIP
     'outputs/sst2/grad_norms.png'
 """
@@ -39,8 +39,8 @@ import torch
 
 from .atomic import write_file_atomic
 from .clipping import check_norm_type
-from .monitoring import EMBEDDINGS, HEAD, parameter_group
-from .monitoring import group_order as _group_order
+from .layout import EMBEDDINGS, HEAD, parameter_group
+from .layout import group_order as _group_order
 from .patterns import example_names, match_names
 from .run_folder import (
     MAX_COUNT,
@@ -160,12 +160,12 @@ def combine_norms(norms: Iterable[float], norm_type: float | str) -> float:
 
 
 def frozen_groups(description: dict) -> list[str]:
-    """The groups whose every parameter is frozen, in plot order (e.g. `["embeddings", "layer 0"]`).
+    """The groups whose every parameter is frozen, in plot order (e.g. `["embeddings", "layer.0"]`).
 
     Example:
         >>> frozen_groups({"layer_stack": "enc.layer", "embeddings": ["emb"],
         ...     "frozen": ["emb.word.weight", "enc.layer.0.w"], "trainable": ["enc.layer.1.w", "head.w"]})
-        ['embeddings', 'layer 0']
+        ['embeddings', 'layer.0']
     """
     layer_stack, embeddings = description.get("layer_stack"), description.get("embeddings") or []
     frozen: dict[str, bool] = {}
@@ -177,7 +177,7 @@ def frozen_groups(description: dict) -> list[str]:
 
 
 def group_norms(snapshot: dict, description: dict) -> dict[str, float]:
-    """Norm of each parameter group in one snapshot, ordered embeddings, layer 0, layer 1, ..., head.
+    """Norm of each parameter group in one snapshot, ordered embeddings, layer.0, layer.1, ..., head.
 
     Args:
         snapshot: one item of `load_grad_snapshots` (`norms`, `norm_type`).

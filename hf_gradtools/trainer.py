@@ -55,7 +55,7 @@ from .clipping import clip_state_checks
 from .clipping.component import GradientClipping
 from .components import ClipStep, ParameterNames, TrainerComponent
 from .engines import check_engine_support, engine_clips, engine_of_accelerator
-from .errors import DamagedCheckpointError
+from .errors import DamagedCheckpointError, StateFieldError
 from .freezing import (
     apply_freezing,
     check_something_to_train,
@@ -63,7 +63,7 @@ from .freezing import (
     has_frozen_parameters,
     restore_requires_grad,
 )
-from .guards import SkipNonFinite, StepSkipper
+from .guards import SkipNonFinite, SkipSpikes, StepSkipper
 from .monitoring import LayerNormsLog, NoiseScaleLog, no_grad_warning, parameters_without_grad
 from .patterns import check_patterns
 from .schedules import GradualUnfreezeCallback, set_frozen_eval_mode
@@ -81,6 +81,7 @@ logger = logging.getLogger(__name__)
 BUILTIN_COMPONENTS: tuple[type[TrainerComponent], ...] = (
     GradientClipping,
     SkipNonFinite,
+    SkipSpikes,
     LayerNormsLog,
     GradualUnfreezing,  # before the noise meter: its window end reduces late-unfrozen gradients under DDP
     NoiseScaleLog,
@@ -96,6 +97,20 @@ __all__ = [
     "check_engine_support",
     "frozen_by_settings",
 ]
+
+
+def _refusing(component: TrainerComponent):
+    """`component.check_state`, any error it raises on a bad entry reported as a damaged field of it."""
+
+    def check(state):
+        try:
+            return component.check_state(state)
+        except StateFieldError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a user's check may raise anything on a bad state
+            raise StateFieldError("", f"was refused by {type(component).__name__}.check_state: {error}") from None
+
+    return check
 
 
 class GradTrainerMixin:
@@ -201,7 +216,7 @@ class GradTrainerMixin:
         """The check of each entry the checkpoint's state file may hold beyond the built-in ones."""
         settings = self.grad_settings
         checks = clip_state_checks(settings.clip_algorithm, settings, self.model)
-        checks.update({c.name: c.check_state for c in self._user_components if c.name})
+        checks.update({c.name: _refusing(c) for c in self._user_components if c.name})
         return checks
 
     # ---- settings, callbacks, model (re)initialisation ----

@@ -59,11 +59,11 @@ def test_groups_follow_the_layer_stack_and_skip_frozen_groups(run_dir):
     snapshots = load_grad_snapshots(run_dir)
     groups = group_norms(snapshots[-1], description)
     # Embeddings and layer 0 are frozen: no gradient, no group.
-    assert list(groups) == ["layer 1", "layer 2", "head"]
+    assert list(groups) == ["layer.1", "layer.2", "head"]
     norms = snapshots[-1]["norms"]
     layer1 = [v for name, v in norms.items() if name.startswith("bert.encoder.layer.1.")]
     assert len(layer1) == 16
-    assert groups["layer 1"] == pytest.approx(math.sqrt(sum(v * v for v in layer1)))
+    assert groups["layer.1"] == pytest.approx(math.sqrt(sum(v * v for v in layer1)))
     head = [v for name, v in norms.items() if name.startswith(("bert.pooler.", "classifier."))]
     assert groups["head"] == pytest.approx(math.sqrt(sum(v * v for v in head)))
     # The groups partition the parameters, so they combine into the snapshot's total.
@@ -76,7 +76,7 @@ def test_groups_follow_the_layer_stack_and_skip_frozen_groups(run_dir):
 def test_parameter_group_and_norm_types():
     embeddings = ["bert.embeddings"]
     assert parameter_group("bert.embeddings.word_embeddings.weight", "bert.encoder.layer", embeddings) == "embeddings"
-    assert parameter_group("bert.encoder.layer.11.output.dense.bias", "bert.encoder.layer", embeddings) == "layer 11"
+    assert parameter_group("bert.encoder.layer.11.output.dense.bias", "bert.encoder.layer", embeddings) == "layer.11"
     assert parameter_group("bert.encoder.layer_norm.weight", "bert.encoder.layer", embeddings) == "head"
     assert parameter_group("classifier.weight", None, []) == "head"
     # 1-norm: 1 + 2 + 2 = 5; 3-norm: (1 + 8 + 8) ** (1/3); inf: the largest.
@@ -84,7 +84,7 @@ def test_parameter_group_and_norm_types():
     assert combine_norms([1.0, 2.0, 2.0], 3.0) == pytest.approx(17 ** (1 / 3))
     assert combine_norms([1.0, 2.0, 2.0], "inf") == 2.0
     snapshot = {"step": 1, "norm_type": "inf", "norms": {"m.layers.0.w": 3.0, "m.layers.0.b": 7.0, "head.w": 1.0}}
-    assert group_norms(snapshot, {"layer_stack": "m.layers", "embeddings": []}) == {"layer 0": 7.0, "head": 1.0}
+    assert group_norms(snapshot, {"layer_stack": "m.layers", "embeddings": []}) == {"layer.0": 7.0, "head": 1.0}
 
 
 def test_plot_writes_a_png(run_dir, capsys):
@@ -115,7 +115,7 @@ def test_summary_prints_counts_and_largest_norms(run_dir, capsys):
         f"frozen: {len(description['frozen'])} tensors, {description['num_frozen']:,} elements; "
         f"trainable: {len(description['trainable'])} tensors, {description['num_trainable']:,} elements"
     )
-    assert "fully frozen groups: embeddings, layer 0" in lines[1]
+    assert "fully frozen groups: embeddings, layer.0" in lines[1]
     assert "snapshots: 4 (steps 1 to 4), norm type 2" in lines[2]
     assert (
         lines[4] == f"largest gradient norms in the last snapshot (step 4), top 3 of {len(description['trainable'])}:"
@@ -211,7 +211,7 @@ def test_total_norm_panel_marks_clip_coefficient_and_skipped_steps(hand_run):
     fig = draw_grad_norms(description, snapshots)
     top, bottom, coef_axis = fig.axes
     assert [line.get_label() for line in top.lines if not line.get_label().startswith("skipped")] == [
-        "layer 1",
+        "layer.1",
         "head",
     ]
     (coef_line,) = coef_axis.lines

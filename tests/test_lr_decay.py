@@ -90,8 +90,8 @@ def test_group_labels_and_order_for_bert():
     model = tiny_classifier("bert")
     labels = [g[GROUP_KEY] for g in layerwise_lr_groups(model, LR, DECAY, WD, decay_names(model))]
     assert labels == [
-        "other/decay",
-        "other/no_decay",
+        "head/decay",
+        "head/no_decay",
         "layer.2/decay",
         "layer.2/no_decay",
         "layer.1/decay",
@@ -125,7 +125,7 @@ def test_albert_shared_block_gets_the_rate_of_its_first_layer():
     scales = layerwise_lr_scales(model, DECAY)
     assert scales["albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight"] == ("layer.0", DECAY**2)
     assert scales["albert.embeddings.word_embeddings.weight"] == ("embeddings", DECAY**3)
-    assert scales["albert.encoder.embedding_hidden_mapping_in.weight"] == ("other", 1.0)
+    assert scales["albert.encoder.embedding_hidden_mapping_in.weight"] == ("head", 1.0)
 
 
 def test_peft_lora_model_groups_only_the_lora_matrices_at_their_block_rates():

@@ -47,9 +47,9 @@ def test_llrd_groups_hold_the_rates_and_equal_a_hand_loop(tmp_path, frozen):
     initial = [g["lr"] for g in trainer.optimizer.param_groups]
     blocks = [f"layer.{i}" for i in range(2, frozen - 1, -1)]
     assert labels == [
-        f"{label}/{kind}" for label in ["other", *blocks, "embeddings"] for kind in ("decay", "no_decay")
+        f"{label}/{kind}" for label in ["head", *blocks, "embeddings"] for kind in ("decay", "no_decay")
     ]
-    rates = {"other": LR, "layer.2": LR, "layer.1": LR * DECAY, "layer.0": LR * DECAY**2, "embeddings": LR * DECAY**3}
+    rates = {"head": LR, "layer.2": LR, "layer.1": LR * DECAY, "layer.0": LR * DECAY**2, "embeddings": LR * DECAY**3}
     assert initial == pytest.approx([rates[label.split("/")[0]] for label in labels], rel=1e-12)
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.01, 0.0] * (len(labels) // 2)
     trainer.train()

@@ -128,7 +128,7 @@ def test_llrd_groups_in_the_trainer_keep_their_ratios_and_log_the_base_rate(tmp_
     groups = trainer.optimizer.param_groups
     factor = trainer.lr_scheduler.lr_lambdas[0](3)
     assert [g[GROUP_KEY] for g in groups][::2] == [
-        "other/decay",
+        "head/decay",
         "layer.2/decay",
         "layer.1/decay",
         "layer.0/decay",

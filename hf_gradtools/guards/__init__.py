@@ -3,7 +3,8 @@
 | module | what |
 |---|---|
 | `skip.py` | `skip_optimizer_step`, `StepSkipper`: no update, optimizer-state or scheduler change; the step counts |
-| `nonfinite.py` | `NonFiniteGuard`: a step whose gradients hold NaN or Inf (`skip_nonfinite_grads`) |
+| `nonfinite.py` | `NonFiniteGuard`, `SkipNonFinite`: a step whose gradients hold NaN or Inf (`skip_nonfinite_grads`) |
+| `spike.py` | `SpikeHistory`, `SkipSpikes`: a step whose loss or gradient norm spikes (`skip_spike_steps`) |
 """
 
 from .nonfinite import (
@@ -18,12 +19,15 @@ from .nonfinite import (
     skip_message,
 )
 from .skip import StepSkipper, skip_optimizer_step
+from .spike import SkipSpikes, SpikeHistory
 
 __all__ = [
     "SHOWN_NAMES",
     "NonFiniteGradientError",
     "NonFiniteGuard",
     "SkipNonFinite",
+    "SkipSpikes",
+    "SpikeHistory",
     "finite_mask",
     "has_nonfinite",
     "nonfinite_names",

@@ -7,15 +7,11 @@
 """
 
 from .layer_norms import (
-    EMBEDDINGS,
-    HEAD,
     LOG_PREFIX,
     LayerNormGrouper,
     LayerNormsLog,
-    group_order,
     log_key,
     no_grad_warning,
-    parameter_group,
     parameters_without_grad,
 )
 from .noise_scale import (
@@ -28,8 +24,6 @@ from .noise_scale import (
 )
 
 __all__ = [
-    "EMBEDDINGS",
-    "HEAD",
     "LOG_PREFIX",
     "GradientNoiseScale",
     "LayerNormGrouper",
@@ -38,10 +32,8 @@ __all__ = [
     "NoiseScaleLog",
     "WindowNoiseMeter",
     "exact_noise_scale",
-    "group_order",
     "log_key",
     "micro_batch_sq_norm",
     "no_grad_warning",
-    "parameter_group",
     "parameters_without_grad",
 ]

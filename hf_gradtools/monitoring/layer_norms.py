@@ -21,51 +21,23 @@ Example:
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..clipping import check_norm_type, clip_coefficient
 from ..components import ClipStep, TrainerComponent
-from ..layout import model_layout
+from ..layout import group_order, model_layout, parameter_group
 
-EMBEDDINGS = "embeddings"
-HEAD = "head"
 LOG_PREFIX = "grad_norm/"
 # How many names the no-gradient warning lists.
 SHOWN_NAMES = 10
 
 
-def parameter_group(name: str, layer_stack: str | None, embeddings: Iterable[str]) -> str:
-    """The group of parameter `name`: `"embeddings"`, `"layer <i>"` or `"head"`.
-
-    Example:
-        >>> parameter_group("bert.encoder.layer.3.attention.self.query.weight", "bert.encoder.layer", [])
-        'layer 3'
-    """
-    if any(name.startswith(module + ".") for module in embeddings):
-        return EMBEDDINGS
-    if layer_stack:
-        match = re.match(re.escape(layer_stack) + r"\.(\d+)\.", name)
-        if match:
-            return f"layer {int(match.group(1))}"
-    return HEAD
-
-
-def group_order(group: str) -> tuple[int, int]:
-    """Sort key: embeddings, layer 0, layer 1, ..., head."""
-    if group == EMBEDDINGS:
-        return (0, 0)
-    if group == HEAD:
-        return (2, 0)
-    return (1, int(group.split()[1]))
-
-
 def log_key(group: str) -> str:
-    """`"layer 3"` -> `"grad_norm/layer.3"`, `"head"` -> `"grad_norm/head"`."""
-    return LOG_PREFIX + group.replace(" ", ".")
+    """`"layer.3"` -> `"grad_norm/layer.3"`, `"head"` -> `"grad_norm/head"`."""
+    return LOG_PREFIX + group
 
 
 class LayerNormGrouper:
@@ -79,7 +51,7 @@ class LayerNormGrouper:
             set changes.
 
     Attributes:
-        groups: the groups present, in order (`"embeddings"`, `"layer 0"`, ..., `"head"`).
+        groups: the groups present, in order (`"embeddings"`, `"layer.0"`, ..., `"head"`).
         keys: their log keys (`"grad_norm/embeddings"`, `"grad_norm/layer.0"`, ..., `"grad_norm/head"`).
     """
 

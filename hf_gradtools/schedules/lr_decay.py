@@ -27,7 +27,7 @@ Example:
     >>> groups = layerwise_lr_groups(model, base_lr=1e-3, decay=0.5, weight_decay=0.01,
     ...     decay_parameter_names=decay_names)
     >>> [(g["hf_gradtools_group"], g["lr"]) for g in groups if g["weight_decay"]]
-    [('other/decay', 0.001), ('layer.2/decay', 0.001), ('layer.1/decay', 0.0005), ('layer.0/decay', 0.00025), ('embeddings/decay', 0.000125)]
+    [('head/decay', 0.001), ('layer.2/decay', 0.001), ('layer.1/decay', 0.0005), ('layer.0/decay', 0.00025), ('embeddings/decay', 0.000125)]
 """  # noqa: E501
 
 from __future__ import annotations
@@ -38,11 +38,9 @@ from collections.abc import Iterable
 from torch import nn
 from torch.optim import Optimizer
 
-from ..layout import find_input_embeddings, find_layer_stack
+from ..layout import EMBEDDINGS, HEAD, block_label, find_input_embeddings, find_layer_stack
 
 GROUP_KEY = "hf_gradtools_group"
-EMBEDDINGS = "embeddings"
-OTHER = "other"
 
 
 def _is_number(value) -> bool:
@@ -62,15 +60,10 @@ def _check_non_negative(value: float, field: str) -> float:
     return float(value)
 
 
-def block_label(index: int) -> str:
-    """The label of block `index` of the layer stack, e.g. `layer.3`."""
-    return f"layer.{index}"
-
-
 def layerwise_lr_scales(model: nn.Module, decay: float) -> dict[str, tuple[str, float]]:
     """Map every parameter name (as `named_parameters()` gives it, trainable or not) to `(label, lr multiplier)`.
 
-    Labels: `embeddings`, `layer.<block index>`, `other` (see the module docstring for the multipliers). A tensor
+    Labels: `embeddings`, `layer.<block index>`, `head` (the rest; the module docstring has the multipliers). A tensor
     that belongs to the embeddings and to a block (never the case in transformers' models) counts as embeddings.
 
     Raises:
@@ -90,7 +83,7 @@ def layerwise_lr_scales(model: nn.Module, decay: float) -> dict[str, tuple[str, 
         for param in block.parameters():
             if id(param) not in shared:
                 label_of.setdefault(id(param), (block_label(index), decay ** (depth - 1 - first_layer)))
-    return {name: label_of.get(id(param), (OTHER, 1.0)) for name, param in model.named_parameters()}
+    return {name: label_of.get(id(param), (HEAD, 1.0)) for name, param in model.named_parameters()}
 
 
 def _label_order(label: str) -> tuple[int, int]:

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import LayerStackNotFoundError
-from ..layout import find_input_embeddings, find_layer_stack
+from ..layout import EMBEDDINGS, block_label, find_input_embeddings, find_layer_stack
 from ..state_fields import FieldReader
 from .live_groups import add_param_groups
-from .lr_decay import EMBEDDINGS, _check_non_negative, block_label, check_layerwise_lr_decay, param_groups_for
+from .lr_decay import _check_non_negative, check_layerwise_lr_decay, param_groups_for
 
 
 @dataclass(frozen=True)
