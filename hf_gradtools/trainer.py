@@ -36,7 +36,7 @@ from collections import deque
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .accumulation import Accumulation, micro_batch_loss_weights, window_count
@@ -57,7 +57,9 @@ from .components import ClipStep, ParameterNames, TrainerComponent
 from .engines import check_engine_support, engine_clips, engine_of_accelerator
 from .errors import DamagedCheckpointError, StateFieldError
 from .freezing import (
+    AutoFreeze,
     apply_freezing,
+    check_auto_freeze,
     check_something_to_train,
     frozen_by_settings,
     has_frozen_parameters,
@@ -82,6 +84,7 @@ BUILTIN_COMPONENTS: tuple[type[TrainerComponent], ...] = (
     GradientClipping,
     SkipNonFinite,
     SkipSpikes,
+    AutoFreeze,  # after the guards: a skipped step's norms are left out
     LayerNormsLog,
     GradualUnfreezing,  # before the noise meter: its window end reduces late-unfrozen gradients under DDP
     NoiseScaleLog,
@@ -97,6 +100,17 @@ __all__ = [
     "check_engine_support",
     "frozen_by_settings",
 ]
+
+
+class ComponentSteps(TrainerCallback):
+    """Hands the end of each optimizer step to the components that act then (attached only for them)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for component in self.trainer.components:
+            component.on_step_end(self.trainer)
 
 
 def _refusing(component: TrainerComponent):
@@ -155,6 +169,7 @@ class GradTrainerMixin:
         self._refuse_supplied_optimizer(self.grad_settings, super().__init__, model, args, pargs, kwargs)
         if model is not None and args is not None:  # before anything is written
             check_patterns(model, self.grad_settings)
+            check_auto_freeze(model, self.grad_settings, getattr(args, "world_size", 1))
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         self._window_rule = None  # the `ItemRule` of the window being accumulated
         self._loss_probe = LossRuleProbe(self)
@@ -290,6 +305,9 @@ class GradTrainerMixin:
             try:
                 return super().train(resume_from_checkpoint, *args, **kwargs)
             finally:
+                self.callback_handler.callbacks = [
+                    cb for cb in self.callback_handler.callbacks if not isinstance(cb, ComponentSteps)
+                ]
                 self._close_snapshot_callbacks()
 
     def _apply_changed_freezing(self) -> None:
@@ -501,6 +519,9 @@ class GradTrainerMixin:
         self._components = None  # the model is final now: the run's components are built for it
         for component in self.components:
             component.on_train_begin(self)
+        steps = [c for c in self.components if type(c).on_step_end is not TrainerComponent.on_step_end]
+        if steps and not any(isinstance(cb, ComponentSteps) for cb in self.callback_handler.callbacks):
+            self.add_callback(ComponentSteps(self))  # removed when `train()` returns
         return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 from .atomic import write_json_atomic
 from .checkpoints import TRAINER_STATE_FILE
 from .clipping import clip_state_checks
+from .freezing.auto import AutoFreeze
 from .guards import NonFiniteGuard, SkipSpikes
 from .monitoring.noise_scale import GradientNoiseScale
 from .run_folder import is_count
@@ -50,6 +51,7 @@ COMPONENT_CHECKS: dict[str, Callable[[Any], Any]] = {
     "noise_scale": GradientNoiseScale.check_state,
     "nonfinite_guard": NonFiniteGuard.check_state,
     "spike_guard": SkipSpikes.check_state,
+    "auto_freeze": AutoFreeze.check_state,
 }
 
 

@@ -91,7 +91,7 @@ class ClipAlgorithm:
 _REGISTRY: dict[str, type[ClipAlgorithm]] = {}
 # The other entries of a checkpoint's state file (`training_state.COMPONENT_CHECKS`): a clip algorithm's state is
 # kept under its name, so these names are not for a clip algorithm.
-RESERVED_NAMES = ("unfreezer", "noise_scale", "nonfinite_guard", "spike_guard")
+RESERVED_NAMES = ("unfreezer", "noise_scale", "nonfinite_guard", "spike_guard", "auto_freeze")
 
 
 def register_clip_algorithm(name: str, *, replace: bool = False) -> Callable[[type], type]:

@@ -7,7 +7,9 @@ overflow: it skips the update and lowers the scale, as for any overflow.
 
 Example:
     >>> import torch
+    >>> from accelerate import Accelerator
     >>> from accelerate.optimizer import AcceleratedOptimizer
+    >>> _ = Accelerator(cpu=True)
     >>> layer = torch.nn.Linear(2, 1)
     >>> optimizer = AcceleratedOptimizer(torch.optim.SGD(layer.parameters(), lr=1.0), device_placement=False)
     >>> layer.weight.grad, layer.bias.grad = torch.ones(1, 2), torch.ones(1)

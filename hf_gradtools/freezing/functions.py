@@ -21,9 +21,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .errors import NoTrainableParametersError
-from .layout import find_input_embeddings, find_layer_stack
-from .settings import GradSettings
+from ..errors import NoTrainableParametersError
+from ..layout import find_input_embeddings, find_layer_stack
+from ..settings import GradSettings
 
 ModuleOrModules = nn.Module | nn.Parameter | Iterable[nn.Module | nn.Parameter]
 

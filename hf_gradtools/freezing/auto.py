@@ -1,0 +1,258 @@
+"""Automatic freezing (AutoFreeze, Liu et al. 2021): freeze the layer stack's leading blocks once their gradient
+norms stop changing, so the rest of the fine-tune does not pay for their backward pass (nor, with the activation
+cache, their forward pass).
+
+The rule (`auto_freeze=True`), on the blocks of the layer stack that freezing finds:
+
+- `G_i(k)`: the sum, over the optimizer steps of interval `k` (`auto_freeze_interval` steps each), of block `i`'s
+  L2 gradient norm before clipping;
+- at the end of interval `k >= 2`, for the blocks unfrozen through both intervals, `r_i = |G_i(k) - G_i(k-1)| /
+  G_i(k-1)`, and `tau` = the `auto_freeze_percentile` percentile of those `r_i` (linear interpolation, as
+  `numpy.percentile`);
+- starting at the lowest unfrozen block, each next block freezes while its `r_i < tau`, never one of the top
+  `auto_freeze_keep_last` blocks, never the head; the embeddings freeze with block 0.
+
+A frozen block gets `requires_grad=False` and leaves the optimizer's stepping (its optimizer state is freed); with
+`frozen_eval_mode` it trains in eval mode from the next step. `frozen_layers` (the blocks of the stack frozen now,
+whoever froze them) is logged at every training log.
+
+Example:
+    >>> previous = {0: 10.0, 1: 10.0, 2: 10.0, 3: 10.0}
+    >>> current = {0: 10.1, 1: 10.3, 2: 12.0, 3: 15.0}
+    >>> blocks, ratios, tau = blocks_to_freeze(previous, current, percentile=50.0, num_blocks=4, keep_last=1)
+    >>> blocks, round(tau, 3)
+    ([0, 1], 0.115)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..components import ClipStep, TrainerComponent, warn_starts_afresh
+from ..distributed import is_sharded
+from ..layout import find_input_embeddings, find_layer_stack
+from ..state_fields import FieldReader
+
+logger = logging.getLogger(__name__)
+
+
+def blocks_to_freeze(
+    previous: dict[int, float], current: dict[int, float], percentile: float, num_blocks: int, keep_last: int
+) -> tuple[list[int], dict[int, float], float]:
+    """The blocks the rule freezes now, the ratios `r_i` and `tau`.
+
+    Args:
+        previous, current: `G_i(k-1)` and `G_i(k)` of the blocks unfrozen through both intervals.
+        percentile: `auto_freeze_percentile`; num_blocks: the stack's length; keep_last: `auto_freeze_keep_last`.
+    """
+    ratios = {i: abs(current[i] - previous[i]) / previous[i] for i in sorted(current) if previous.get(i, 0) > 0}
+    if not ratios:
+        return [], ratios, float("nan")
+    tau = float(np.percentile(list(ratios.values()), percentile))
+    chosen = []
+    for i in sorted(current):  # from the lowest unfrozen block up
+        if i >= num_blocks - keep_last or i not in ratios or not ratios[i] < tau:
+            break
+        chosen.append(i)
+    return chosen, ratios, tau
+
+
+def check_auto_freeze(model: nn.Module, settings, world_size: int = 1) -> None:
+    """Refuse `auto_freeze` where the rule cannot run: `auto_freeze_keep_last` not below the layer count, or
+    several processes (DDP registers the trainable parameters when it wraps the model)."""
+    if not settings.auto_freeze:
+        return
+    blocks = len(find_layer_stack(model).blocks)
+    keep = settings.auto_freeze_keep_last
+    if keep >= blocks:
+        raise ValueError(
+            f"`auto_freeze_keep_last`={keep} must be below the layer count of {type(model).__name__} ({blocks} "
+            "blocks): it keeps that many top blocks trainable, so nothing could ever freeze."
+        )
+    if world_size > 1:
+        raise ValueError(
+            f"`auto_freeze`=True runs on one process only (world size {world_size}): DDP and FSDP fix the trainable "
+            "parameters when they wrap the model. Train on one device, or set `freeze_first_n_layers` instead."
+        )
+
+
+class AutoFreeze(TrainerComponent):
+    """`auto_freeze`: the rule above, as a trainer component (decides at the end of each interval)."""
+
+    name = "auto_freeze"
+    every_step = True
+
+    def __init__(self, settings):
+        self.interval = settings.auto_freeze_interval
+        self.percentile = settings.auto_freeze_percentile
+        self.keep_last = settings.auto_freeze_keep_last
+        self.norm_type = settings.clip_norm_type
+        self.previous: dict[int, float] | None = None  # G(k-1) of the last complete interval
+        self.sums: torch.Tensor | None = None  # G(k) so far, one per block, on the device
+        self.frozen: list[int] = []  # the blocks this rule froze, in order
+        self.froze_embeddings = False
+        self.decisions: list[dict] = []
+        self._blocks: list[nn.Module] = []
+        self._block_of: dict[int, int] = {}
+        self._l2: torch.Tensor | None = None
+        self._index: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # each parameter's block, cached
+
+    @classmethod
+    def from_args(cls, settings, model) -> AutoFreeze | None:
+        return cls(settings) if settings.auto_freeze else None
+
+    @staticmethod
+    def block_frozen(block: nn.Module) -> bool:
+        params = list(block.parameters())
+        return bool(params) and not any(p.requires_grad for p in params)
+
+    def frozen_layers(self) -> int:
+        """The blocks of the stack frozen now, whoever froze them."""
+        return sum(self.block_frozen(block) for block in self._blocks)
+
+    def on_train_begin(self, trainer) -> None:
+        self._blocks = list(find_layer_stack(trainer.model).blocks)
+        self._block_of = {id(p): i for i, block in enumerate(self._blocks) for p in block.parameters()}
+        self.sums, self.previous, self.frozen, self.froze_embeddings, self.decisions = None, None, [], False, []
+
+    def before_clip(self, trainer, step: ClipStep) -> None:
+        self._l2 = None
+        if self.norm_type != 2.0:  # the rule reads L2 norms; the step measures in `clip_norm_type`
+            from ..clipping import grad_norms
+
+            self._l2 = grad_norms([p.grad for p in step.params], 2.0)
+
+    def after_clip(self, trainer, step: ClipStep) -> None:
+        if step.skipped:
+            return  # a skipped step's gradients are not the run's
+        norms = self._l2 if self._l2 is not None else step.result.param_norms
+        if self._index is None or self._index[0] != step.names:
+            index = [self._block_of.get(id(p), -1) for p in step.params]
+            inside = torch.tensor([i >= 0 for i in index], device=norms.device)
+            self._index = (step.names, inside, torch.tensor([max(i, 0) for i in index], device=norms.device))
+        _, inside, blocks = self._index
+        squares = torch.zeros(len(self._blocks), device=norms.device, dtype=torch.float64)
+        squares.index_add_(0, blocks, torch.where(inside, norms.double().square(), torch.zeros_like(norms.double())))
+        block_norms = squares.sqrt()
+        self.sums = block_norms if self.sums is None else self.sums + block_norms
+
+    def on_step_end(self, trainer) -> None:
+        step = trainer.state.global_step
+        if step % self.interval:
+            return
+        unfrozen = [i for i, block in enumerate(self._blocks) if not self.block_frozen(block)]
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * len(self._blocks)
+        current = {i: sums[i] for i in unfrozen}
+        self.sums = None
+        if self.previous is not None:
+            self._decide(trainer, step, {i: v for i, v in self.previous.items() if i in current}, current)
+        self.previous = {i: v for i, v in current.items() if not self.block_frozen(self._blocks[i])}
+
+    def _decide(self, trainer, step: int, previous: dict[int, float], current: dict[int, float]) -> None:
+        chosen, ratios, tau = blocks_to_freeze(
+            previous, {i: current[i] for i in previous}, self.percentile, len(self._blocks), self.keep_last
+        )
+        for i in chosen:
+            self._freeze(trainer, self._blocks[i])
+        if 0 in chosen:
+            for _, module in find_input_embeddings(trainer.model):
+                if any(p.requires_grad for p in module.parameters()):
+                    self._freeze(trainer, module)
+                    self.froze_embeddings = True
+        self.frozen += chosen
+        self.decisions.append({"step": step, "froze": chosen, "tau": tau, "ratios": ratios})
+        logger.info(
+            "hf_gradtools: step %d: automatic freezing %s (r = %s, tau = %.4g); %d of %d blocks frozen.",
+            step,
+            f"froze {', '.join(f'layer.{i}' for i in chosen)}" if chosen else "froze nothing",
+            ", ".join(f"layer.{i}: {r:.4g}" for i, r in ratios.items()),
+            tau,
+            self.frozen_layers(),
+            len(self._blocks),
+        )
+
+    @staticmethod
+    def _freeze(trainer, module: nn.Module) -> None:
+        """`requires_grad=False`, no gradient, no optimizer state: the optimizer leaves it alone from now on."""
+        state = getattr(trainer.optimizer, "state", None)
+        for param in module.parameters():
+            param.requires_grad_(False)
+            param.grad = None
+            if state is not None:
+                state.pop(param, None)
+
+    def log_entries(self, trainer) -> dict[str, float]:
+        return {"frozen_layers": self.frozen_layers()}
+
+    # ---- checkpoints ----
+
+    def state_dict(self) -> dict:
+        return {
+            "previous": None if self.previous is None else {str(i): v for i, v in self.previous.items()},
+            "sums": None if self.sums is None else self.sums.tolist(),
+            "frozen": list(self.frozen),
+            "froze_embeddings": self.froze_embeddings,
+        }
+
+    @staticmethod
+    def check_state(state) -> dict:
+        """`state` as `state_dict()` writes it, or `StateFieldError` naming the field."""
+        fields = FieldReader(state, "the automatic freezing state")
+        previous = fields._get("previous")
+        fields.check(
+            previous is None
+            or (isinstance(previous, dict) and all(k.isdigit() and _is_norm(v) for k, v in previous.items())),
+            "previous",
+            "must be null or an object of block index -> non-negative norm sum",
+        )
+        sums = fields._get("sums")
+        fields.check(
+            sums is None or (isinstance(sums, list) and all(_is_norm(v) for v in sums)),
+            "sums",
+            "must be null or a list of non-negative norm sums",
+        )
+        frozen = fields._get("frozen")
+        fields.check(
+            isinstance(frozen, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in frozen),
+            "frozen",
+            "must be a list of block indices",
+        )
+        fields.boolean("froze_embeddings")
+        fields.done()
+        return state
+
+    def load_state_dict(self, state, trainer) -> None:
+        if state is None:
+            warn_starts_afresh(trainer, self.name)
+            return
+        state = self.check_state(state)
+        if any(i >= len(self._blocks) for i in state["frozen"]) or (
+            state["sums"] is not None and len(state["sums"]) != len(self._blocks)
+        ):
+            raise ValueError(
+                f"the checkpoint's automatic freezing state is for another layer stack than this model's "
+                f"{len(self._blocks)} blocks."
+            )
+        self.previous = None if state["previous"] is None else {int(k): v for k, v in state["previous"].items()}
+        self.sums = None if state["sums"] is None else torch.tensor(state["sums"], dtype=torch.float64)
+        self.frozen, self.froze_embeddings = list(state["frozen"]), state["froze_embeddings"]
+        for i in self.frozen:
+            self._freeze(trainer, self._blocks[i])
+        if self.froze_embeddings:
+            for _, module in find_input_embeddings(trainer.model):
+                self._freeze(trainer, module)
+        if self.sums is not None and not is_sharded([p for p in trainer.model.parameters()]):
+            self.sums = self.sums.to(next(trainer.model.parameters()).device)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_norm(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and value == value
