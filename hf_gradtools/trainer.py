@@ -47,9 +47,11 @@ from .checkpoints import (
     check_resume_settings,
     checkpoint_save_error,
     checkpoint_step,
+    load_training_state,
     resolve_resume_checkpoint,
     run_settings,
     save_run_settings,
+    save_training_state,
 )
 from .clipping import clip_state_checks
 from .clipping.component import GradientClipping
@@ -75,7 +77,6 @@ from .settings import GradSettings
 from .signals import exit_cleanly_on_sigterm
 from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
 from .snapshots.feed import SnapshotFeed
-from .training_state import load_training_state, save_training_state
 
 logger = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from hf_gradtools import (
     GradTrainingArguments,
     register_clip_algorithm,
 )
+from hf_gradtools.checkpoints import COMPONENT_CHECKS, TRAINING_STATE_FILE
 from hf_gradtools.clipping import CLIP_ALGORITHMS, clip_by, unregister_clip_algorithm
 from hf_gradtools.clipping.component import GradientClipping
 from hf_gradtools.clipping.registry import RESERVED_NAMES
 from hf_gradtools.trainer import check_engine_support
-from hf_gradtools.training_state import COMPONENT_CHECKS, TRAINING_STATE_FILE
 
 BUILT_IN = ["norm", "agc", "autoclip"]
 

@@ -12,8 +12,7 @@ import pytest
 from conftest import classification_data, folder_contents, grad_args, tiny_classifier
 
 from hf_gradtools import DamagedCheckpointError, GradToolsError, GradTrainer, OutsideRunFolderError
-from hf_gradtools.checkpoints import RUN_SETTINGS_FILE, check_resume_settings
-from hf_gradtools.training_state import TRAINING_STATE_FILE, load_training_state
+from hf_gradtools.checkpoints import RUN_SETTINGS_FILE, TRAINING_STATE_FILE, check_resume_settings, load_training_state
 
 # Every tool that keeps state in `hf_gradtools_state.json` is on: unfreezing, noise scale, AutoClip, the guard.
 RUN = dict(

@@ -14,8 +14,8 @@ from conftest import classification_data, grad_args, tiny_classifier, tiny_confi
 from torch import nn
 
 from hf_gradtools import GradTrainer, GradTrainingArguments, freeze, unfreeze
+from hf_gradtools.checkpoints import TRAINING_STATE_FILE
 from hf_gradtools.schedules import GROUP_KEY, layerwise_lr_groups
-from hf_gradtools.training_state import TRAINING_STATE_FILE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -46,9 +46,7 @@ def test_llrd_groups_hold_the_rates_and_equal_a_hand_loop(tmp_path, frozen):
     labels = [g[GROUP_KEY] for g in trainer.create_optimizer().param_groups]
     initial = [g["lr"] for g in trainer.optimizer.param_groups]
     blocks = [f"layer.{i}" for i in range(2, frozen - 1, -1)]
-    assert labels == [
-        f"{label}/{kind}" for label in ["head", *blocks, "embeddings"] for kind in ("decay", "no_decay")
-    ]
+    assert labels == [f"{label}/{kind}" for label in ["head", *blocks, "embeddings"] for kind in ("decay", "no_decay")]
     rates = {"head": LR, "layer.2": LR, "layer.1": LR * DECAY, "layer.0": LR * DECAY**2, "embeddings": LR * DECAY**3}
     assert initial == pytest.approx([rates[label.split("/")[0]] for label in labels], rel=1e-12)
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.01, 0.0] * (len(labels) // 2)

@@ -89,7 +89,7 @@ class ClipAlgorithm:
 
 
 _REGISTRY: dict[str, type[ClipAlgorithm]] = {}
-# The other entries of a checkpoint's state file (`training_state.COMPONENT_CHECKS`): a clip algorithm's state is
+# The other entries of a checkpoint's state file (`checkpoints.COMPONENT_CHECKS`): a clip algorithm's state is
 # kept under its name, so these names are not for a clip algorithm.
 RESERVED_NAMES = ("unfreezer", "noise_scale", "nonfinite_guard", "spike_guard", "auto_freeze")
 
