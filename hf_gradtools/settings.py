@@ -165,9 +165,6 @@ class GradSettings:
 
     def _validate_schedules(self) -> None:
         """Check `layerwise_lr_decay`, `gradual_unfreeze_steps`, `frozen_eval_mode` and the noise-scale fields."""
-        # Here, not at the top: the `schedules` package imports the snapshot callback, which reads these settings.
-        from .schedules.lr_decay import check_layerwise_lr_decay
-
         args = self.args
         if self.layerwise_lr_decay is not None:
             check_layerwise_lr_decay(self.layerwise_lr_decay)
@@ -241,6 +238,13 @@ class GradSettings:
                 "`cache_frozen_activations`=True needs `frozen_eval_mode`=True: a frozen block's output can be kept "
                 "only when it is deterministic (no dropout in it). Set `frozen_eval_mode`=True as well."
             )
+
+
+def check_layerwise_lr_decay(decay: float, field: str = "layerwise_lr_decay") -> float:
+    """Return `decay` as a float, or raise a `ValueError` naming `field` unless 0 < decay <= 1."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or math.isnan(decay) or not 0 < decay <= 1:
+        raise ValueError(f"`{field}` must be a number in (0, 1] (1 turns the decay off), got {decay!r}.")
+    return float(decay)
 
 
 def _positive_int(name: str, value: Any) -> None:

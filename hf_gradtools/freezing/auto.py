@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..clipping import grad_norms
 from ..components import ClipStep, TrainerComponent, warn_starts_afresh
 from ..distributed import is_sharded
 from ..layout import find_input_embeddings, find_layer_stack
@@ -122,8 +123,6 @@ class AutoFreeze(TrainerComponent):
     def before_clip(self, trainer, step: ClipStep) -> None:
         self._l2 = None
         if self.norm_type != 2.0:  # the rule reads L2 norms; the step measures in `clip_norm_type`
-            from ..clipping import grad_norms
-
             self._l2 = grad_norms([p.grad for p in step.params], 2.0)
 
     def after_clip(self, trainer, step: ClipStep) -> None:

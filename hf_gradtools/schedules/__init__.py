@@ -13,11 +13,11 @@ One concept per module:
 
 from __future__ import annotations
 
+from ..settings import check_layerwise_lr_decay
 from .eval_mode import find_frozen_modules, set_frozen_eval_mode
 from .live_groups import add_param_groups
 from .lr_decay import (
     GROUP_KEY,
-    check_layerwise_lr_decay,
     layerwise_lr_groups,
     layerwise_lr_scales,
     param_groups_for,

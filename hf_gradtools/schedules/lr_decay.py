@@ -39,19 +39,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..layout import EMBEDDINGS, HEAD, block_label, find_input_embeddings, find_layer_stack
+from ..settings import check_layerwise_lr_decay
 
 GROUP_KEY = "hf_gradtools_group"
 
 
 def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
-
-
-def check_layerwise_lr_decay(decay: float, field: str = "layerwise_lr_decay") -> float:
-    """Return `decay` as a float, or raise a `ValueError` naming `field` unless 0 < decay <= 1."""
-    if not _is_number(decay) or not 0 < decay <= 1:
-        raise ValueError(f"`{field}` must be a number in (0, 1] (1 turns the decay off), got {decay!r}.")
-    return float(decay)
 
 
 def _check_non_negative(value: float, field: str) -> float:

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from ..atomic import write_json_atomic
 from ..components import TrainerComponent
 from ..distributed import all_reduce_grads_
+from ..freezing import frozen_by_settings
 from ..snapshots import FROZEN_PARAMETERS_FILE, describe_parameters
 from .live_groups import _inner_scheduler
 from .unfreezing import GradualUnfreezer, unfreeze_order
@@ -124,8 +125,6 @@ class GradualUnfreezing(TrainerComponent):
     def on_train_begin(self, trainer) -> None:
         if self.settings is None:
             return  # a user's own callback and unfreezer
-        from ..freezing import frozen_by_settings
-
         model, settings, every = trainer.model, self.settings, self.settings.gradual_unfreeze_steps
         plan = unfreeze_order(model, trainer._frozen_by_args or frozen_by_settings(model, settings))
         if not plan:

@@ -31,9 +31,10 @@ from torch import nn
 
 from ..errors import LayerStackNotFoundError
 from ..layout import EMBEDDINGS, block_label, find_input_embeddings, find_layer_stack
+from ..settings import check_layerwise_lr_decay
 from ..state_fields import FieldReader
 from .live_groups import add_param_groups
-from .lr_decay import _check_non_negative, check_layerwise_lr_decay, param_groups_for
+from .lr_decay import _check_non_negative, param_groups_for
 
 
 @dataclass(frozen=True)
