@@ -57,7 +57,7 @@ def as_batch(data, rows):
     return {k: torch.tensor(data[rows][k]) for k in data.column_names}
 
 
-def test_issue_numbers_equal_for_all_splits(args_factory):
+def test_splits_of_one_batch_give_one_gradient_and_one_loss(args_factory):
     """(batch 8, acc 1), (4, 2), (2, 4) give one gradient and one loss; the plain Trainer's double each time."""
     data = classification_data(8)
     ours, plain = [], []

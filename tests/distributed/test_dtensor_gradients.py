@@ -1,5 +1,5 @@
-"""FSDP2 (DTensor) gradients in the issue-9 blocks, in one process (a one-rank gloo group, a CPU mesh):
-the non-finite check reads the local shards, AutoClip scales them, AGC clips them, gradient tensors are gathered."""
+"""FSDP2 (DTensor) gradients in one process (a one-rank gloo group, a CPU mesh): the non-finite check reads the
+local shards, AutoClip scales them, AGC clips them, gradient tensors are gathered."""
 
 from __future__ import annotations
 
