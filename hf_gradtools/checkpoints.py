@@ -20,9 +20,16 @@ A save that runs out of space (`ENOSPC`, `EDQUOT`) is reported by `checkpoint_sa
 and that the folder, left incomplete, is skipped on resume; torch's own message (`unexpected pos 49344 vs 49236`)
 names neither the file nor the cause.
 
-Example:
-    >>> path = resolve_resume_checkpoint("out", True)  # doctest: +SKIP
-    >>> trainer.train(resume_from_checkpoint=path)  # doctest: +SKIP
+Example (`checkpoint-20/` was cut short by a kill, no `trainer_state.json`: resuming takes `checkpoint-10/`):
+    >>> from pathlib import Path
+    >>> for step in (10, 20):
+    ...     Path(f"out/checkpoint-{step}").mkdir(parents=True)
+    ...     Path(f"out/checkpoint-{step}/model.safetensors").touch()
+    >>> _ = Path("out/checkpoint-10/trainer_state.json").write_text('{"global_step": 10}')
+    >>> path = resolve_resume_checkpoint("out", True)
+    >>> path
+    'out/checkpoint-10'
+    >>> trainer.train(resume_from_checkpoint=path)  # a Trainer run  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -11,11 +11,20 @@ state and applies them to a model.
 Per step, nothing here waits for the device, except the guard: deciding to skip an optimizer step is a host
 decision, so `skip_nonfinite_grads` reads one flag back per step.
 
-Example:
-    >>> insight = GradInsight(GradSettings.from_args(args))  # doctest: +SKIP
-    >>> result = insight.clip(model, params)  # doctest: +SKIP
-    >>> if insight.nonfinite(result):  # doctest: +SKIP
-    ...     insight.skip_step(model, params, trainer.optimizer, step=trainer.state.global_step + 1)
+Example (an optimizer step whose gradient holds a NaN, skipped):
+    >>> import torch
+    >>> from hf_gradtools import GradTrainingArguments
+    >>> args = GradTrainingArguments("out", max_grad_norm=1.0, skip_nonfinite_grads=True)
+    >>> model = torch.nn.Linear(2, 1)
+    >>> model(torch.ones(1, 2)).sum().backward()
+    >>> model.bias.grad[0] = float("nan")
+    >>> params, optimizer = list(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> insight = GradInsight(GradSettings.from_args(args))
+    >>> result = insight.clip(model, params)
+    >>> if insight.nonfinite(result):
+    ...     insight.skip_step(model, params, result, optimizer, step=1)
+    >>> model.weight.grad, insight.guard.nonfinite_skips
+    (tensor([[0., 0.]]), 1)
 """
 
 from __future__ import annotations

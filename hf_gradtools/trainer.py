@@ -3,7 +3,7 @@
 List it first among the bases of a Trainer class; `GradTrainer` and `GradSeq2SeqTrainer` are built that way, and so
 is a TRL trainer:
 
-    >>> import trl  # doctest: +SKIP
+    >>> import trl  # not a dependency of this package, and seconds to import  # doctest: +SKIP
     >>> class GradSFTTrainer(GradTrainerMixin, trl.SFTTrainer):  # doctest: +SKIP
     ...     pass
 
@@ -13,10 +13,10 @@ object and numbers. The exceptions: gradient accumulation, which here equals one
 `grad_settings.json` (the freeze settings, checked on resume); and `resume_from_checkpoint=True` takes the last
 complete checkpoint (`checkpoints.py`), where the host takes the last one.
 
-Example:
+Example (the last two lines train, on your model and data):
+    >>> from hf_gradtools import GradTrainer, GradTrainingArguments
     >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
     ...     gradient_accumulation_steps=4, max_grad_norm=1.0, clip_norm_type=2.0, grad_snapshot_steps=10)
-    ... # doctest: +SKIP
     >>> trainer = GradTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev)  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
 """

@@ -19,8 +19,9 @@ and the field (`autoclip.history[3]`); so is a per-step record longer than the c
 or loads anything.
 
 Example:
-    >>> save_training_state("out/checkpoint-10", {"unfreezer": unfreezer.state_dict()})  # doctest: +SKIP
-    >>> load_training_state("out/checkpoint-10")["unfreezer"]["position"]  # doctest: +SKIP
+    >>> unfreezer = {"position": 2, "every_n_steps": 100, "labels": ["layer.1", "layer.0", "embeddings"]}
+    >>> save_training_state("out/checkpoint-10", {"unfreezer": unfreezer})
+    >>> load_training_state("out/checkpoint-10")["unfreezer"]["position"]
     2
 """
 
