@@ -25,8 +25,12 @@ def write_file_atomic(
             (`run_folder.OutsideRunFolderError`), before anything is created.
 
     Example:
-        >>> from safetensors.torch import save_file
-        >>> write_file_atomic("out/grads.safetensors", lambda tmp: save_file(tensors, tmp))  # doctest: +SKIP
+        >>> import torch
+        >>> from safetensors.torch import load_file, save_file
+        >>> tensors = {"classifier.weight": torch.ones(2, 3)}
+        >>> write_file_atomic("out/grads.safetensors", lambda tmp: save_file(tensors, tmp))
+        >>> load_file("out/grads.safetensors")["classifier.weight"].shape
+        torch.Size([2, 3])
     """
     path = os.fspath(path)
     if inside is not None:
@@ -63,7 +67,10 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, inside: str | os.Pa
     naming `path` when it named no file. `inside`: as in `write_file_atomic`.
 
     Example:
-        >>> write_text_atomic("out/predict_results_sst2.txt", "index\\tprediction\\n")  # doctest: +SKIP
+        >>> from pathlib import Path
+        >>> write_text_atomic("out/predict_results_sst2.txt", "index\\tprediction\\n")
+        >>> Path("out/predict_results_sst2.txt").read_text()
+        'index\\tprediction\\n'
     """
 
     def write(tmp: str) -> None:
@@ -77,6 +84,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, inside: str | os.Pa
     """Write `data` as indented JSON to `path` atomically (see `write_text_atomic`; `inside` as there).
 
     Example:
-        >>> write_json_atomic("out/frozen_parameters.json", {"frozen": []})  # doctest: +SKIP
+        >>> import json
+        >>> write_json_atomic("out/frozen_parameters.json", {"frozen": []})
+        >>> with open("out/frozen_parameters.json") as f:
+        ...     json.load(f)
+        {'frozen': []}
     """
     write_text_atomic(path, json.dumps(data, indent=1), inside=inside)

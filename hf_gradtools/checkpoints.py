@@ -23,9 +23,16 @@ names neither the file nor the cause.
 Each checkpoint also holds the state of the run's components (`hf_gradtools_state.json`, the section at the end of
 this module), read back as untrusted input before a resume deletes or loads anything.
 
-Example:
-    >>> path = resolve_resume_checkpoint("out", True)  # doctest: +SKIP
-    >>> trainer.train(resume_from_checkpoint=path)  # doctest: +SKIP
+Example (`checkpoint-20/` was cut short by a kill, no `trainer_state.json`: resuming takes `checkpoint-10/`):
+    >>> from pathlib import Path
+    >>> for step in (10, 20):
+    ...     Path(f"out/checkpoint-{step}").mkdir(parents=True)
+    ...     Path(f"out/checkpoint-{step}/model.safetensors").touch()
+    >>> _ = Path("out/checkpoint-10/trainer_state.json").write_text('{"global_step": 10}')
+    >>> path = resolve_resume_checkpoint("out", True)
+    >>> path
+    'out/checkpoint-10'
+    >>> trainer.train(resume_from_checkpoint=path)  # a Trainer run  # doctest: +SKIP
 """
 
 from __future__ import annotations

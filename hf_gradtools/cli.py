@@ -91,7 +91,11 @@ def prediction_lines(output_dir: str) -> list[str]:
     its `config.json`; a run without them gives no line.
 
     Example:
-        >>> prediction_lines("outputs/mrpc")  # doctest: +SKIP
+        >>> from hf_gradtools.atomic import write_json_atomic
+        >>> write_json_atomic("out/eval_results.json", {"eval_top_class": 1, "eval_top_class_share": 1.0,
+        ...     "eval_samples": 408})
+        >>> write_json_atomic("out/config.json", {"id2label": {"0": "not_equivalent", "1": "equivalent"}})
+        >>> prediction_lines("out")
         ["DEGENERATE eval predictions: all 408 are class 1 'equivalent' (100%): the model answers one class"]
     """
     folder = run_folder_of(output_dir)
@@ -125,10 +129,22 @@ def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
     Lists the frozen/trainable counts, the fully frozen groups, each group's norm, and the `top` largest
     per-parameter gradient norms of the last snapshot, or with `mean=True` their mean over all snapshots.
 
-    Example:
-        >>> print(summarize("outputs/sst2", top=2))  # doctest: +SKIP
-        frozen: 53 tensors, 12,870,912 elements; trainable: 49 tensors, 9,843,074 elements (43.3% of 22,713,986)
-        ...
+    Example (on the files a run writes, `snapshots.py`, here written by hand):
+        >>> from hf_gradtools.atomic import write_json_atomic
+        >>> write_json_atomic("out/frozen_parameters.json", {"frozen": ["embeddings.weight"], "num_frozen": 6400,
+        ...     "trainable": ["classifier.weight", "classifier.bias"], "num_trainable": 130,
+        ...     "layer_stack": None, "embeddings": ["embeddings"]})
+        >>> write_json_atomic("out/grad_snapshots/step-00000010.json", {"step": 10, "norm_type": 2.0,
+        ...     "total_norm_pre_clip": 2.5, "total_norm_post_clip": 1.0,
+        ...     "norms": {"classifier.weight": 2.0, "classifier.bias": 1.5}})
+        >>> print(summarize("out", top=2))
+        frozen: 1 tensors, 6,400 elements; trainable: 2 tensors, 130 elements (2.0% of 6,530)
+        layer stack: not found; embeddings: embeddings; fully frozen groups: embeddings
+        snapshots: 1 (steps 10 to 10), norm type 2, before clipping; last total norm 2.5 (after clipping 1)
+        group norms at step 10: head 2.5
+        largest gradient norms in the last snapshot (step 10), top 2 of 2:
+            1.   2  classifier.weight
+            2. 1.5  classifier.bias
     """
     try:
         description, snapshots = load_run(output_dir)

@@ -23,8 +23,15 @@ Example:
     ...     "bert.encoder.layer.1.output.dense.bias": 4.0, "classifier.weight": 1.0}}
     >>> group_norms(snapshot, description)
     {'layer.1': 5.0, 'head': 1.0}
-    >>> plot_grad_norms("outputs/sst2")  # doctest: +SKIP
-    'outputs/sst2/grad_norms.png'
+
+    The same as a run's files, drawn:
+    >>> from hf_gradtools.atomic import write_json_atomic
+    >>> description.update(frozen=[], trainable=list(snapshot["norms"]))
+    >>> write_json_atomic("out/frozen_parameters.json", description)
+    >>> write_json_atomic("out/grad_snapshots/step-00000010.json",
+    ...     {**snapshot, "total_norm_pre_clip": 5.1, "total_norm_post_clip": 1.0})
+    >>> plot_grad_norms("out")
+    'out/grad_norms.png'
 """
 
 from __future__ import annotations
@@ -427,8 +434,11 @@ def noise_scale_series(output_dir: str | os.PathLike) -> tuple[list[int], list[f
             names the file and the field).
 
     Example:
-        >>> noise_scale_series("outputs/sst2")  # doctest: +SKIP
-        ([5, 10, 15], [80.2, 61.5, 57.0])
+        >>> from hf_gradtools.atomic import write_json_atomic
+        >>> log = [{"step": 5, "grad_noise_scale": 80.2, "loss": 0.69}, {"step": 10, "grad_noise_scale": 61.5}]
+        >>> write_json_atomic("out/trainer_state.json", {"global_step": 10, "log_history": log})
+        >>> noise_scale_series("out")
+        ([5, 10], [80.2, 61.5])
     """
     return _noise_scale_series(_trainer_state(output_dir))
 
@@ -474,7 +484,13 @@ def effective_batch(output_dir: str | os.PathLike, state: dict | None = None) ->
     (`_trainer_state`), when already read.
 
     Example:
-        >>> effective_batch("outputs/sst2").total  # doctest: +SKIP
+        >>> import torch
+        >>> from transformers import TrainingArguments
+        >>> from hf_gradtools.atomic import write_json_atomic
+        >>> args = TrainingArguments("out", per_device_train_batch_size=16, gradient_accumulation_steps=2)
+        >>> write_json_atomic("out/trainer_state.json", {"train_batch_size": 16, "log_history": []})
+        >>> torch.save(args, "out/training_args.bin")
+        >>> effective_batch("out").total
         32
     """
     state = (_trainer_state(output_dir) if state is None else state) or {}

@@ -13,11 +13,13 @@ where a file is expected is refused too); `training_args_fields` reads integer f
 `training_args.bin` from its pickle opcodes, without unpickling it.
 
 Example:
-    >>> os.symlink("/etc", "run/grad_snapshots")  # doctest: +SKIP
-    >>> inside_run_folder("run", "run/grad_snapshots/step-00000001.json")  # doctest: +SKIP
+    >>> import os
+    >>> os.mkdir("run")
+    >>> os.symlink("/etc", "run/grad_snapshots")
+    >>> inside_run_folder("run", "run/grad_snapshots/step-00000001.json")  # doctest: +ELLIPSIS +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
-    hf_gradtools.run_folder.OutsideRunFolderError: 'run/grad_snapshots/step-00000001.json' leads out of the run
-    folder 'run' through a symbolic link (to '/etc/step-00000001.json') ...
+    hf_gradtools.errors.OutsideRunFolderError: 'run/grad_snapshots/step-00000001.json' leads out of the run
+    folder 'run' through a symbolic link (to '/etc/step-00000001.json'): ...
 """
 
 from __future__ import annotations
@@ -173,7 +175,11 @@ def training_args_fields(run_folder: str | os.PathLike, names: Iterable[str]) ->
     different values, or not at all, is left out; a missing, foreign or damaged file gives `{}`.
 
     Example:
-        >>> training_args_fields("outputs/sst2", ["gradient_accumulation_steps", "num_processes"])  # doctest: +SKIP
+        >>> import os, torch
+        >>> from transformers import TrainingArguments
+        >>> os.mkdir("out")
+        >>> torch.save(TrainingArguments("out", gradient_accumulation_steps=2), "out/training_args.bin")
+        >>> training_args_fields("out", ["gradient_accumulation_steps", "num_processes"])
         {'gradient_accumulation_steps': 2, 'num_processes': 1}
     """
     wanted = set(names)

@@ -20,8 +20,11 @@ signals in the main thread only). A second SIGTERM while the first one's exit is
 launcher forwarding the signal to a process that already received it does not cut the writes short.
 
 Example:
-    >>> with exit_cleanly_on_sigterm():  # doctest: +SKIP
-    ...     trainer_loop()
+    >>> import signal
+    >>> with exit_cleanly_on_sigterm():  # as `GradTrainer.train` runs the training
+    ...     signal.raise_signal(signal.SIGTERM)  # what a scheduler sends
+    Traceback (most recent call last):
+    hf_gradtools.signals.TrainingTerminated: 143
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Example:
     >>> fields.integer("steps")
     Traceback (most recent call last):
     ...
-    hf_gradtools.state_fields.StateFieldError: GradientNoiseScale state must be {'steps': int}: `steps` must be a non-negative integer, got -1.
+    hf_gradtools.errors.StateFieldError: GradientNoiseScale state must be {'steps': int}: `steps` must be a non-negative integer, got -1.
 """  # noqa: E501
 
 from __future__ import annotations

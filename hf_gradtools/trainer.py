@@ -3,7 +3,7 @@
 List it first among the bases of a Trainer class; `GradTrainer` and `GradSeq2SeqTrainer` are built that way, and so
 is a TRL trainer:
 
-    >>> import trl  # doctest: +SKIP
+    >>> import trl  # not a dependency of this package, and seconds to import  # doctest: +SKIP
     >>> class GradSFTTrainer(GradTrainerMixin, trl.SFTTrainer):  # doctest: +SKIP
     ...     pass
 
@@ -17,10 +17,10 @@ The mixin is a thin loop: its overrides call `super()` and hand each point of th
 components (`components.py`): the clipping, the guards, the per-layer norms, the noise meter, the unfreezer, the
 snapshot feed, and any added with `add_component`.
 
-Example:
+Example (the last two lines train, on your model and data):
+    >>> from hf_gradtools import GradTrainer, GradTrainingArguments
     >>> args = GradTrainingArguments("out", freeze_embeddings=True, freeze_first_n_layers=2,
     ...     gradient_accumulation_steps=4, max_grad_norm=1.0, clip_norm_type=2.0, grad_snapshot_steps=10)
-    ... # doctest: +SKIP
     >>> trainer = GradTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev)  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
 """

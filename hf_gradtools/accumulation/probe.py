@@ -4,10 +4,8 @@ The probes themselves (`loss_probe.py`) measure a loss function; this adapter ru
 `compute_loss` (the subclass's own), its device placement, its data collator (to join one-row micro-batches), its
 count of items (`num_items_in_batch`) and scaling, across processes. The decision (`Accumulation`) holds for the
 run; where no decision can be made, the host's own scaling is kept and one warning says what it does.
-
-Example:
-    >>> probe = LossRuleProbe(trainer)  # doctest: +SKIP
-    >>> plan = probe.rule_for(batch_samples, num_items_in_batch)  # doctest: +SKIP
+`GradTrainerMixin.get_batch_samples` asks it, once per window: `LossRuleProbe(trainer).rule_for(batch_samples,
+num_items_in_batch)`.
 """
 
 from __future__ import annotations

@@ -59,7 +59,10 @@ def freeze(module_or_modules: ModuleOrModules) -> list[str]:
     the item's index, as an `nn.ModuleList` names them).
 
     Example:
-        >>> freeze(model.encoder.layer[:2])  # doctest: +SKIP
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+        ...     intermediate_size=32, vocab_size=100))
+        >>> freeze(model.encoder.layer[:2])  # doctest: +ELLIPSIS
         ['0.attention.self.query.weight', ...]
     """
     return _set_requires_grad(_as_module(module_or_modules), False)

@@ -12,10 +12,15 @@ the model and the live optimizer. Each event
 The unfreezer is handed in by the trainer (`GradTrainerMixin` builds it with the optimizer, so that it exists
 before a checkpoint's position is replayed); the callback holds no other state. It works on a plain `Trainer` too:
 
+    >>> from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    >>> from hf_gradtools import freeze_embeddings, freeze_first_n_layers
+    >>> from hf_gradtools.schedules import GradualUnfreezer, unfreeze_order
+    >>> model = BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=3,
+    ...     num_attention_heads=2, intermediate_size=32, vocab_size=100))
+    >>> frozen = freeze_embeddings(model) + freeze_first_n_layers(model, 2)
+    >>> args = TrainingArguments("out", report_to="none")
     >>> unfreezer = GradualUnfreezer(unfreeze_order(model, frozen), 100, base_lr=args.learning_rate)
-    ... # doctest: +SKIP
-    >>> trainer = Trainer(model, args, train_dataset=train, callbacks=[GradualUnfreezeCallback(unfreezer)])
-    ... # doctest: +SKIP
+    >>> trainer = Trainer(model, args, callbacks=[GradualUnfreezeCallback(unfreezer)])  # then trainer.train(...)
 """
 
 from __future__ import annotations

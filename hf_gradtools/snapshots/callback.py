@@ -1,11 +1,8 @@
 """`GradSnapshotCallback`: records the frozen parameters and, every N optimizer steps, each gradient's norm.
 
 It works on any `Trainer` (measuring with gradient hooks) and is fed the norms by `GradTrainer` (which measures
-them once per optimizer step, before clipping). The files it writes are described in `files.py`.
-
-Example:
-    >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[GradSnapshotCallback(every_n_steps=10)])
-    ... # doctest: +SKIP
+them once per optimizer step, before clipping). The files it writes are described in `files.py`; on a plain
+`Trainer`: `Trainer(model, args, train_dataset=ds, callbacks=[GradSnapshotCallback(every_n_steps=10)])`.
 """
 
 from __future__ import annotations

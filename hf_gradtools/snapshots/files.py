@@ -13,9 +13,10 @@ thread: reading the norms back from the device and writing them never holds up t
 are finished before each checkpoint of `GradTrainer` is saved (after it, on `on_save`, on a plain `Trainer`), at
 the end of training, and on SIGTERM (`signals.py`).
 
-Example:
+Example (a training run; the examples of `load_grad_snapshots` and `prune_grad_snapshots` run on files alone):
     >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[GradSnapshotCallback(every_n_steps=10)])
     ... # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
     >>> snapshots = load_grad_snapshots(args.output_dir)  # doctest: +SKIP
     >>> snapshots[0]["step"], snapshots[0]["total_norm_pre_clip"]  # doctest: +SKIP
     (10, 0.83)
@@ -239,8 +240,14 @@ def load_grad_snapshots(path: str | os.PathLike, strict: bool = False) -> GradSn
         DamagedSnapshotError: with `strict=True`, when a snapshot file cannot be read.
 
     Example:
-        >>> snapshots = load_grad_snapshots("out")  # doctest: +SKIP
-        >>> [s["step"] for s in snapshots], snapshots.skipped  # doctest: +SKIP
+        >>> from pathlib import Path
+        >>> from hf_gradtools.atomic import write_json_atomic
+        >>> for step in (5, 10):
+        ...     write_json_atomic(f"out/grad_snapshots/step-{step:08d}.json", {"step": step, "norm_type": 2.0,
+        ...         "total_norm_pre_clip": 0.5, "total_norm_post_clip": 0.5, "norms": {"classifier.bias": 0.5}})
+        >>> Path("out/grad_snapshots/step-00000015.json").touch()  # as a full disk can leave it
+        >>> snapshots = load_grad_snapshots("out")
+        >>> [s["step"] for s in snapshots], snapshots.skipped
         ([5, 10], {'out/grad_snapshots/step-00000015.json': 'empty file'})
     """
     run, folder = locate_snapshots(path)
@@ -312,7 +319,11 @@ def prune_grad_snapshots(path: str | os.PathLike, keep: int | None, variant: str
             `None`: every snapshot in the folder.
 
     Example:
-        >>> prune_grad_snapshots("out", keep=3)  # doctest: +SKIP
+        >>> from pathlib import Path
+        >>> Path("out/grad_snapshots").mkdir(parents=True)
+        >>> for name in ["step-00000001.safetensors"] + [f"step-{step:08d}.json" for step in (1, 2, 3, 4)]:
+        ...     Path("out/grad_snapshots", name).touch()
+        >>> prune_grad_snapshots("out", keep=3)
         ['out/grad_snapshots/step-00000001.json', 'out/grad_snapshots/step-00000001.safetensors']
     """
     if keep is None:

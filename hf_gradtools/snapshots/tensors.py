@@ -14,9 +14,9 @@ Example:
     >>> saver = GradTensorSaver(model.named_parameters(), patterns=[r"^1\\."])
     >>> saver.names
     ['1.weight', '1.bias']
-    >>> path = saver.copy(step=10).write_to_run("out")  # doctest: +SKIP
-    >>> grads = load_grad_tensors("out", step=10)  # doctest: +SKIP
-    >>> torch.equal(grads["1.weight"], model[1].weight.grad)  # doctest: +SKIP
+    >>> path = saver.copy(step=10).write_to_run("out")
+    >>> grads = load_grad_tensors("out", step=10)
+    >>> torch.equal(grads["1.weight"], model[1].weight.grad)
     True
 """
 
@@ -206,9 +206,13 @@ def load_grad_tensors(path: str | os.PathLike, step: int | None = None) -> GradT
     """Open saved gradients lazily: a `.safetensors` file, or with `step` the file of that step in a run folder.
 
     Example:
-        >>> grads = load_grad_tensors("outputs/sst2", step=10)  # doctest: +SKIP
-        >>> grads["classifier.weight"].shape  # read from disk now  # doctest: +SKIP
-        torch.Size([2, 384])
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> model(torch.ones(1, 3)).sum().backward()
+        >>> path = GradTensorSaver(model.named_parameters(), patterns=["weight"]).copy(step=10).write_to_run("out")
+        >>> grads = load_grad_tensors("out", step=10)
+        >>> grads["weight"].shape  # read from disk now
+        torch.Size([2, 3])
 
     Raises:
         FileNotFoundError: no such file, or no file for `step` (the message lists the steps there are).

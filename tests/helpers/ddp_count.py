@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import exit_without_teardown  # noqa: E402
-from test_accumulation_vs_trainer import ROWS, llama, summed_token_loss, train  # noqa: E402
 
 from hf_gradtools import GradTrainer  # noqa: E402
+from tests.accumulation.test_accumulation_vs_trainer import ROWS, llama, summed_token_loss, train  # noqa: E402
+from tests.conftest import exit_without_teardown  # noqa: E402
 
 
 def main(out_file: str) -> None:

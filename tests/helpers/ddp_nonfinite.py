@@ -1,4 +1,5 @@
-"""Worker for test_insight_integration.py: under torchrun (2 processes, gloo), rank 1 alone gets a NaN gradient.
+"""Worker for trainer/test_clipping_guards_monitoring_in_grad_trainer.py: under torchrun (2 processes, gloo), rank 1
+alone gets a NaN gradient.
 
 The NaN is written into `.grad` after the backward pass (so after DDP's all-reduce: only rank 1 sees it) and before
 clipping, at optimizer step 2. Each rank saves its scheduler positions, logged skip counts and weights.
@@ -12,13 +13,13 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import classification_data, exit_without_teardown, tiny_classifier  # noqa: E402
 
 from hf_gradtools import GradTrainer, GradTrainingArguments  # noqa: E402
+from tests.conftest import classification_data, exit_without_teardown, tiny_classifier  # noqa: E402
 
 BAD_STEP = 2
 

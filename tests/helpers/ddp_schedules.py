@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [TESTS, os.path.dirname(TESTS)]  # conftest, and this checkout's package
+# The checkout's root: `tests.conftest`, and this checkout's package.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import torch  # noqa: E402
-from conftest import classification_data, exit_without_teardown, tiny_classifier  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_gradtools import GradTrainer, GradTrainingArguments  # noqa: E402
+from tests.conftest import classification_data, exit_without_teardown, tiny_classifier  # noqa: E402
 
 DIM = 6
 

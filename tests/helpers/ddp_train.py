@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import exit_without_teardown, tiny_config  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from hf_gradtools import GradTrainer, GradTrainingArguments  # noqa: E402
+from tests.conftest import exit_without_teardown, tiny_config  # noqa: E402
 
 
 def lm_rows(n: int = 16) -> Dataset:

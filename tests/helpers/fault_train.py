@@ -31,12 +31,12 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from conftest import classification_data, grad_args, tiny_classifier  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hf_gradtools import GradTrainer, atomic  # noqa: E402
+from tests.conftest import classification_data, grad_args, tiny_classifier  # noqa: E402
 
 MAX_STEPS = 8
 # The epoch has batches left after the last step, as in most runs that `max_steps` ends.

@@ -13,16 +13,16 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import exit_without_teardown, tiny_config, token_rows  # noqa: E402
 
 from hf_gradtools import freeze_embeddings, freeze_first_n_layers  # noqa: E402
 from hf_gradtools.clipping.agc import agc_clip_, default_agc_exclude  # noqa: E402
 from hf_gradtools.snapshots.tensors import GradTensorSaver  # noqa: E402
+from tests.conftest import exit_without_teardown, tiny_config, token_rows  # noqa: E402
 
 
 def main(out_file: str) -> None:

@@ -18,12 +18,11 @@ import os
 import sys
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers as T  # noqa: E402
-from conftest import exit_without_teardown, tiny_config, token_rows  # noqa: E402
 from transformers import TrainerState  # noqa: E402
 from transformers.trainer_optimizer import has_mixed_dtensor  # noqa: E402
 
@@ -36,6 +35,7 @@ from hf_gradtools.settings import GradSettings  # noqa: E402
 from hf_gradtools.snapshots import GradSnapshotCallback  # noqa: E402
 from hf_gradtools.snapshots.feed import SnapshotFeed  # noqa: E402
 from hf_gradtools.trainer import GradTrainerMixin  # noqa: E402
+from tests.conftest import exit_without_teardown, tiny_config, token_rows  # noqa: E402
 
 WORLD = 2  # processes of the sharded run, also when the reference plays them alone
 BATCH = 2  # rows per process and micro-batch

@@ -1,0 +1,228 @@
+"""A checkpoint's own records are untrusted input: a damaged one is refused, naming the file and the field, before
+a resume deletes or loads anything."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from hf_gradtools import DamagedCheckpointError, GradToolsError, GradTrainer, OutsideRunFolderError
+from hf_gradtools.checkpoints import RUN_SETTINGS_FILE, TRAINING_STATE_FILE, check_resume_settings, load_training_state
+from tests.conftest import classification_data, folder_contents, grad_args, tiny_classifier
+
+# Every tool that keeps state in `hf_gradtools_state.json` is on: unfreezing, noise scale, AutoClip, the guard.
+RUN = dict(
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_steps=4,
+    save_strategy="steps",
+    save_steps=2,
+    freeze_first_n_layers=2,
+    gradual_unfreeze_steps=2,
+    log_grad_noise_scale=True,
+    clip_algorithm="autoclip",
+    skip_nonfinite_grads=True,
+    grad_snapshot_steps=1,
+)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The output folder of a 4-step run: checkpoints 2 and 4, a snapshot at every step."""
+    tmp = tmp_path_factory.mktemp("finished")
+    trainer = GradTrainer(model=tiny_classifier(), args=grad_args(tmp, **RUN), train_dataset=classification_data(16))
+    trainer.train()
+    return str(tmp / "out")
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "out")
+    return str(tmp_path / "out")
+
+
+def edit_json(path: str, edit) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    new = edit(data)
+    with open(path, "w") as f:
+        f.write(new if isinstance(new, str) else json.dumps(new))
+
+
+def set_field(entry: str, field: str, value):
+    def edit(data):
+        data[entry][field] = value
+        return data
+
+    return edit
+
+
+def resume_from_checkpoint_2(run_dir: str, tmp_path):
+    """Resume the run from `checkpoint-2`: a resume that goes through deletes the snapshots of steps 3 and 4."""
+    args = grad_args(tmp_path, **RUN)
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    return trainer.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-2"))
+
+
+def assert_refused_and_untouched(run_dir, tmp_path, file_name, field):
+    before = folder_contents(run_dir)
+    assert "grad_snapshots/step-00000004.json" in before  # what a resume from checkpoint-2 would delete
+    with pytest.raises(DamagedCheckpointError) as raised:
+        resume_from_checkpoint_2(run_dir, tmp_path)
+    message = str(raised.value)
+    assert os.path.join(run_dir, "checkpoint-2", file_name) in message
+    assert field in message and "\n" not in message
+    assert isinstance(raised.value, GradToolsError) and isinstance(raised.value, ValueError)
+    assert folder_contents(run_dir) == before  # nothing deleted, nothing written
+    return message
+
+
+STATE_CASES = {
+    "history-1e308": (set_field("autoclip", "history", [1e308, 0.5]), "`autoclip.history[0]` must be a non-negative"),
+    "history-inf": (set_field("autoclip", "history", [0.5, math.inf]), "`autoclip.history[1]`"),
+    "history-negative": (set_field("autoclip", "history", [-0.5]), "`autoclip.history[0]`"),
+    "history-text": (set_field("autoclip", "history", "0.4,0.9"), "`autoclip.history` must be a list of numbers"),
+    "history-missing": (lambda d: {**d, "autoclip": {}}, "`autoclip.history` is missing"),
+    # AutoClip records one norm per optimizer step: 7 at `global_step` 2 is a history no run of 2 steps wrote.
+    "history-longer-than-the-steps": (
+        set_field("autoclip", "history", [0.5] * 7),
+        "`autoclip.history` holds 7 norms, more than the 2 optimizer steps of the checkpoint (`global_step` in its "
+        "trainer_state.json)",
+    ),
+    "guard-negative": (set_field("nonfinite_guard", "nonfinite_skips", -1), "`nonfinite_guard.nonfinite_skips`"),
+    "guard-inf": (set_field("nonfinite_guard", "nonfinite_skips", math.inf), "got inf"),
+    "guard-float": (set_field("nonfinite_guard", "consecutive", 1.0), "`nonfinite_guard.consecutive`"),
+    "guard-bool": (set_field("nonfinite_guard", "nonfinite_skips", True), "`nonfinite_guard.nonfinite_skips`"),
+    "guard-run-longer-than-all": (
+        lambda d: {**d, "nonfinite_guard": {"nonfinite_skips": 1, "consecutive": 2, "first_skipped_step": 1}},
+        "`nonfinite_guard.consecutive` must be at most `nonfinite_skips`=1, got 2",
+    ),
+    "guard-first-step-without-run": (
+        set_field("nonfinite_guard", "first_skipped_step", 3),
+        "`nonfinite_guard.first_skipped_step` must be null exactly when `consecutive` is 0",
+    ),
+    "unfreezer-position-beyond-plan": (
+        set_field("unfreezer", "position", 3),
+        "`unfreezer.position` must be an integer from 0 to 2, got 3",
+    ),
+    "unfreezer-labels": (set_field("unfreezer", "labels", ["layer.1", 0]), "`unfreezer.labels[1]`"),
+    "unfreezer-interval": (set_field("unfreezer", "every_n_steps", 0), "`unfreezer.every_n_steps`"),
+    "noise-nan": (set_field("noise_scale", "grad_sq_norm_ema", math.nan), "`noise_scale.grad_sq_norm_ema`"),
+    "noise-beta": (set_field("noise_scale", "beta", 1.5), "`noise_scale.beta` must be a number in [0, 1)"),
+    "noise-steps": (set_field("noise_scale", "steps", 2.5), "`noise_scale.steps`"),
+    "unknown-entry": (lambda d: {**d, "optimizer_extra": {}}, "`optimizer_extra` is not a field of this state"),
+    "unknown-field": (set_field("autoclip", "percentile", 10), "`autoclip.percentile` is not a field"),
+    "entry-not-object": (lambda d: {**d, "autoclip": [0.4]}, "`autoclip` must be a JSON object"),
+    "a-number": (lambda d: "3", "it must be a JSON object, got 3"),
+    "a-list": (lambda d: [d], "it must be a JSON object, got [{"),
+    "cut-off": (lambda d: json.dumps(d)[:40], "cannot be read (JSONDecodeError"),
+    "empty": (lambda d: "", "cannot be read (JSONDecodeError"),
+}
+
+
+def test_unreadable_state_file_is_refused(run_copy, tmp_path):
+    path = os.path.join(run_copy, "checkpoint-2", TRAINING_STATE_FILE)
+    with open(path, "wb") as f:
+        f.write(b'{"autoclip": {"history": [\xff\xfe]}}')  # not UTF-8
+    assert_refused_and_untouched(run_copy, tmp_path, TRAINING_STATE_FILE, "cannot be read (UnicodeDecodeError")
+    os.remove(path)
+    os.mkdir(path)  # a folder where the file should be
+    assert_refused_and_untouched(run_copy, tmp_path, TRAINING_STATE_FILE, "cannot be read (IsADirectoryError")
+
+
+SETTINGS_CASES = {
+    "a-list": (lambda d: [d], "it must be a JSON object, got [{"),
+    "world-size-text": (
+        lambda d: {**d, "world_size": "2"},
+        "`world_size` must be an integer from 1 to 1048576, got '2'",
+    ),
+    "other-layout": (lambda d: {"settings": d}, "`freeze_embeddings` is missing"),
+    "freeze-missing": (lambda d: {k: v for k, v in d.items() if k != "freeze_first_n_layers"}, "is missing"),
+    "layers-text": (lambda d: {**d, "freeze_first_n_layers": "2"}, "`freeze_first_n_layers` must be a non-negative"),
+    "layers-negative": (lambda d: {**d, "freeze_first_n_layers": -2}, "`freeze_first_n_layers`"),
+    "embeddings-number": (lambda d: {**d, "freeze_embeddings": 0}, "`freeze_embeddings` must be true or false"),
+    "batch-zero": (lambda d: {**d, "batch": 0}, "`batch` must be an integer of at least 1, got 0"),
+    "world-size-huge": (
+        lambda d: {**d, "world_size": 10**29},
+        "`world_size` must be an integer from 1 to 1048576, got 100000000000000000000000000000",
+    ),
+    "batch-not-a-multiple-of-world-size": (
+        lambda d: {**d, "world_size": 3, "batch": 4},
+        "`batch` must be a multiple of `world_size`=3 (per-device batch x accumulation x processes), got 4",
+    ),
+    "unknown-field": (lambda d: {**d, "lr": 0.1}, "`lr` is not a field of this state"),
+    "cut-off": (lambda d: json.dumps(d)[:20], "cannot be read (JSONDecodeError"),
+    "empty": (lambda d: "", "cannot be read (JSONDecodeError"),
+}
+
+
+CASES = [(TRAINING_STATE_FILE, case) for case in STATE_CASES] + [(RUN_SETTINGS_FILE, case) for case in SETTINGS_CASES]
+
+
+@pytest.mark.parametrize("file_name, case", CASES, ids=[f"{file}:{case}" for file, case in CASES])
+def test_damaged_record_is_refused_before_anything_changes(run_copy, tmp_path, file_name, case):
+    edit, field = (STATE_CASES if file_name == TRAINING_STATE_FILE else SETTINGS_CASES)[case]
+    edit_json(os.path.join(run_copy, "checkpoint-2", file_name), edit)
+    assert_refused_and_untouched(run_copy, tmp_path, file_name, field)
+
+
+def test_damaged_settings_with_other_world_size_reach_no_log_line(tmp_path):
+    (tmp_path / RUN_SETTINGS_FILE).write_text(
+        json.dumps({"freeze_embeddings": False, "freeze_first_n_layers": 0, "world_size": "2", "batch": 4})
+    )
+    settings = {"freeze_embeddings": False, "freeze_first_n_layers": 0, "world_size": 1, "batch": 4}
+    with pytest.raises(DamagedCheckpointError, match=r"grad_settings.json is damaged .*`world_size`"):
+        check_resume_settings(tmp_path, settings)
+    # A missing record is a plain Trainer's checkpoint, compared as saved with the default freeze settings.
+    os.remove(tmp_path / RUN_SETTINGS_FILE)
+    check_resume_settings(tmp_path, settings)
+
+
+def test_a_sound_state_file_resumes_and_its_values_are_restored(run_copy, tmp_path):
+    # NaN in AutoClip's history is what the package writes for a step whose norm was not finite.
+    path = os.path.join(run_copy, "checkpoint-2", TRAINING_STATE_FILE)
+    edit_json(path, set_field("autoclip", "history", [0.4324490427970886, math.nan]))
+    state = load_training_state(os.path.join(run_copy, "checkpoint-2"))
+    assert state["unfreezer"] == {"position": 1, "every_n_steps": 2, "labels": ["layer.1", "layer.0"]}
+    assert state["nonfinite_guard"] == {"nonfinite_skips": 0, "consecutive": 0, "first_skipped_step": None}
+    assert state["autoclip"]["history"][0] == 0.4324490427970886 and math.isnan(state["autoclip"]["history"][1])
+    assert state["noise_scale"]["steps"] == 2
+    output = resume_from_checkpoint_2(run_copy, tmp_path)
+    assert output.global_step == 4
+    assert load_training_state(os.path.join(run_copy, "checkpoint-4"))["unfreezer"]["position"] == 2
+    assert load_training_state(tmp_path) == {}  # a folder without the file: nothing to restore
+
+
+def test_autoclip_history_as_long_as_the_steps_taken_is_accepted(run_copy):
+    # What the package writes: one norm per optimizer step (here 2), NaN for a non-finite one; a shorter history is
+    # a run that switched AutoClip on when it resumed.
+    checkpoint = os.path.join(run_copy, "checkpoint-2")
+    assert len(load_training_state(checkpoint)["autoclip"]["history"]) == 2
+    edit_json(os.path.join(checkpoint, TRAINING_STATE_FILE), set_field("autoclip", "history", [0.5]))
+    assert load_training_state(checkpoint)["autoclip"]["history"] == [0.5]
+    edit_json(os.path.join(checkpoint, TRAINING_STATE_FILE), set_field("autoclip", "history", [0.5, 0.4, 0.3]))
+    with pytest.raises(DamagedCheckpointError, match=r"`autoclip.history` holds 3 norms, more than the 2 optimizer"):
+        load_training_state(checkpoint)
+
+
+def test_a_step_out_of_range_is_refused_before_anything_changes(run_copy, tmp_path):
+    path = os.path.join(run_copy, "checkpoint-2", "trainer_state.json")
+    edit_json(path, lambda d: {**d, "global_step": 10**400})
+    assert_refused_and_untouched(run_copy, tmp_path, "trainer_state.json", "`global_step` is 1000")
+
+
+@pytest.mark.parametrize("file_name", [RUN_SETTINGS_FILE, TRAINING_STATE_FILE])
+def test_a_record_linked_out_of_its_checkpoint_is_not_read(run_copy, tmp_path, file_name):
+    record = os.path.join(run_copy, "checkpoint-2", file_name)
+    outside = tmp_path / f"outside-{file_name}"
+    shutil.move(record, outside)  # a sound record, but elsewhere
+    os.symlink(outside, record)
+    before, kept = folder_contents(run_copy), outside.read_bytes()
+    with pytest.raises(OutsideRunFolderError) as raised:
+        resume_from_checkpoint_2(run_copy, tmp_path / "resumed")
+    assert record in str(raised.value) and str(outside) in str(raised.value)
+    assert folder_contents(run_copy) == before and outside.read_bytes() == kept

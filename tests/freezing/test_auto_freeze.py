@@ -1,0 +1,130 @@
+"""Automatic freezing (`auto_freeze`): the blocks logged as frozen follow the rule computed by hand from the logged
+per-layer norms, a frozen block stops changing and leaves the optimizer, and a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from hf_gradtools import GradTrainer
+from hf_gradtools.freezing import AutoFreeze, blocks_to_freeze
+from tests.conftest import classification_data, grad_args, tiny_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LAYERS, INTERVAL, STEPS = 6, 3, 15
+
+
+def six_layers(seed: int = 0) -> T.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = tiny_config("bert")
+    config.num_hidden_layers, config.num_labels = LAYERS, 2
+    return T.AutoModelForSequenceClassification.from_config(config)
+
+
+def auto_args(tmp_path, **fields):
+    settings = dict(
+        max_steps=STEPS,
+        auto_freeze=True,
+        auto_freeze_interval=INTERVAL,
+        log_grad_norms=True,
+        learning_rate=3e-3,
+        optim="adamw_torch",
+        frozen_eval_mode=True,
+    )
+    return grad_args(tmp_path, **{**settings, **fields})
+
+
+class Snapshots(T.TrainerCallback):
+    def __init__(self):
+        self.params, self.state_sizes = {}, {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.params[state.global_step] = copy.deepcopy({n: p.detach() for n, p in model.named_parameters()})
+        held = {id(p) for p in optimizer.optimizer.state}
+        self.state_sizes[state.global_step] = {n for n, p in model.named_parameters() if id(p) in held}
+
+
+def by_hand(logs: list[dict], percentile=50.0, keep_last=1) -> list[int]:
+    """The frozen block count logged at each step, computed from the logged norms by the rule."""
+    frozen, counts, previous = 0, [], None
+    for k in range(STEPS // INTERVAL):
+        window = logs[k * INTERVAL : (k + 1) * INTERVAL]
+        current = {i: sum(log[f"grad_norm/layer.{i}"] for log in window) for i in range(frozen, LAYERS)}
+        decided = frozen
+        if previous is not None:
+            chosen, _, _ = blocks_to_freeze({i: previous[i] for i in current}, current, percentile, LAYERS, keep_last)
+            decided = frozen + len(chosen)
+        counts += [frozen] * (INTERVAL - 1) + [decided]  # logged after the decision at the interval's last step
+        frozen = decided
+        previous = {i: v for i, v in current.items() if i >= frozen}
+    return counts
+
+
+def test_the_frozen_blocks_follow_the_rule_by_hand(tmp_path):
+    snapshots = Snapshots()
+    trainer = GradTrainer(
+        model=six_layers(), args=auto_args(tmp_path), train_dataset=classification_data(80), callbacks=[snapshots]
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["frozen_layers"] for log in logs] == by_hand(logs)
+    component = trainer.component(AutoFreeze)
+    assert component.frozen, "the rule froze no block: the run says nothing"
+    step = next(d["step"] for d in component.decisions if d["froze"])
+    first = component.decisions[[d["step"] for d in component.decisions].index(step)]["froze"][0]
+    prefix = f"bert.encoder.layer.{first}."
+    for later in range(step, STEPS + 1):
+        for name, value in snapshots.params[later].items():
+            if name.startswith(prefix):
+                assert torch.equal(value, snapshots.params[step][name]), (later, name)
+        if later > step:  # this callback ran before the decision at `step`
+            assert not any(name.startswith(prefix) for name in snapshots.state_sizes[later])  # its state is freed
+    if 0 in component.frozen:
+        assert not any(p.requires_grad for p in trainer.model.bert.embeddings.parameters())
+
+
+def test_the_rule_on_numbers_by_hand():
+    previous = {1: 4.0, 2: 4.0, 3: 4.0, 4: 4.0, 5: 4.0}
+    current = {1: 4.2, 2: 4.1, 3: 6.0, 4: 2.0, 5: 4.0}  # r: 0.05, 0.025, 0.5, 0.5, 0.0
+    assert blocks_to_freeze(previous, current, 50.0, 6, 1)[0] == []  # tau is 0.05: block 1 is not below it
+    chosen, ratios, tau = blocks_to_freeze(previous, current, 60.0, num_blocks=6, keep_last=1)
+    assert tau == pytest.approx(float(np.percentile([0.05, 0.025, 0.5, 0.5, 0.0], 60.0))) == pytest.approx(0.23)
+    assert chosen == [1, 2] and ratios[3] == pytest.approx(0.5)  # block 3 stops the walk; block 5 is kept
+    assert blocks_to_freeze(previous, current, 100.0, 6, 1)[0] == [1, 2]  # 0.5 < 0.5 is false
+    assert blocks_to_freeze(previous, current, 100.0, 6, 5)[0] == []  # only block 0 may freeze: it is not here
+
+
+def test_a_resumed_run_continues_exactly(tmp_path):
+    data = classification_data(80)
+    full = GradTrainer(model=six_layers(), args=auto_args(tmp_path / "full"), train_dataset=data)
+    full.train()
+    args = auto_args(tmp_path / "cut", save_strategy="steps", save_steps=7)
+    GradTrainer(model=six_layers(), args=args, train_dataset=data).train()
+    resumed = GradTrainer(model=six_layers(), args=args, train_dataset=data)
+    resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-7"))
+    logs = lambda t: [log["frozen_layers"] for log in t.state.log_history if "loss" in log]  # noqa: E731
+    assert logs(resumed) == logs(full)
+    for (name, p), q in zip(resumed.model.named_parameters(), full.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(auto_freeze_keep_last=LAYERS), "`auto_freeze_keep_last`=6 must be below the layer count"),
+        (dict(auto_freeze_interval=0), "`auto_freeze_interval` must be a positive integer"),
+        (dict(auto_freeze_percentile=0.0), r"`auto_freeze_percentile` must be a number in \(0, 100\]"),
+        (dict(freeze_first_n_layers=1, gradual_unfreeze_steps=2), "opposite directions"),
+        (dict(cache_frozen_activations=True, frozen_eval_mode=False), "needs `frozen_eval_mode`=True"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        GradTrainer(model=six_layers(), args=auto_args(tmp_path, **fields))
+    assert not os.path.exists(tmp_path / "out")
