@@ -199,3 +199,28 @@ def test_a_damaged_spike_guard_state_is_refused(tmp_path, single_thread):
 def test_bad_values_are_refused_naming_the_field(tmp_path, field, value, allowed):
     with pytest.raises(ValueError, match=rf"`{field}`.*{allowed}"):
         spike_args(tmp_path, **{field: value})
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_skip_together_when_one_rank_spikes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "..", "helpers", "ddp_spike.py")
+    prefix = str(tmp_path / "out" / "result")
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, prefix]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(f"{prefix}.{rank}.pt") for rank in (0, 1)]
+    for result in ranks:
+        assert result["skips"] == [0] * 7 + [1] * 3  # step 8 skipped on both, no other step
+        assert result["positions"][7] == result["positions"][6]  # the scheduler did not step at step 8
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), f"{name} differs between the ranks"
