@@ -28,10 +28,8 @@ Example (the last two lines train, on your model and data):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
-import sys
 from collections import deque
 
 import torch
@@ -39,7 +37,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .accumulation import Accumulation, micro_batch_loss_weights, window_count
+from .accumulation import Accumulation, micro_batch_loss_weights, weighted_loss, window_count
 from .accumulation.probe import LossRuleProbe
 from .checkpoints import (
     FROZEN_SETTINGS,
@@ -71,12 +69,14 @@ from .guards import SkipNonFinite, SkipSpikes, StepSkipper
 from .monitoring import LayerNormsLog, NoiseScaleLog, no_grad_warning, parameters_without_grad
 from .patterns import check_patterns
 from .schedules import GradualUnfreezeCallback, set_frozen_eval_mode
-from .schedules.lr_decay import layerwise_optimizer
+from .schedules.lr_decay import layerwise_optimizer, refuse_supplied_optimizer
 from .schedules.unfreeze_callback import GradualUnfreezing
 from .settings import GradSettings
 from .signals import exit_cleanly_on_sigterm
-from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback, discard_grad_snapshots_after
+from .snapshots import SNAPSHOT_DIR, GradSnapshotCallback
+from .snapshots.callback import close_snapshot_callbacks
 from .snapshots.feed import SnapshotFeed
+from .snapshots.files import discard_snapshots_of_lost_steps
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class GradTrainerMixin:
         # Resolved (and validated) once here and again at each `train()`; the components read it, not `args`.
         self.grad_settings = GradSettings.from_args(args)
         check_engine_support(args, self.grad_settings)
-        self._refuse_supplied_optimizer(self.grad_settings, super().__init__, model, args, pargs, kwargs)
+        refuse_supplied_optimizer(self.grad_settings, super().__init__, model, args, pargs, kwargs)
         if model is not None and args is not None:  # before anything is written
             check_patterns(model, self.grad_settings)
             check_auto_freeze(model, self.grad_settings, getattr(args, "world_size", 1))
@@ -328,26 +328,7 @@ class GradTrainerMixin:
         self._attach_snapshot_callback()
 
     def _close_snapshot_callbacks(self) -> None:
-        """Flush and stop every snapshot writer; an error is raised unless another one is already on its way.
-
-        Every writer is closed even when closing one is interrupted (`TrainingTerminated` from a SIGTERM): the
-        interruption is raised after the last one.
-        """
-        errors, interrupted = [], None
-        for callback in self._snapshot_callbacks():
-            try:
-                callback.close()
-            except Exception as error:  # noqa: PERF203
-                errors.append(error)
-            except BaseException as stop:
-                interrupted = interrupted or stop
-        if interrupted is not None:
-            raise interrupted
-        if errors:
-            if sys.exc_info()[0] is None:
-                raise errors[0]
-            for error in errors:
-                logger.error("hf_gradtools: a gradient snapshot could not be written: %s", error)
+        close_snapshot_callbacks(self._snapshot_callbacks())
 
     # ---- exact gradient accumulation ----
 
@@ -381,18 +362,9 @@ class GradTrainerMixin:
         weight = self._pending_loss_weights.popleft()
         if self._count_carries_weights:  # the count weights the loss already; the weight was the meter's
             return super().training_step(model, inputs, num_items_in_batch)
-        compute_loss = self.compute_loss  # the subclass's own, whether or not it calls `super()`
-
-        def weighted_compute_loss(*args, **kwargs):
-            result = compute_loss(*args, **kwargs)
-            loss, outputs = result if kwargs.get("return_outputs") else (result, None)
-            w = weight.to(loss.device, loss.dtype)
-            # A micro-batch with no item (every label ignored) has a NaN mean and weight 0: it adds 0, not NaN.
-            loss = torch.where(w > 0, loss * w, torch.zeros_like(loss))
-            return (loss, outputs) if kwargs.get("return_outputs") else loss
-
-        # For this step only: the weighted loss is already scaled for accumulation.
-        self.compute_loss = weighted_compute_loss
+        # For this step only (the subclass's own `compute_loss`, whether or not it calls `super()`, weighted): the
+        # weighted loss is already scaled for accumulation.
+        self.compute_loss = weighted_loss(self.compute_loss, weight)
         self.loss_is_scaled_for_ga = True
         try:
             return super().training_step(model, inputs, None)
@@ -479,24 +451,6 @@ class GradTrainerMixin:
 
     # ---- optimizer, logs ----
 
-    @staticmethod
-    def _refuse_supplied_optimizer(settings: GradSettings, host_init, model, args, pargs, kwargs) -> None:
-        """LLRD builds the optimizer's groups itself: an optimizer instance passed in cannot get them."""
-        if settings.layerwise_lr_decay is None:
-            return
-        try:
-            optimizers = inspect.signature(host_init).bind_partial(model, args, *pargs, **kwargs).arguments
-        except TypeError:
-            return  # the host's own error follows
-        optimizer = (optimizers.get("optimizers") or (None, None))[0]
-        if optimizer is not None:
-            raise ValueError(
-                f"`layerwise_lr_decay`={settings.layerwise_lr_decay} needs to build the optimizer's "
-                f"parameter groups, but an optimizer instance ({type(optimizer).__name__}) was passed in "
-                "`optimizers`. Pass its class and kwargs as `optimizer_cls_and_kwargs` instead (honoured, with the "
-                "LLRD groups), or leave `layerwise_lr_decay` unset."
-            )
-
     def create_optimizer(self, model=None):
         """The host's optimizer, with layer-wise rates when `layerwise_lr_decay` is set; then the components'
         `on_train_begin`. `optimizer_cls_and_kwargs` is honoured: its class gets the LLRD groups, its kwargs are
@@ -556,15 +510,8 @@ class GradTrainerMixin:
             return checkpoint  # not a readable checkpoint: the Trainer raises its own error when loading it
         if not self.is_world_process_zero():
             return checkpoint
-        for folder in sorted({SNAPSHOT_DIR, *(cb.folder for cb in self._snapshot_callbacks())}):
-            removed = discard_grad_snapshots_after(os.path.join(self.args.output_dir, folder), step)
-            if removed:
-                logger.info(
-                    "hf_gradtools: resuming from step %d; deleted the %d snapshot file(s) of later steps in %s.",
-                    step,
-                    len(removed),
-                    os.path.join(self.args.output_dir, folder),
-                )
+        folders = {SNAPSHOT_DIR, *(cb.folder for cb in self._snapshot_callbacks())}
+        discard_snapshots_of_lost_steps(self.args.output_dir, folders, step)
         return checkpoint
 
     def _init_training_state(

@@ -33,6 +33,7 @@ from .weights import (
     count_items,
     label_tensor,
     micro_batch_loss_weights,
+    weighted_loss,
     window_count,
 )
 
@@ -60,5 +61,6 @@ __all__ = [
     "probe_loss_normalization",
     "project_on_random_signs",
     "split_gradient_error",
+    "weighted_loss",
     "window_count",
 ]

@@ -173,3 +173,17 @@ def micro_batch_loss_weights(
             raise ValueError("`gather_sum` is required when `world_size` > 1.")
         window = gather_sum(window)
     return (counts_t * world_size / window.clamp_min(1)).float()
+
+
+def weighted_loss(compute_loss, weight: torch.Tensor):
+    """`compute_loss` (a Trainer's, any signature) with its loss multiplied by `weight`; a micro-batch with no item
+    (every label ignored) has a NaN mean and weight 0: it adds 0, not NaN."""
+
+    def weighted(*args, **kwargs):
+        result = compute_loss(*args, **kwargs)
+        loss, outputs = result if kwargs.get("return_outputs") else (result, None)
+        w = weight.to(loss.device, loss.dtype)
+        loss = torch.where(w > 0, loss * w, torch.zeros_like(loss))
+        return (loss, outputs) if kwargs.get("return_outputs") else loss
+
+    return weighted

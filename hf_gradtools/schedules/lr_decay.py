@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -202,3 +203,22 @@ def layerwise_optimizer(
         )
     groups = layerwise_lr_groups(model, base_lr, decay, weight_decay, decay_parameter_names)
     return optimizer_cls(groups, **optimizer_kwargs)
+
+
+def refuse_supplied_optimizer(settings, host_init, model, args, pargs, kwargs) -> None:
+    """LLRD builds the optimizer's groups itself: an optimizer instance passed to the trainer (`host_init`'s
+    `optimizers`) cannot get them."""
+    if settings.layerwise_lr_decay is None:
+        return
+    try:
+        optimizers = inspect.signature(host_init).bind_partial(model, args, *pargs, **kwargs).arguments
+    except TypeError:
+        return  # the host's own error follows
+    optimizer = (optimizers.get("optimizers") or (None, None))[0]
+    if optimizer is not None:
+        raise ValueError(
+            f"`layerwise_lr_decay`={settings.layerwise_lr_decay} needs to build the optimizer's "
+            f"parameter groups, but an optimizer instance ({type(optimizer).__name__}) was passed in "
+            "`optimizers`. Pass its class and kwargs as `optimizer_cls_and_kwargs` instead (honoured, with the "
+            "LLRD groups), or leave `layerwise_lr_decay` unset."
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -243,3 +244,26 @@ def _refuse_sharding_engines(args) -> None:
             "hooks see each process's shard, not the whole gradient. Use GradTrainer (with FSDP2), or train "
             f"without {engine}."
         )
+
+
+def close_snapshot_callbacks(callbacks: list[GradSnapshotCallback]) -> None:
+    """Flush and stop every snapshot writer; an error is raised unless another one is already on its way.
+
+    Every writer is closed even when closing one is interrupted (`TrainingTerminated` from a SIGTERM): the
+    interruption is raised after the last one.
+    """
+    errors, interrupted = [], None
+    for callback in callbacks:
+        try:
+            callback.close()
+        except Exception as error:  # noqa: PERF203
+            errors.append(error)
+        except BaseException as stop:
+            interrupted = interrupted or stop
+    if interrupted is not None:
+        raise interrupted
+    if errors:
+        if sys.exc_info()[0] is None:
+            raise errors[0]
+        for error in errors:
+            logger.error("hf_gradtools: a gradient snapshot could not be written: %s", error)

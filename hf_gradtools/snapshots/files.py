@@ -347,3 +347,18 @@ def discard_grad_snapshots_after(path: str | os.PathLike, step: int, variant: st
     """
     folder = snapshot_folder(path)
     return _remove(folder, [s for s in _snapshot_files(folder, variant) if s[0] > step])
+
+
+def discard_snapshots_of_lost_steps(output_dir: str, folders, step: int) -> None:
+    """Before a run resumes from the checkpoint of `step`: delete the snapshots a lost run wrote after it, in each
+    snapshot folder of `output_dir`, so that each step done again ends up with one snapshot, its own."""
+    for folder in sorted(folders):
+        path = os.path.join(output_dir, folder)
+        removed = discard_grad_snapshots_after(path, step)
+        if removed:
+            logger.info(
+                "hf_gradtools: resuming from step %d; deleted the %d snapshot file(s) of later steps in %s.",
+                step,
+                len(removed),
+                path,
+            )
