@@ -8,6 +8,7 @@ noise meter, the unfreezer, the snapshot feed, and any of your own. `GradTrainer
 |---|---|
 | `on_train_begin(trainer)` | the optimizer is built, no checkpoint loaded yet |
 | `before_micro_batch(trainer, inputs)` / `after_micro_batch(trainer, inputs, loss)` | around each micro-batch's forward and backward |
+| `micro_batch(trainer, inputs)` | a context manager around that forward and backward (left even when it raises) |
 | `on_window_end(trainer)` | after a window's last backward, before clipping |
 | `before_clip(trainer, step)` | the gradients as the window left them (`step.params`) |
 | `should_skip(trainer, step)` | after clipping (`step.result`): `True` skips the optimizer step (`guards.StepSkipper`) |
@@ -41,6 +42,7 @@ A component with a hook between backward and the optimizer step (`before_clip`, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,6 +96,10 @@ class TrainerComponent:
 
     def after_micro_batch(self, trainer, inputs: dict, loss: torch.Tensor) -> None:
         """After its backward; `loss` as `training_step` returns it."""
+
+    def micro_batch(self, trainer, inputs: dict) -> contextlib.AbstractContextManager:
+        """A context entered around the micro-batch's forward and backward (e.g. to change the model for it)."""
+        return contextlib.nullcontext()
 
     def on_window_end(self, trainer) -> None:
         """After the window's last backward, before clipping."""

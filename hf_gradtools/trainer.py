@@ -381,7 +381,10 @@ class GradTrainerMixin:
         components = self.components
         for component in components:
             component.before_micro_batch(self, inputs)
-        loss = self._weighted_training_step(model, inputs, num_items_in_batch)
+        with contextlib.ExitStack() as contexts:
+            for component in components:
+                contexts.enter_context(component.micro_batch(self, inputs))
+            loss = self._weighted_training_step(model, inputs, num_items_in_batch)
         for component in components:
             component.after_micro_batch(self, inputs, loss)
         if self.accelerator.sync_gradients:  # the window's last backward, before clipping
