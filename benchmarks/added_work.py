@@ -6,7 +6,8 @@ tokens, this times, interleaved on the same restored gradients:
 - the step itself: 4 forward and backward passes (the denominator of every ratio);
 - `_clip_and_record` with the L2 clip alone, then with `log_grad_norms`, `clip_algorithm="agc"`,
   `clip_algorithm="autoclip"` and `skip_nonfinite_grads` (one at a time);
-- the noise scale's extra work: the first micro-batch's squared norm and the window's (`WindowNoiseMeter`).
+- the noise scale's extra work: the first micro-batch's squared norm and the window's (the meter a `GradTrainer`
+  with `log_grad_noise_scale` starts with its optimizer).
 
 Each feature's cost is its time minus the plain clip's, as a share of the step. Whole-step ratios on a shared
 2-core machine vary by +-15% between rounds, so the added work is timed directly instead (as in `hot_path.py`).
@@ -25,7 +26,7 @@ import torch
 import transformers as T
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
-from hf_gradtools.monitoring.noise_scale import WindowNoiseMeter
+from hf_gradtools.monitoring import NoiseScaleLog
 
 T.logging.set_verbosity_error()
 
@@ -71,7 +72,12 @@ def main(rounds: int = 20, step_rounds: int = 3) -> None:
             trainer = GradTrainer(model=model, args=args)
             trainer.state.global_step = 0
             trainers[name] = trainer
-        meter = WindowNoiseMeter()
+        noise_args = GradTrainingArguments(
+            f"{out}/noise", report_to="none", use_cpu=True, gradient_accumulation_steps=4, log_grad_noise_scale=True
+        )
+        noise_trainer = GradTrainer(model=model, args=noise_args)
+        noise_trainer.create_optimizer()  # starts the run's noise-scale meter, as `train()` does
+        meter = noise_trainer.component(NoiseScaleLog).meter
         weight = torch.tensor(0.25)
         times: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "noise scale (both norms)"]}
         for round_ in range(rounds):

@@ -54,7 +54,6 @@ from transformers import (  # noqa: E402
 
 import hf_gradtools  # noqa: E402
 from hf_gradtools import GradTrainer, GradTrainingArguments  # noqa: E402
-from hf_gradtools.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 
 PAIRS = {
     # key: (baseline variant, measured variant, goal for measured / baseline)
@@ -678,8 +677,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     results["wall_s"] = time.perf_counter() - started
     table = markdown(results)
-    write_text_atomic(os.path.join(opts.output, "results.md"), table)
-    write_json_atomic(os.path.join(opts.output, "results.json"), results)
+    with open(os.path.join(opts.output, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    with open(os.path.join(opts.output, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
     print("\n" + table)
     print(f"Wrote {opts.output}/results.md, results.json" + (", freezing.png" if "freeze" in opts.only else ""))
     return results

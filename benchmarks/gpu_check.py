@@ -18,6 +18,7 @@ Checks (each prints PASS/FAIL; the exit status is the number of failures):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -28,7 +29,6 @@ import torch
 import transformers as T
 
 from hf_gradtools import GradTrainer, GradTrainingArguments, load_grad_snapshots
-from hf_gradtools.atomic import write_json_atomic
 
 T.logging.set_verbosity_error()
 FAILURES: list[str] = []
@@ -279,7 +279,8 @@ def main() -> int:
     accumulation_check(opts.output, small)
     if not opts.skip_timing:
         timing(opts.output, Rows(32 * 4 * opts.steps, 128, seed=1), opts.rounds, opts.steps)
-    write_json_atomic(os.path.join(opts.output, "gpu_check.json"), RESULTS)
+    with open(os.path.join(opts.output, "gpu_check.json"), "w", encoding="utf-8") as f:
+        json.dump(RESULTS, f, indent=1)
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all GPU checks passed")
     return len(FAILURES)
 

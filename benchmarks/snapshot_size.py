@@ -19,19 +19,25 @@ import transformers as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_gradtools import clip_gradients, freeze_embeddings, freeze_first_n_layers  # noqa: E402
+from hf_gradtools import (  # noqa: E402
+    GradSnapshotCallback,
+    GradTrainingArguments,
+    clip_gradients,
+    freeze_embeddings,
+    freeze_first_n_layers,
+)
 from hf_gradtools.clipping import ClipResult  # noqa: E402
-from hf_gradtools.snapshots.files import _write_snapshot  # noqa: E402
 
 
 def snapshot_bytes(names: list[str], param_norms: torch.Tensor) -> int:
-    """The size of the snapshot file that training writes for these norms."""
+    """The size of the snapshot file that training writes for these norms (at step 10, by the trainer's callback)."""
     total = torch.linalg.vector_norm(param_norms)
     result = ClipResult(param_norms, total, total)
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "step-00000010.json")
-        _write_snapshot(path, 10, 2.0, names, result)
-        return os.path.getsize(path)
+        callback = GradSnapshotCallback(every_n_steps=10, norm_type=2.0)
+        callback.record(GradTrainingArguments(folder), T.TrainerState(global_step=9), names, result)
+        callback.close()
+        return os.path.getsize(os.path.join(folder, callback.folder, "step-00000010.json"))
 
 
 def minilm(frozen_layers: int | None) -> tuple[int, int, int, torch.Tensor]:

@@ -37,9 +37,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from hf_gradtools.atomic import write_json_atomic, write_text_atomic
-from hf_gradtools.snapshots import SNAPSHOT_DIR
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -301,9 +298,17 @@ def write_results(args: argparse.Namespace, runs: list[dict]) -> tuple[str, str]
     """Write `results.md` and `results.json` of `runs` atomically; return the table and its budget line."""
     table = format_table(aggregate(runs))
     budget = budget_line(args, [run.get("seed", 42) for run in runs])
-    write_text_atomic(os.path.join(args.output_dir, "results.md"), table + "\n\n" + budget + "\n")
-    write_json_atomic(os.path.join(args.output_dir, "results.json"), {"budget": budget, "runs": runs})
+    write_atomic(os.path.join(args.output_dir, "results.md"), table + "\n\n" + budget + "\n")
+    write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps({"budget": budget, "runs": runs}, indent=1))
     return table, budget
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it: a killed sweep leaves the old file whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{name}] FAILED with status {status}; see {out}/run.log", flush=True)
             return None
         row = collect(task, setup, out, wall, peak, args, seed)
-        snapshots = os.path.join(out, SNAPSHOT_DIR)
+        snapshots = os.path.join(out, "grad_snapshots")
         if os.path.isdir(snapshots) and os.listdir(snapshots):  # a run of fewer than 10 steps has none to draw
             subprocess.run([sys.executable, "-m", "hf_gradtools", "plot", out], cwd=ROOT, check=False,
                            stdout=subprocess.DEVNULL)  # fmt: skip

@@ -216,7 +216,7 @@ def check_something_to_train(model: nn.Module | None, optimizer=None) -> None:
 
 def frozen_by_settings(model: nn.Module, args) -> list[str]:
     """Names of the frozen parameters that `freeze_embeddings` / `freeze_first_n_layers` cover, whoever froze them
-    (the GLUE example freezes before it builds the trainer, to report a bad setting early)."""
+    (this trainer, or its caller before building it)."""
     settings = GradSettings.of(args)
     modules = []
     if settings.freeze_embeddings:
