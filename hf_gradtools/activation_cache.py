@@ -230,6 +230,7 @@ class FrozenActivationCache:
         self._versions: dict[int, tuple[int, int]] = {}
         self._context: tuple | None = None
         self._k = 0
+        self._states_require_grad = False
         self.set_prefix(num_frozen_blocks)
 
     @classmethod
@@ -523,6 +524,7 @@ class FrozenActivationCache:
                 output = lambda args, kwargs: _block_output(kind, _first_argument(args, kwargs))  # noqa: E731
             self._swap(self.blocks, str(i), _StandIn(self.blocks[i], output), undo)
         if plan.depth <= last:
+            states.requires_grad_(self._states_require_grad and torch.is_grad_enabled())
             undo.callback(self.blocks[plan.depth].register_forward_pre_hook(_feed(states), with_kwargs=True).remove)
 
     def _capture(self, plan: _Plan, undo: contextlib.ExitStack) -> None:
@@ -547,8 +549,15 @@ class FrozenActivationCache:
             return
         if hidden.requires_grad:
             feeding = _trainable_in(hidden, self.model)
-            self._warn_once(f"the states reaching block {self._k} need a gradient ({feeding})")
-            return
+            if feeding:
+                listed = ", ".join(f"`{name}`" for name in feeding[:3])
+                self._warn_once(
+                    f"the states reaching block {self._k} depend on trainable {listed}: freeze it to cache"
+                )
+                return
+        # Without a trainable parameter behind them they may still require a gradient (an input embeddings hook,
+        # as `activation_checkpointing_enable` sets): the fed states do the same, so checkpointing sees the same.
+        self._states_require_grad = hidden.requires_grad
         width = hidden.shape[-1]
         lengths = [plan.shape[1]] * plan.shape[0] if plan.mask is None else plan.mask.sum(1).tolist()
         item = hidden.element_size() * width
@@ -630,8 +639,8 @@ def _key_bytes(key: tuple) -> int:
     return sum(len(part) if isinstance(part, bytes) else 8 for part in key)
 
 
-def _trainable_in(tensor: torch.Tensor, model: nn.Module) -> str:
-    """The trainable parameters a tensor's autograd graph reaches, named, for the warning."""
+def _trainable_in(tensor: torch.Tensor, model: nn.Module) -> list[str]:
+    """The names of the trainable parameters of `model` that a tensor's autograd graph reaches, sorted."""
     names = {id(p): name for name, p in model.named_parameters()}
     found, seen, todo = [], set(), [tensor.grad_fn]
     while todo and len(seen) < 100_000:
@@ -643,8 +652,7 @@ def _trainable_in(tensor: torch.Tensor, model: nn.Module) -> str:
         if variable is not None and id(variable) in names:
             found.append(names[id(variable)])
         todo.extend(next_node for next_node, _ in node.next_functions)
-    listed = ", ".join(f"`{name}`" for name in sorted(found)[:3]) or "an input"
-    return f"{listed} feed them; freeze them to cache"
+    return sorted(found)
 
 
 def _check_deberta(model: nn.Module, num_blocks: int) -> None:

@@ -399,3 +399,179 @@ def test_budget_reached_warns_once_and_computes_the_rest(tmp_path):
     cache = cached[3]
     assert cache.budget_exceeded_warned and 0 < len(cache) < 24 and cache.size_bytes <= 30_000
     assert cached[2][2]["block 0"] > 0  # the batches with an example not kept are computed
+
+
+# --- refusals and the conditions that keep a micro-batch from being served -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: T.AlbertForSequenceClassification(T.AlbertConfig(**tiny_kwargs("albert"))),
+        lambda: T.DebertaForSequenceClassification(T.DebertaConfig(**tiny_kwargs("deberta"))),
+        lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=2)),
+    ],
+    ids=["albert", "deberta", "t5"],
+)
+def test_unknown_architecture_is_refused_by_name(model):
+    model = model()
+    with pytest.raises(ValueError, match=f"{type(model).__name__} \\(model_type '{model.config.model_type}'\\)"):
+        FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+
+
+def tiny_kwargs(arch: str) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+
+
+def test_look_alike_and_bad_arguments_are_refused():
+    model = frozen_model("bert", 1)
+    model.config.model_type = "llama"
+    with pytest.raises(ValueError, match="expects LlamaDecoderLayer blocks in a llama model, but .* has BertLayer"):
+        FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+    model.config.model_type = "bert"
+    with pytest.raises(ValueError, match="`num_frozen_blocks`=4 but BertForSequenceClassification has 3 blocks"):
+        FrozenActivationCache.from_model(model, 4, budget_bytes=10**8)
+    with pytest.raises(ValueError, match="`budget_bytes` must be a positive number of bytes, got 0"):
+        FrozenActivationCache.from_model(model, 1, budget_bytes=0)
+    cache = FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+    with pytest.raises(ValueError, match="`num_frozen_blocks` must be an integer from 0 to 3, got 1.5"):
+        cache.set_prefix(1.5)
+
+
+def served(model, cache, batch, k: int) -> tuple[bool, tuple]:
+    """Keep `batch`, run it again inside `serving`: whether the prefix was skipped, and the step's results."""
+    with cache.serving(batch):
+        step(model, batch)
+    calls = prefix_calls(model, k)
+    with cache.serving(batch):
+        result = step(model, batch)
+    return calls[0] == 0, result
+
+
+@pytest.mark.parametrize(
+    "arch, spoil, message",
+    [
+        ("gpt2", lambda m: m.transformer.drop.train(), "`transformer.drop` \\(Dropout\\) is in train mode"),
+        ("deberta-v3", lambda m: m.deberta.encoder.rel_embeddings.requires_grad_(True), "rel_embeddings.weight` is"),
+        ("bert", lambda m: m.bert.encoder.layer[1].train(), "`bert.encoder.layer.1` \\(BertLayer\\) is in train"),
+        ("bert", lambda m: m.bert.embeddings.requires_grad_(True), "`bert.embeddings.word_embeddings.weight` is tr"),
+    ],
+    ids=["gpt2-dropout", "deberta-rel-embeddings", "train-mode-block", "trainable-embeddings"],
+)
+def test_a_prefix_that_is_not_fixed_is_computed(arch, spoil, message):
+    model, reference = frozen_model(arch, 2), frozen_model(arch, 2)
+    for m in (model, reference):
+        spoil(m)
+    batch = batch_of(rows(), 10, pad_id(model))
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with pytest.warns(UserWarning, match=message):
+        skipped, result = served(model, cache, batch, 2)
+    assert not skipped and len(cache) == 0
+    assert_same(result, step(reference, batch))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b["labels"].__setitem__((0, -1), 1), "token labels at or next to padded positions are not -100"),
+        (lambda b: b.__setitem__("head_mask", None), "the batch holds `head_mask`"),
+        (lambda b: b.__setitem__("output_hidden_states", True), "`output_hidden_states` asks for"),
+    ],
+    ids=["labels-at-padding", "unknown-input", "hidden-states"],
+)
+def test_a_batch_the_cache_cannot_serve_is_computed(change, message):
+    model = frozen_model("bert", 2, T.AutoModelForTokenClassification)
+    batch = token_labels(batch_of(rows(), 10, 0, lm=True))
+    change(batch)
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with pytest.warns(UserWarning, match=message):
+        skipped, _ = served(model, cache, batch, 2)
+    assert not skipped and len(cache) == 0
+
+
+def token_labels(batch: dict) -> dict:
+    batch["labels"] = torch.where(batch["labels"] >= 0, batch["labels"] % 3, -100)
+    return batch
+
+
+def test_token_labels_at_unpadded_positions_only_are_served():
+    model = frozen_model("bert", 2, T.AutoModelForTokenClassification)
+    reference = frozen_model("bert", 2, T.AutoModelForTokenClassification)
+    batch = token_labels(batch_of(rows(), 10, 0, lm=True))
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    skipped, result = served(model, cache, batch, 2)
+    assert skipped
+    assert_same(result, step(reference, batch))
+
+
+def test_a_batch_with_a_new_example_is_computed_and_keeps_it():
+    model, reference = frozen_model("roberta", 2), frozen_model("roberta", 2)
+    examples = rows(8)
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with cache.serving(batch_of(examples[:4], 8, 1)):
+        step(model, batch_of(examples[:4], 8, 1))
+    mixed = batch_of(examples[2:6], 9, 1)
+    calls = prefix_calls(model, 2)
+    with cache.serving(mixed):
+        assert_same(step(model, mixed), step(reference, mixed))
+    assert calls[0] > 0 and len(cache) == 6
+    calls[0] = 0
+    later = batch_of(examples[5::-1], 11, 1)
+    with cache.serving(later):
+        assert_same(step(model, later), step(reference, later))
+    assert calls[0] == 0
+    assert cache.stats()["activation_cache_hit_rate"] == pytest.approx(6 / 14)
+
+
+def test_left_padding_positions_are_part_of_the_example():
+    model, reference = frozen_model("llama", 2), frozen_model("llama", 2)
+    examples = rows()
+
+    def left_padded(order, length):
+        batch = batch_of([r for r in order], length, 0)
+        for key in ("input_ids", "attention_mask"):
+            batch[key] = torch.stack([row.roll(length - len(r)) for row, r in zip(batch[key], order, strict=True)])
+        return batch
+
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    first = left_padded(examples, 10)
+    with cache.serving(first):
+        step(model, first)
+    longer = left_padded(examples, 12)  # other positions for every token (Llama counts them from the row start)
+    with cache.serving(longer):
+        assert_same(step(model, longer), step(reference, longer))
+    assert cache.stats()["activation_cache_hit_rate"] == 0.0 and len(cache) == 12
+    shuffled = left_padded(examples[::-1], 12)
+    calls = prefix_calls(model, 2)
+    with cache.serving(shuffled):
+        assert_same(step(model, shuffled), step(reference, shuffled))
+    assert calls[0] == 0
+
+
+def test_frozen_weights_changed_in_place_drop_the_kept_states():
+    model, reference = frozen_model("bert", 2), frozen_model("bert", 2)
+    batch = batch_of(rows(), 10, 0)
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with cache.serving(batch):
+        step(model, batch)
+    with torch.no_grad():
+        for m in (model, reference):
+            m.bert.encoder.layer[0].output.dense.weight.mul_(1.5)
+    skipped, result = served(model, cache, batch, 2)
+    assert skipped  # computed once more after the change, then served from the new states
+    assert_same(result, step(reference, batch))
+    assert cache.stats()["activation_cache_hit_rate"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_and_states_kept_in_their_dtype(reentrant):
+    model, reference = frozen_model("bert", 1), frozen_model("bert", 1)
+    for m in (model, reference):
+        m.double()
+        m.activation_checkpointing_enable({"use_reentrant": reentrant})
+        train_mode(m)
+    batch = batch_of(rows(), 10, 0)
+    cache = FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+    skipped, result = served(model, cache, batch, 1)
+    assert skipped and {entry.states.dtype for entry in cache._entries.values()} == {torch.float64}
+    assert_same(result, step(reference, batch), tol=1e-10)
