@@ -318,10 +318,13 @@ class FrozenActivationCache:
         return None
 
     def _check_unchanged(self) -> None:
-        """Drop the kept states if a frozen weight changed since they were computed (e.g. loaded in place)."""
+        """Drop the kept states if a frozen weight changed since they were computed (e.g. loaded in place).
+
+        Parameters only: the prefix's buffers are constants (position ids, all-zero token types) that a trainer
+        may write again, unchanged, at every `train()`."""
         changed = False
         for _, module in self._prefix_modules():
-            for tensor in [*module.parameters(), *module.buffers()]:
+            for tensor in module.parameters():
                 now = (tensor._version, tensor.data_ptr())
                 if self._versions.setdefault(id(tensor), now) != now:
                     changed = True
