@@ -1,0 +1,581 @@
+"""The frozen-activation cache gives what the model gives without it, and skips the frozen prefix when it serves."""
+
+from __future__ import annotations
+
+import doctest
+import warnings
+
+import pytest
+import torch
+import transformers as T
+from conftest import VOCAB
+
+from hf_gradtools import (
+    GradTrainer,
+    GradTrainingArguments,
+    activation_cache,
+    freeze,
+    freeze_embeddings,
+    freeze_first_n_layers,
+)
+from hf_gradtools.activation_cache import FrozenActivationCache
+from hf_gradtools.layout import find_input_embeddings, find_layer_stack
+from hf_gradtools.schedules import set_frozen_eval_mode
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+HIDDEN = 32
+DROPOUT = 0.1  # in the trainable blocks: the cache must leave their random numbers as they were
+
+
+def config(arch: str) -> T.PretrainedConfig:
+    """3 layers, hidden size 32, dropout on, for each architecture the cache supports."""
+    bert_like = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=DROPOUT,
+        attention_probs_dropout_prob=DROPOUT,
+    )
+    decoder = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        attention_dropout=DROPOUT,
+        pad_token_id=0,
+    )
+    return {
+        "bert": lambda: T.BertConfig(**bert_like),
+        "roberta": lambda: T.RobertaConfig(**{**bert_like, "max_position_embeddings": 70}, pad_token_id=1),
+        "xlm-roberta": lambda: T.XLMRobertaConfig(**{**bert_like, "max_position_embeddings": 70}, pad_token_id=1),
+        "electra": lambda: T.ElectraConfig(**bert_like, embedding_size=16),
+        "mpnet": lambda: T.MPNetConfig(**{**bert_like, "max_position_embeddings": 70}),
+        # deberta-v3: relative attention only; deberta-v2 (xlarge): absolute positions too, and the convolution
+        "deberta-v3": lambda: T.DebertaV2Config(
+            **bert_like,
+            relative_attention=True,
+            position_biased_input=False,
+            pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_buckets=16,
+            type_vocab_size=0,
+        ),
+        "deberta-v2": lambda: T.DebertaV2Config(
+            **bert_like,
+            relative_attention=True,
+            position_biased_input=True,
+            pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm",
+            position_buckets=16,
+            conv_kernel_size=3,
+            type_vocab_size=2,
+        ),
+        "distilbert": lambda: T.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=HIDDEN,
+            n_layers=3,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=64,
+            dropout=DROPOUT,
+            attention_dropout=DROPOUT,
+        ),
+        "modernbert": lambda: T.ModernBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            pad_token_id=0,
+            max_position_embeddings=64,
+            local_attention=4,  # a sliding window shorter than the rows
+            global_attn_every_n_layers=2,
+            attention_dropout=DROPOUT,
+            mlp_dropout=DROPOUT,
+            embedding_dropout=DROPOUT,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+        "gpt2": lambda: T.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_layer=3,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=0,
+            resid_pdrop=DROPOUT,
+            embd_pdrop=DROPOUT,
+            attn_pdrop=DROPOUT,
+        ),
+        "llama": lambda: T.LlamaConfig(**decoder),
+        "qwen2": lambda: T.Qwen2Config(**decoder),
+    }[arch]()
+
+
+ENCODERS = ["bert", "roberta", "xlm-roberta", "electra", "mpnet", "deberta-v3", "deberta-v2", "distilbert"]
+ENCODERS += ["modernbert"]
+DECODERS = ["gpt2", "llama", "qwen2"]
+
+
+def frozen_model(arch: str, k: int, head=T.AutoModelForSequenceClassification, seed: int = 0) -> T.PreTrainedModel:
+    """A tiny `arch` model with its embeddings and first `k` blocks frozen (and what those blocks share), in train
+    mode with the frozen modules in eval mode, as `frozen_eval_mode` leaves it."""
+    torch.manual_seed(seed)
+    cfg = config(arch)
+    cfg.num_labels = 3
+    model = head.from_config(cfg)
+    freeze_prefix(model, k)
+    return model
+
+
+def freeze_prefix(model: T.PreTrainedModel, k: int) -> None:
+    freeze_embeddings(model)
+    freeze_first_n_layers(model, k)
+    stack_parent = model.get_submodule(find_layer_stack(model).name.rpartition(".")[0])
+    for name in ("rel_embeddings", "LayerNorm", "conv", "relative_attention_bias"):  # used by the frozen blocks
+        if isinstance(getattr(stack_parent, name, None), torch.nn.Module):
+            freeze(getattr(stack_parent, name))
+    train_mode(model)
+
+
+def train_mode(model: T.PreTrainedModel) -> None:
+    model.train()
+    set_frozen_eval_mode(model)
+    if hasattr(model, "transformer") and hasattr(model.transformer, "drop"):
+        model.transformer.drop.eval()  # GPT-2's dropout after its (frozen) embeddings: parameterless, left training
+
+
+def rows(n: int = 6, seed: int = 3, low: int = 3) -> list[list[int]]:
+    """`n` token rows of lengths 3 to 3 + n - 1, ids in [low, VOCAB)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, VOCAB, (3 + i,), generator=g).tolist() for i in range(n)]
+
+
+def batch_of(examples: list[list[int]], length: int, pad: int, types: bool = False, lm: bool = False) -> dict:
+    ids = torch.full((len(examples), length), pad)
+    mask = torch.zeros(len(examples), length, dtype=torch.long)
+    for i, row in enumerate(examples):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if types:
+        batch["token_type_ids"] = (torch.arange(length) >= 2).long().expand(len(examples), -1) * mask
+    if lm:
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    else:
+        batch["labels"] = torch.tensor([sum(row) % 3 for row in examples])
+    return batch
+
+
+def pad_id(model: T.PreTrainedModel) -> int:
+    pad = model.config.pad_token_id
+    return 1 if model.config.model_type == "mpnet" else (0 if pad is None else pad)
+
+
+def step(model: T.PreTrainedModel, batch: dict, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Loss, logits (unpadded positions of token outputs) and the trainable parameters' gradients of one
+    forward and backward, with dropout seeded."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(**batch)
+    out.loss.backward()
+    logits = out.logits.detach()
+    if logits.dim() == 3:
+        logits = logits[batch["attention_mask"].bool()]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.loss.detach(), logits, grads
+
+
+def prefix_calls(model: T.PreTrainedModel, k: int) -> list[int]:
+    """Forward hooks on the embedding modules (and their children) and the first `k` blocks; a list that counts."""
+    count = [0]
+    modules = [m for _, e in find_input_embeddings(model) for m in e.modules()]
+    modules += [m for block in find_layer_stack(model).blocks[:k] for m in block.modules()]
+    for module in modules:
+        module.register_forward_hook(lambda *args: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def assert_same(a, b, tol: float = 1e-5) -> None:
+    loss_a, logits_a, grads_a = a
+    loss_b, logits_b, grads_b = b
+    torch.testing.assert_close(loss_a, loss_b, atol=tol, rtol=tol)
+    torch.testing.assert_close(logits_a, logits_b, atol=tol, rtol=tol)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=tol, rtol=tol, msg=name)
+
+
+def check_served_equals_uncached(arch: str, k: int, head=T.AutoModelForSequenceClassification, lm: bool = False):
+    model = frozen_model(arch, k, head)
+    reference = frozen_model(arch, k, head)
+    pad = pad_id(model)
+    types = arch in ("bert", "electra", "deberta-v2")
+    examples = rows(low=3)
+    first = batch_of(examples, 10, pad, types, lm)  # kept
+    again = batch_of(examples[::-1], 13, pad, types, lm)  # the same examples, another order and pad length
+    expected = step(reference, again)
+    cache = FrozenActivationCache.from_model(model, k, budget_bytes=10**8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing prevents serving here
+        with cache.serving(first):
+            step(model, first)
+        calls = prefix_calls(model, k)
+        with cache.serving(again):
+            served = step(model, again)
+    assert calls[0] == 0  # neither the embeddings nor the frozen blocks ran
+    assert cache.stats()["activation_cache_hit_rate"] == 0.5
+    assert_same(served, expected)
+    return model, cache
+
+
+@pytest.mark.parametrize("arch", ENCODERS + DECODERS)
+def test_served_batch_equals_uncached(arch):
+    check_served_equals_uncached(arch, 2)
+
+
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2", "mpnet", "modernbert", "llama"])
+def test_every_block_frozen(arch):
+    check_served_equals_uncached(arch, 3)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_causal_lm_equals_uncached(arch):
+    check_served_equals_uncached(arch, 1, T.AutoModelForCausalLM, lm=True)
+
+
+def test_outside_serving_the_model_is_untouched():
+    model, cache = check_served_equals_uncached("bert", 2)
+    reference = frozen_model("bert", 2)
+    reference.load_state_dict(model.state_dict())
+    batch = batch_of(rows(), 10, 0)
+    calls = prefix_calls(model, 2)
+    for m in (model, reference):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, atol=0, rtol=0)
+    assert calls[0] > 0
+    assert not model._forward_pre_hooks and all(not b._forward_pre_hooks for b in find_layer_stack(model).blocks)
+
+
+def test_doctest():
+    result = doctest.testmod(activation_cache, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
+
+
+# --- training runs ----------------------------------------------------------------------------------------------
+
+
+class CachingTrainer(GradTrainer):
+    """GradTrainer with each training micro-batch's forward and backward inside `cache.serving`."""
+
+    cache: FrozenActivationCache | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.cache is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with self.cache.serving(inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+
+class EpochCalls(T.TrainerCallback):
+    """The prefix's forward calls in each epoch; `at_epoch` runs at the start of the epochs it names."""
+
+    def __init__(self, counters: dict[str, list[int]], at_epoch=None):
+        self.counters, self.at_epoch, self.per_epoch = counters, at_epoch or {}, []
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        for counter in self.counters.values():
+            counter[0] = 0
+        if round(state.epoch) in self.at_epoch:
+            self.at_epoch[round(state.epoch)]()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.per_epoch.append({name: counter[0] for name, counter in self.counters.items()})
+
+
+def train(tmp_path, arch: str, cache: bool, budget: float = 1e8, grow: bool = False, epochs: int = 3):
+    """3 epochs of a shuffled, dynamically padded run with dropout; the embeddings and block 0 (and block 1,
+    from the start or, with `grow`, from the second epoch) frozen."""
+    from datasets import Dataset
+    from test_dropin import tiny_tokenizer
+
+    causal = arch in DECODERS
+    head = T.AutoModelForCausalLM if causal else T.AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    cfg = config(arch)
+    cfg.num_labels = 3
+    model = head.from_config(cfg)
+    examples = rows(16, seed=5) + rows(8, seed=6)
+    data = {"input_ids": examples} if causal else {"input_ids": examples, "labels": [sum(r) % 3 for r in examples]}
+    tokenizer = tiny_tokenizer()
+    collator = (
+        T.DataCollatorForLanguageModeling(tokenizer, mlm=False) if causal else T.DataCollatorWithPadding(tokenizer)
+    )
+    k = 1 if grow else 2
+    args = GradTrainingArguments(
+        str(tmp_path / f"{arch}-{cache}-{grow}"),
+        per_device_train_batch_size=4,
+        num_train_epochs=epochs,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        freeze_embeddings=True,
+        freeze_first_n_layers=k,
+        frozen_eval_mode=True,
+    )
+    trainer = CachingTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), data_collator=collator)
+    if cache:
+        trainer.cache = FrozenActivationCache.from_model(model, k, budget_bytes=budget)
+    blocks = find_layer_stack(model).blocks
+    counters = {"embeddings": prefix_calls(model, 0), "block 0": [0], "block 1": [0]}
+    for i in (0, 1):
+        blocks[i].register_forward_hook(lambda *a, c=counters[f"block {i}"]: c.__setitem__(0, c[0] + 1))
+
+    def freeze_block_1():
+        freeze(blocks[1])
+        if trainer.cache is not None:
+            trainer.cache.set_prefix(2)
+
+    calls = EpochCalls(counters, {1: freeze_block_1} if grow else {})
+    trainer.add_callback(calls)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return model, losses, calls.per_epoch, trainer.cache
+
+
+def assert_same_run(a, b) -> None:
+    model_a, losses_a, _, _ = a
+    model_b, losses_b, _, _ = b
+    assert len(losses_a) == len(losses_b) == 18
+    torch.testing.assert_close(torch.tensor(losses_a), torch.tensor(losses_b), atol=1e-5, rtol=1e-5)
+    params_b = dict(model_b.named_parameters())
+    for name, param in model_a.named_parameters():
+        torch.testing.assert_close(param, params_b[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_training_run_equals_uncached(tmp_path, arch):
+    plain = train(tmp_path, arch, cache=False)
+    cached = train(tmp_path, arch, cache=True)
+    assert_same_run(cached, plain)
+    epochs = cached[2]
+    assert all(epochs[0][name] > 0 for name in epochs[0])  # the first epoch computes and keeps every example
+    assert epochs[1] == epochs[2] == {"embeddings": 0, "block 0": 0, "block 1": 0}
+    assert plain[2][2]["block 1"] > 0
+    assert cached[3].stats()["activation_cache_hit_rate"] == pytest.approx(2 / 3)
+
+
+def test_growing_prefix_equals_uncached(tmp_path):
+    plain = train(tmp_path, "bert", cache=False, grow=True)
+    cached = train(tmp_path, "bert", cache=True, grow=True)
+    assert_same_run(cached, plain)
+    first, second, third = cached[2]
+    assert first["block 0"] > 0 and first["block 1"] > 0
+    assert second["block 0"] == 0 and second["block 1"] > 0  # carried on from block 1 by running block 1 only
+    assert third == {"embeddings": 0, "block 0": 0, "block 1": 0}
+
+
+def test_budget_reached_warns_once_and_computes_the_rest(tmp_path):
+    plain = train(tmp_path, "bert", cache=False)
+    with pytest.warns(UserWarning, match="budget of 3e-05 GB is reached") as caught:
+        cached = train(tmp_path, "bert", cache=True, budget=30_000)
+    assert sum("budget" in str(w.message) for w in caught) == 1
+    assert_same_run(cached, plain)
+    cache = cached[3]
+    assert cache.budget_exceeded_warned and 0 < len(cache) < 24 and cache.size_bytes <= 30_000
+    assert cached[2][2]["block 0"] > 0  # the batches with an example not kept are computed
+
+
+# --- refusals and the conditions that keep a micro-batch from being served -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: T.AlbertForSequenceClassification(T.AlbertConfig(**tiny_kwargs("albert"))),
+        lambda: T.DebertaForSequenceClassification(T.DebertaConfig(**tiny_kwargs("deberta"))),
+        lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=2)),
+    ],
+    ids=["albert", "deberta", "t5"],
+)
+def test_unknown_architecture_is_refused_by_name(model):
+    model = model()
+    with pytest.raises(ValueError, match=f"{type(model).__name__} \\(model_type '{model.config.model_type}'\\)"):
+        FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+
+
+def tiny_kwargs(arch: str) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+
+
+def test_look_alike_and_bad_arguments_are_refused():
+    model = frozen_model("bert", 1)
+    model.config.model_type = "llama"
+    with pytest.raises(ValueError, match="expects LlamaDecoderLayer blocks in a llama model, but .* has BertLayer"):
+        FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+    model.config.model_type = "bert"
+    with pytest.raises(ValueError, match="`num_frozen_blocks`=4 but BertForSequenceClassification has 3 blocks"):
+        FrozenActivationCache.from_model(model, 4, budget_bytes=10**8)
+    with pytest.raises(ValueError, match="`budget_bytes` must be a positive number of bytes, got 0"):
+        FrozenActivationCache.from_model(model, 1, budget_bytes=0)
+    cache = FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+    with pytest.raises(ValueError, match="`num_frozen_blocks` must be an integer from 0 to 3, got 1.5"):
+        cache.set_prefix(1.5)
+
+
+def served(model, cache, batch, k: int) -> tuple[bool, tuple]:
+    """Keep `batch`, run it again inside `serving`: whether the prefix was skipped, and the step's results."""
+    with cache.serving(batch):
+        step(model, batch)
+    calls = prefix_calls(model, k)
+    with cache.serving(batch):
+        result = step(model, batch)
+    return calls[0] == 0, result
+
+
+@pytest.mark.parametrize(
+    "arch, spoil, message",
+    [
+        ("gpt2", lambda m: m.transformer.drop.train(), "`transformer.drop` \\(Dropout\\) is in train mode"),
+        ("deberta-v3", lambda m: m.deberta.encoder.rel_embeddings.requires_grad_(True), "rel_embeddings.weight` is"),
+        ("bert", lambda m: m.bert.encoder.layer[1].train(), "`bert.encoder.layer.1` \\(BertLayer\\) is in train"),
+        ("bert", lambda m: m.bert.embeddings.requires_grad_(True), "`bert.embeddings.word_embeddings.weight` is tr"),
+    ],
+    ids=["gpt2-dropout", "deberta-rel-embeddings", "train-mode-block", "trainable-embeddings"],
+)
+def test_a_prefix_that_is_not_fixed_is_computed(arch, spoil, message):
+    model, reference = frozen_model(arch, 2), frozen_model(arch, 2)
+    for m in (model, reference):
+        spoil(m)
+    batch = batch_of(rows(), 10, pad_id(model))
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with pytest.warns(UserWarning, match=message):
+        skipped, result = served(model, cache, batch, 2)
+    assert not skipped and len(cache) == 0
+    assert_same(result, step(reference, batch))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b["labels"].__setitem__((0, -1), 1), "token labels at or next to padded positions are not -100"),
+        (lambda b: b.__setitem__("head_mask", None), "the batch holds `head_mask`"),
+        (lambda b: b.__setitem__("output_hidden_states", True), "`output_hidden_states` asks for"),
+    ],
+    ids=["labels-at-padding", "unknown-input", "hidden-states"],
+)
+def test_a_batch_the_cache_cannot_serve_is_computed(change, message):
+    model = frozen_model("bert", 2, T.AutoModelForTokenClassification)
+    batch = token_labels(batch_of(rows(), 10, 0, lm=True))
+    change(batch)
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with pytest.warns(UserWarning, match=message):
+        skipped, _ = served(model, cache, batch, 2)
+    assert not skipped and len(cache) == 0
+
+
+def token_labels(batch: dict) -> dict:
+    batch["labels"] = torch.where(batch["labels"] >= 0, batch["labels"] % 3, -100)
+    return batch
+
+
+def test_token_labels_at_unpadded_positions_only_are_served():
+    model = frozen_model("bert", 2, T.AutoModelForTokenClassification)
+    reference = frozen_model("bert", 2, T.AutoModelForTokenClassification)
+    batch = token_labels(batch_of(rows(), 10, 0, lm=True))
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    skipped, result = served(model, cache, batch, 2)
+    assert skipped
+    assert_same(result, step(reference, batch))
+
+
+def test_a_batch_with_a_new_example_is_computed_and_keeps_it():
+    model, reference = frozen_model("roberta", 2), frozen_model("roberta", 2)
+    examples = rows(8)
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with cache.serving(batch_of(examples[:4], 8, 1)):
+        step(model, batch_of(examples[:4], 8, 1))
+    mixed = batch_of(examples[2:6], 9, 1)
+    calls = prefix_calls(model, 2)
+    with cache.serving(mixed):
+        assert_same(step(model, mixed), step(reference, mixed))
+    assert calls[0] > 0 and len(cache) == 6
+    calls[0] = 0
+    later = batch_of(examples[5::-1], 11, 1)
+    with cache.serving(later):
+        assert_same(step(model, later), step(reference, later))
+    assert calls[0] == 0
+    assert cache.stats()["activation_cache_hit_rate"] == pytest.approx(6 / 14)
+
+
+def test_left_padding_positions_are_part_of_the_example():
+    model, reference = frozen_model("llama", 2), frozen_model("llama", 2)
+    examples = rows()
+
+    def left_padded(order, length):
+        batch = batch_of([r for r in order], length, 0)
+        for key in ("input_ids", "attention_mask"):
+            batch[key] = torch.stack([row.roll(length - len(r)) for row, r in zip(batch[key], order, strict=True)])
+        return batch
+
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    first = left_padded(examples, 10)
+    with cache.serving(first):
+        step(model, first)
+    longer = left_padded(examples, 12)  # other positions for every token (Llama counts them from the row start)
+    with cache.serving(longer):
+        assert_same(step(model, longer), step(reference, longer))
+    assert cache.stats()["activation_cache_hit_rate"] == 0.0 and len(cache) == 12
+    shuffled = left_padded(examples[::-1], 12)
+    calls = prefix_calls(model, 2)
+    with cache.serving(shuffled):
+        assert_same(step(model, shuffled), step(reference, shuffled))
+    assert calls[0] == 0
+
+
+def test_frozen_weights_changed_in_place_drop_the_kept_states():
+    model, reference = frozen_model("bert", 2), frozen_model("bert", 2)
+    batch = batch_of(rows(), 10, 0)
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with cache.serving(batch):
+        step(model, batch)
+    positions = model.bert.embeddings.position_ids
+    positions.copy_(positions.clone())  # a constant buffer written again, unchanged (as `Trainer.train()` does)
+    skipped, _ = served(model, cache, batch, 2)
+    assert skipped
+    with torch.no_grad():
+        for m in (model, reference):
+            m.bert.encoder.layer[0].output.dense.weight.mul_(1.5)
+    skipped, result = served(model, cache, batch, 2)
+    assert skipped  # computed once more after the change, then served from the new states
+    assert_same(result, step(reference, batch))
+    assert cache.stats()["activation_cache_hit_rate"] == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_and_states_kept_in_their_dtype(reentrant):
+    model, reference = frozen_model("bert", 1), frozen_model("bert", 1)
+    for m in (model, reference):
+        m.double()
+        m.activation_checkpointing_enable({"use_reentrant": reentrant})
+        train_mode(m)
+    batch = batch_of(rows(), 10, 0)
+    cache = FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+    skipped, result = served(model, cache, batch, 1)
+    assert skipped and {entry.states.dtype for entry in cache._entries.values()} == {torch.float64}
+    assert_same(result, step(reference, batch), tol=1e-10)
