@@ -34,7 +34,7 @@ from datasets import load_dataset
 from transformers.masking_utils import create_bidirectional_mask
 
 from hf_gradtools import GradTrainer, GradTrainingArguments, freeze_embeddings, freeze_first_n_layers
-from hf_gradtools.activation_cache import FrozenActivationCache
+from hf_gradtools.freezing.activation_cache import FrozenActivationCache
 from hf_gradtools.schedules import set_frozen_eval_mode
 
 T.logging.set_verbosity_error()

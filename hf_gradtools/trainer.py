@@ -58,7 +58,9 @@ from .engines import check_engine_support, engine_clips, engine_of_accelerator
 from .errors import DamagedCheckpointError, StateFieldError
 from .freezing import (
     AutoFreeze,
+    CacheFrozenActivations,
     apply_freezing,
+    check_activation_cache,
     check_auto_freeze,
     check_something_to_train,
     frozen_by_settings,
@@ -86,6 +88,7 @@ BUILTIN_COMPONENTS: tuple[type[TrainerComponent], ...] = (
     SkipNonFinite,
     SkipSpikes,
     AutoFreeze,  # after the guards: a skipped step's norms are left out
+    CacheFrozenActivations,  # after automatic freezing: the prefix it serves grows at the step's end
     LayerNormsLog,
     GradualUnfreezing,  # before the noise meter: its window end reduces late-unfrozen gradients under DDP
     NoiseScaleLog,
@@ -171,6 +174,7 @@ class GradTrainerMixin:
         if model is not None and args is not None:  # before anything is written
             check_patterns(model, self.grad_settings)
             check_auto_freeze(model, self.grad_settings, getattr(args, "world_size", 1))
+            check_activation_cache(model, self.grad_settings)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         self._window_rule = None  # the `ItemRule` of the window being accumulated
         self._loss_probe = LossRuleProbe(self)

@@ -128,3 +128,20 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, fields, m
     with pytest.raises(ValueError, match=message):
         GradTrainer(model=six_layers(), args=auto_args(tmp_path, **fields))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_with_the_activation_cache_a_run_equals_the_uncached_one(tmp_path):
+    data = classification_data(24)  # 6 steps an epoch: an example kept in one epoch is served in the next
+    plain = GradTrainer(model=six_layers(), args=auto_args(tmp_path / "plain", max_steps=24), train_dataset=data)
+    plain.train()
+    args = auto_args(tmp_path / "cached", cache_frozen_activations=True, max_steps=24)
+    cached = GradTrainer(model=six_layers(), args=args, train_dataset=data)
+    cached.train()
+    logs = [log for log in cached.state.log_history if "loss" in log]
+    plain_logs = [log for log in plain.state.log_history if "loss" in log]
+    assert [log["frozen_layers"] for log in logs] == [log["frozen_layers"] for log in plain_logs]
+    assert max(log["frozen_layers"] for log in logs) > 0
+    assert [log["loss"] for log in logs] == pytest.approx([log["loss"] for log in plain_logs], rel=1e-5)
+    for (name, p), q in zip(cached.model.named_parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(log["activation_cache_hit_rate"] > 0 for log in logs)

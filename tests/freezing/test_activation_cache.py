@@ -8,19 +8,19 @@ import warnings
 import pytest
 import torch
 import transformers as T
-from conftest import VOCAB
 
 from hf_gradtools import (
     GradTrainer,
     GradTrainingArguments,
-    activation_cache,
     freeze,
     freeze_embeddings,
     freeze_first_n_layers,
 )
-from hf_gradtools.activation_cache import FrozenActivationCache
+from hf_gradtools.freezing import activation_cache
+from hf_gradtools.freezing.activation_cache import FrozenActivationCache
 from hf_gradtools.layout import find_input_embeddings, find_layer_stack
 from hf_gradtools.schedules import set_frozen_eval_mode
+from tests.conftest import VOCAB
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -304,11 +304,14 @@ class EpochCalls(T.TrainerCallback):
         self.per_epoch.append({name: counter[0] for name, counter in self.counters.items()})
 
 
-def train(tmp_path, arch: str, cache: bool, budget: float = 1e8, grow: bool = False, epochs: int = 3):
+def train(
+    tmp_path, arch: str, cache: bool, budget: float = 1e8, grow: bool = False, epochs: int = 3, settings: bool = False
+):
     """3 epochs of a shuffled, dynamically padded run with dropout; the embeddings and block 0 (and block 1,
     from the start or, with `grow`, from the second epoch) frozen."""
     from datasets import Dataset
-    from test_dropin import tiny_tokenizer
+
+    from tests.trainer.test_dropin import tiny_tokenizer
 
     causal = arch in DECODERS
     head = T.AutoModelForCausalLM if causal else T.AutoModelForSequenceClassification
@@ -337,9 +340,11 @@ def train(tmp_path, arch: str, cache: bool, budget: float = 1e8, grow: bool = Fa
         freeze_embeddings=True,
         freeze_first_n_layers=k,
         frozen_eval_mode=True,
+        cache_frozen_activations=cache and settings,
+        frozen_activation_cache_gb=budget / 1e9,
     )
     trainer = CachingTrainer(model=model, args=args, train_dataset=Dataset.from_dict(data), data_collator=collator)
-    if cache:
+    if cache and not settings:
         trainer.cache = FrozenActivationCache.from_model(model, k, budget_bytes=budget)
     blocks = find_layer_stack(model).blocks
     counters = {"embeddings": prefix_calls(model, 0), "block 0": [0], "block 1": [0]}
@@ -349,12 +354,15 @@ def train(tmp_path, arch: str, cache: bool, budget: float = 1e8, grow: bool = Fa
     def freeze_block_1():
         freeze(blocks[1])
         if trainer.cache is not None:
-            trainer.cache.set_prefix(2)
+            trainer.cache.set_prefix(2)  # `cache_frozen_activations` follows the frozen blocks by itself
 
     calls = EpochCalls(counters, {1: freeze_block_1} if grow else {})
     trainer.add_callback(calls)
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    if settings and cache:
+        trainer.logs = [log for log in trainer.state.log_history if "loss" in log]
+        return model, losses, calls.per_epoch, trainer
     return model, losses, calls.per_epoch, trainer.cache
 
 
@@ -378,6 +386,17 @@ def test_training_run_equals_uncached(tmp_path, arch):
     assert epochs[1] == epochs[2] == {"embeddings": 0, "block 0": 0, "block 1": 0}
     assert plain[2][2]["block 1"] > 0
     assert cached[3].stats()["activation_cache_hit_rate"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_cache_frozen_activations_in_grad_trainer_equals_uncached(tmp_path, grow):
+    plain = train(tmp_path, "bert", cache=False, grow=grow)
+    cached = train(tmp_path, "bert", cache=True, grow=grow, settings=True)
+    assert_same_run(cached, plain)
+    assert cached[2][2] == {"embeddings": 0, "block 0": 0, "block 1": 0}  # epoch 3 runs no frozen block
+    logs = cached[3].logs
+    assert [log["activation_cache_hit_rate"] for log in logs[6:]] == [1.0] * 12  # epochs 2 and 3: every example
+    assert all(log["activation_cache_hit_rate"] == 0.0 for log in logs[:6]) and logs[-1]["activation_cache_gb"] > 0
 
 
 def test_growing_prefix_equals_uncached(tmp_path):

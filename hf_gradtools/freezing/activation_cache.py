@@ -60,7 +60,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import find_input_embeddings, find_layer_stack, module_names
+from ..components import TrainerComponent
+from ..layout import find_input_embeddings, find_layer_stack, module_names
 
 GB = 1e9  # bytes in a GB, as `frozen_activation_cache_gb` counts them
 
@@ -669,3 +670,53 @@ def _check_deberta(model: nn.Module, num_blocks: int) -> None:
             "The frozen-activation cache does not support a one-layer DeBERTa-v2 with `conv_kernel_size` > 0: its "
             "convolution follows the only block. Train without `cache_frozen_activations`."
         )
+
+
+def frozen_prefix(model: nn.Module) -> int:
+    """K: the leading blocks of the layer stack frozen now, counted only when the input embeddings are frozen too
+    (the prefix the cache can serve); 0 otherwise."""
+    embeddings = [p for _, module in find_input_embeddings(model) for p in module.parameters()]
+    if not embeddings or any(p.requires_grad for p in embeddings):
+        return 0
+    k = 0
+    for block in find_layer_stack(model).blocks:
+        params = list(block.parameters())
+        if not params or any(p.requires_grad for p in params):
+            break
+        k += 1
+    return k
+
+
+def check_activation_cache(model: nn.Module, settings) -> None:
+    """Refuse `cache_frozen_activations` for an architecture the cache does not know, naming it (at construction,
+    before anything is written)."""
+    if settings.cache_frozen_activations:
+        FrozenActivationCache.from_model(model, 0, settings.frozen_activation_cache_gb * GB)
+
+
+class CacheFrozenActivations(TrainerComponent):
+    """`cache_frozen_activations`: each training micro-batch runs inside the cache's `serving`, its prefix the
+    frozen blocks at that micro-batch (automatic freezing grows it); `activation_cache_hit_rate` (per logging
+    window) and `activation_cache_gb` are logged."""
+
+    def __init__(self, budget_bytes: float):
+        self.budget_bytes = budget_bytes
+        self.cache: FrozenActivationCache | None = None
+
+    @classmethod
+    def from_args(cls, settings, model) -> CacheFrozenActivations | None:
+        return cls(settings.frozen_activation_cache_gb * GB) if settings.cache_frozen_activations else None
+
+    def on_train_begin(self, trainer) -> None:
+        self.cache = FrozenActivationCache.from_model(trainer.model, frozen_prefix(trainer.model), self.budget_bytes)
+
+    def micro_batch(self, trainer, inputs: dict):
+        if self.cache is None:
+            return contextlib.nullcontext()
+        k = frozen_prefix(trainer.model)  # whoever froze more (automatic freezing, a callback, a resume)
+        if k != self.cache.num_frozen_blocks:
+            self.cache.set_prefix(k)
+        return self.cache.serving(inputs)
+
+    def log_entries(self, trainer) -> dict[str, float]:
+        return self.cache.stats() if self.cache is not None else {}
