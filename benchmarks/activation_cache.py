@@ -3,10 +3,10 @@ against the limit: a loop that runs only the trainable blocks and the head on pr
 
 all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a 2-class head, fp32, on the first 256 SST-2 training sentences
 (at most 64 tokens), batch 32 with dynamic padding, the embeddings and the first 2 or 4 layers frozen, in eval
-mode (`frozen_eval_mode`); dropout in the trainable layers. Each variant is built once; its first epoch (untimed
-for the rounds; it fills the cache) is reported apart, then the variants take turns one epoch (8 steps) each per
-round, order reversed every other round; each number is the median over rounds of the time per step of an epoch
-after the first. Variants:
+mode (`frozen_eval_mode`); dropout in the trainable layers; one intra-op thread by default. Each variant is
+built once; its first epoch (it fills the cache) is reported apart, then the variants take turns one epoch (8
+steps) each per round, order reversed every other round; each number is the median over rounds of the time per
+step of an epoch after the first. Variants:
 
 - `GradTrainer`, `GradTrainer + cache`: `GradTrainer(frozen_eval_mode=True)` and the same with each training step
   inside `cache.serving(inputs)` (the Trainer's shuffling and `DataCollatorWithPadding`); one `train()` per epoch.
@@ -15,7 +15,7 @@ after the first. Variants:
   block computed once beforehand, then per step only the trainable blocks, the pooler and the classifier (the
   attention mask built per step, as the model does).
 
-    python benchmarks/activation_cache.py        # a markdown table; about 4 minutes on 2 cores
+    python benchmarks/activation_cache.py        # a markdown table; about 5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -155,12 +155,14 @@ def loop_runner(k: int, variant: str, batches: list[dict]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="1 degrades most gracefully on a shared machine")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--levels", type=int, nargs="+", default=[2, 4])
     opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
     tokenizer, rows = sst2(opts.examples, opts.max_length)
     collator = T.DataCollatorWithPadding(tokenizer)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
