@@ -150,16 +150,19 @@ def assert_same(a, b, tol: float = 1e-5) -> None:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=tol, rtol=tol, msg=name)
 
 
-def check_served_equals_uncached(arch: str, k: int, head=T.AutoModelForSequenceClassification, lm: bool = False):
-    model = frozen_model(arch, k, head)
-    reference = frozen_model(arch, k, head)
+def check_served_equals_uncached(
+    arch: str, k: int, head=T.AutoModelForSequenceClassification, lm: bool = False, device="cpu", storage="cpu"
+):
+    model = frozen_model(arch, k, head).to(device)
+    reference = frozen_model(arch, k, head).to(device)
     pad = pad_id(model)
     types = arch in ("bert", "electra", "deberta-v2")
     examples = rows(low=3)
     first = batch_of(examples, 10, pad, types, lm)  # kept
     again = batch_of(examples[::-1], 13, pad, types, lm)  # the same examples, another order and pad length
+    first, again = ({key: value.to(device) for key, value in b.items()} for b in (first, again))
     expected = step(reference, again)
-    cache = FrozenActivationCache.from_model(model, k, budget_bytes=10**8)
+    cache = FrozenActivationCache.from_model(model, k, budget_bytes=10**8, device=storage)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing prevents serving here
         with cache.serving(first):
@@ -186,6 +189,15 @@ def test_every_block_frozen(arch):
 @pytest.mark.parametrize("arch", DECODERS)
 def test_causal_lm_equals_uncached(arch):
     check_served_equals_uncached(arch, 1, T.AutoModelForCausalLM, lm=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("storage", ["cpu", "cuda"])
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2", "llama"])
+def test_on_cuda_with_states_kept_on_either_device(arch, storage):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _, cache = check_served_equals_uncached(arch, 2, device="cuda", storage=storage)
+    assert {entry.states.device.type for entry in cache._entries.values()} == {storage}
 
 
 def test_outside_serving_the_model_is_untouched():
