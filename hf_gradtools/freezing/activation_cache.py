@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from ..components import TrainerComponent
-from ..layout import find_input_embeddings, find_layer_stack, module_names
+from ..layout import find_input_embeddings, find_layer_stack
 
 GB = 1e9  # bytes in a GB, as `frozen_activation_cache_gb` counts them
 
@@ -200,8 +200,6 @@ class FrozenActivationCache:
         self.architecture = architecture
         self.stack = find_layer_stack(model)
         self.blocks = self.stack.blocks
-        names = module_names(model)
-        self._names = names
         parent_name = self.stack.name.rpartition(".")[0]
         self._stack_parent = model.get_submodule(parent_name)
         self._embeddings = find_input_embeddings(model)

@@ -20,106 +20,40 @@ from hf_gradtools.freezing import activation_cache
 from hf_gradtools.freezing.activation_cache import FrozenActivationCache
 from hf_gradtools.layout import find_input_embeddings, find_layer_stack
 from hf_gradtools.schedules import set_frozen_eval_mode
-from tests.conftest import VOCAB
+from tests.conftest import VOCAB, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 HIDDEN = 32
 DROPOUT = 0.1  # in the trainable blocks: the cache must leave their random numbers as they were
+DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "resid_pdrop")
+DROPOUTS += ("embd_pdrop", "attn_pdrop", "mlp_dropout", "embedding_dropout")
+LIKE = {"deberta-v3": "deberta-v2", "xlm-roberta": "roberta", "mpnet": "bert", "qwen2": "llama"}  # built from these
 
 
 def config(arch: str) -> T.PretrainedConfig:
-    """3 layers, hidden size 32, dropout on, for each architecture the cache supports."""
-    bert_like = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=DROPOUT,
-        attention_probs_dropout_prob=DROPOUT,
-    )
-    decoder = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        attention_dropout=DROPOUT,
-        pad_token_id=0,
-    )
-    return {
-        "bert": lambda: T.BertConfig(**bert_like),
-        "roberta": lambda: T.RobertaConfig(**{**bert_like, "max_position_embeddings": 70}, pad_token_id=1),
-        "xlm-roberta": lambda: T.XLMRobertaConfig(**{**bert_like, "max_position_embeddings": 70}, pad_token_id=1),
-        "electra": lambda: T.ElectraConfig(**bert_like, embedding_size=16),
-        "mpnet": lambda: T.MPNetConfig(**{**bert_like, "max_position_embeddings": 70}),
-        # deberta-v3: relative attention only; deberta-v2 (xlarge): absolute positions too, and the convolution
-        "deberta-v3": lambda: T.DebertaV2Config(
-            **bert_like,
-            relative_attention=True,
-            position_biased_input=False,
-            pos_att_type=["p2c", "c2p"],
-            norm_rel_ebd="layer_norm",
-            share_att_key=True,
-            position_buckets=16,
-            type_vocab_size=0,
-        ),
-        "deberta-v2": lambda: T.DebertaV2Config(
-            **bert_like,
-            relative_attention=True,
-            position_biased_input=True,
-            pos_att_type=["p2c", "c2p"],
-            norm_rel_ebd="layer_norm",
-            position_buckets=16,
-            conv_kernel_size=3,
-            type_vocab_size=2,
-        ),
-        "distilbert": lambda: T.DistilBertConfig(
-            vocab_size=VOCAB,
-            dim=HIDDEN,
-            n_layers=3,
-            n_heads=2,
-            hidden_dim=64,
-            max_position_embeddings=64,
-            dropout=DROPOUT,
-            attention_dropout=DROPOUT,
-        ),
-        "modernbert": lambda: T.ModernBertConfig(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            pad_token_id=0,
-            max_position_embeddings=64,
-            local_attention=4,  # a sliding window shorter than the rows
-            global_attn_every_n_layers=2,
-            attention_dropout=DROPOUT,
-            mlp_dropout=DROPOUT,
-            embedding_dropout=DROPOUT,
-            bos_token_id=1,
-            eos_token_id=2,
-            cls_token_id=1,
-            sep_token_id=2,
-        ),
-        "gpt2": lambda: T.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=HIDDEN,
-            n_layer=3,
-            n_head=2,
-            n_positions=64,
-            pad_token_id=0,
-            resid_pdrop=DROPOUT,
-            embd_pdrop=DROPOUT,
-            attn_pdrop=DROPOUT,
-        ),
-        "llama": lambda: T.LlamaConfig(**decoder),
-        "qwen2": lambda: T.Qwen2Config(**decoder),
-    }[arch]()
+    """The conftest's 3-layer config of `arch`, at hidden size 32 with dropout on; and the architectures the cache
+    supports beyond those: XLM-R, MPNet, Qwen2, and DeBERTa-v2 shaped like deberta-v2-xlarge (absolute positions
+    too, token types, the convolution after block 0; "deberta-v3" is the conftest's relative-only one)."""
+    base = tiny_config(LIKE.get(arch, arch))
+    if arch in ("xlm-roberta", "mpnet", "qwen2"):
+        cls = {"xlm-roberta": T.XLMRobertaConfig, "mpnet": T.MPNetConfig, "qwen2": T.Qwen2Config}[arch]
+        base = cls(**{k: v for k, v in base.to_diff_dict().items() if k not in ("model_type", "transformers_version")})
+    if arch == "deberta-v2":
+        base.update(dict(position_biased_input=True, conv_kernel_size=3, type_vocab_size=2, share_att_key=False))
+    if arch in ("roberta", "xlm-roberta", "mpnet"):
+        base.max_position_embeddings = 70
+    if arch == "modernbert":
+        base.local_attention = 4  # a sliding window shorter than the rows
+    base.hidden_size = HIDDEN
+    if hasattr(base, "pooler_hidden_size"):
+        base.pooler_hidden_size = HIDDEN
+    if hasattr(base, "head_dim"):
+        base.head_dim = HIDDEN // base.num_attention_heads
+    for name in DROPOUTS:
+        if hasattr(base, name):
+            setattr(base, name, DROPOUT)
+    return base
 
 
 ENCODERS = ["bert", "roberta", "xlm-roberta", "electra", "mpnet", "deberta-v3", "deberta-v2", "distilbert"]
@@ -216,16 +150,19 @@ def assert_same(a, b, tol: float = 1e-5) -> None:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=tol, rtol=tol, msg=name)
 
 
-def check_served_equals_uncached(arch: str, k: int, head=T.AutoModelForSequenceClassification, lm: bool = False):
-    model = frozen_model(arch, k, head)
-    reference = frozen_model(arch, k, head)
+def check_served_equals_uncached(
+    arch: str, k: int, head=T.AutoModelForSequenceClassification, lm: bool = False, device="cpu", storage="cpu"
+):
+    model = frozen_model(arch, k, head).to(device)
+    reference = frozen_model(arch, k, head).to(device)
     pad = pad_id(model)
     types = arch in ("bert", "electra", "deberta-v2")
     examples = rows(low=3)
     first = batch_of(examples, 10, pad, types, lm)  # kept
     again = batch_of(examples[::-1], 13, pad, types, lm)  # the same examples, another order and pad length
+    first, again = ({key: value.to(device) for key, value in b.items()} for b in (first, again))
     expected = step(reference, again)
-    cache = FrozenActivationCache.from_model(model, k, budget_bytes=10**8)
+    cache = FrozenActivationCache.from_model(model, k, budget_bytes=10**8, device=storage)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing prevents serving here
         with cache.serving(first):
@@ -252,6 +189,15 @@ def test_every_block_frozen(arch):
 @pytest.mark.parametrize("arch", DECODERS)
 def test_causal_lm_equals_uncached(arch):
     check_served_equals_uncached(arch, 1, T.AutoModelForCausalLM, lm=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("storage", ["cpu", "cuda"])
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2", "llama"])
+def test_on_cuda_with_states_kept_on_either_device(arch, storage):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _, cache = check_served_equals_uncached(arch, 2, device="cuda", storage=storage)
+    assert {entry.states.device.type for entry in cache._entries.values()} == {storage}
 
 
 def test_outside_serving_the_model_is_untouched():
