@@ -66,8 +66,9 @@ class GradArgumentsMixin:
             Decay of the moving averages behind `grad_noise_scale`, in [0, 1).
         clip_algorithm (`str`, *optional*, defaults to `"norm"`):
             `norm` (`max_grad_norm` in `clip_norm_type`), `agc` (adaptive gradient clipping, unit-wise, relative to
-            the weights), `autoclip` (to a percentile of all past norms), or the name of an algorithm registered
-            with `register_clip_algorithm`; `clip_grad_value` applies first to each.
+            the weights), `autoclip` (to a percentile of all past norms), `zclip` (a norm far above its running mean,
+            back towards it), or the name of an algorithm registered with `register_clip_algorithm`;
+            `clip_grad_value` applies first to each.
         agc_clip_factor (`float`, *optional*, defaults to `0.01`), agc_eps (`float`, *optional*, defaults to `1e-3`):
             AGC's `lambda` and its floor of the weight norm.
         agc_exclude (`list[str]`, *optional*, defaults to `[]`):
@@ -180,8 +181,9 @@ class GradArgumentsMixin:
         default="norm",
         metadata={
             "help": "How the gradient is clipped after `clip_grad_value`: norm (`max_grad_norm` in "
-            "`clip_norm_type`), agc (adaptive, unit-wise, relative to the weights) or autoclip (to a percentile of "
-            "all past gradient norms), or an algorithm registered with `hf_gradtools.register_clip_algorithm`.",
+            "`clip_norm_type`), agc (adaptive, unit-wise, relative to the weights), autoclip (to a percentile of "
+            "all past gradient norms), zclip (a norm far above its running mean, back towards it), or an algorithm "
+            "registered with `hf_gradtools.register_clip_algorithm`.",
             "choices": CLIP_ALGORITHMS,  # the registry's names, read when the value is checked
         },
     )

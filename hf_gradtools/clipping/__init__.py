@@ -1,5 +1,5 @@
-"""Gradient clipping: by value and by norm in any norm type (`norm`), AGC (`agc`), AutoClip (`autoclip`), and the
-registry that adds an algorithm of your own.
+"""Gradient clipping: by value and by norm in any norm type (`norm`), AGC (`agc`), AutoClip (`autoclip`), ZClip
+(`zclip`), and the registry that adds an algorithm of your own.
 
     from hf_gradtools.clipping import ClipAlgorithm, register_clip_algorithm
 
@@ -63,6 +63,7 @@ from .registry import (
     register_clip_algorithm,
     unregister_clip_algorithm,
 )
+from .zclip import ZClip, check_zclip_settings
 
 __all__ = [
     "CLIP_ALGORITHMS",
@@ -73,10 +74,12 @@ __all__ = [
     "ClipResult",
     "NormClip",
     "TotalNormClipAlgorithm",
+    "ZClip",
     "agc_clip_",
     "build_clip_algorithm",
     "check_clip_algorithm",
     "check_norm_type",
+    "check_zclip_settings",
     "clip_algorithm_class",
     "clip_by",
     "clip_coefficient",

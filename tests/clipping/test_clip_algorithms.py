@@ -99,7 +99,9 @@ def test_autoclip_records_the_norm_after_value_clipping():
 
 def test_bad_algorithm_and_missing_autoclip():
     assert check_clip_algorithm("agc") == "agc"
-    with pytest.raises(ValueError, match="`clip_algorithm` must be one of 'norm', 'agc', 'autoclip', got 'AGC'"):
+    with pytest.raises(
+        ValueError, match="`clip_algorithm` must be one of 'norm', 'agc', 'autoclip', 'zclip', got 'AGC'"
+    ):
         check_clip_algorithm("AGC")
     with pytest.raises(ValueError, match="needs the run's AutoClip as `autoclip`, got None"):
         clip_with_algorithm(model_with_grads().named_parameters(), "autoclip")

@@ -419,13 +419,17 @@ def test_fields_parse_from_command_line_and_json(tmp_path):
     for name in ("clip_algorithm", "agc_exclude", "grad_snapshot_tensors", "max_nonfinite_skips", "agc_eps"):
         assert getattr(from_json, name) == getattr(cli, name), name
     choices = {a.dest: a.choices for a in parser._actions}
-    assert list(choices["clip_algorithm"]) == ["norm", "agc", "autoclip"]
+    assert list(choices["clip_algorithm"]) == ["norm", "agc", "autoclip", "zclip"]
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("clip_algorithm", "adaptive", "`clip_algorithm` must be one of 'norm', 'agc', 'autoclip', got 'adaptive'"),
+        (
+            "clip_algorithm",
+            "adaptive",
+            "`clip_algorithm` must be one of 'norm', 'agc', 'autoclip', 'zclip', got 'adaptive'",
+        ),
         ("agc_clip_factor", -1.0, "`agc_clip_factor` must be a positive finite number, got -1.0"),
         ("agc_eps", math.inf, "`agc_eps` must be a positive finite number, got inf"),
         ("agc_exclude", "classifier", "`agc_exclude` must be a list of patterns, got the string 'classifier'"),
