@@ -31,6 +31,7 @@ import time
 
 import torch
 import transformers as T
+from schedules_timeline import StepClock  # this folder: the seconds of every optimizer step
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
 
@@ -79,19 +80,6 @@ def tiny_lm(hidden: int, layers: int, seed: int = 0) -> T.PreTrainedModel:
         eos_token_id=2,
     )
     return T.LlamaForCausalLM(config)
-
-
-class StepClock(T.TrainerCallback):
-    """The seconds of every optimizer step (from its `on_step_begin` to its `on_step_end`)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def make_trainer(out: str, model, rows, options, steps: int, logging: bool, seed: int = 0, **fields) -> GradTrainer:
