@@ -36,8 +36,8 @@ A component of your own joins the built-ins with `trainer.add_component`:
     {'steps_seen': 1}
     >>> trainer.add_component(component)  # doctest: +SKIP
 
-A component with a hook between backward and the optimizer step (`before_clip`, `should_skip`, `after_clip`) sets
-`every_step = True`, so each optimizer step takes `GradTrainer`'s own clipping path.
+A component that overrides a hook between backward and the optimizer step (`before_clip`, `should_skip`,
+`after_clip`), or sets `every_step = True`, makes each optimizer step take `GradTrainer`'s own clipping path.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -127,6 +127,16 @@ class TrainerComponent:
 
     def load_state_dict(self, state: Any, trainer) -> None:
         """Restore what `state_dict` returned (checked by `check_state`)."""
+
+
+STEP_HOOKS = ("before_clip", "should_skip", "after_clip")
+
+
+def acts_every_step(component: TrainerComponent) -> bool:
+    """Whether `component` needs the trainer's own clipping path at each optimizer step: `every_step`, or a hook
+    between backward and the optimizer step (`before_clip`, `should_skip`, `after_clip`) overridden."""
+    cls = type(component)
+    return component.every_step or any(getattr(cls, h) is not getattr(TrainerComponent, h) for h in STEP_HOOKS)
 
 
 class ParameterNames:

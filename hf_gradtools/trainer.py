@@ -53,7 +53,7 @@ from .checkpoints import (
 )
 from .clipping import clip_state_checks
 from .clipping.component import GradientClipping
-from .components import ClipStep, ParameterNames, TrainerComponent
+from .components import ClipStep, ParameterNames, TrainerComponent, acts_every_step
 from .engines import check_engine_support, engine_clips, engine_of_accelerator
 from .errors import DamagedCheckpointError, StateFieldError
 from .freezing import (
@@ -425,7 +425,7 @@ class GradTrainerMixin:
         settings = self.grad_settings
         if settings.clip_norm_type != 2.0 or settings.clip_grad_value is not None:
             return True
-        if any(component.every_step for component in self.components):
+        if any(acts_every_step(component) for component in self.components):
             return True
         return any(cb.is_due(settings, self.state) for cb in self._snapshot_callbacks())
 

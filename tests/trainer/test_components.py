@@ -148,3 +148,22 @@ def test_your_own_unfreezer_and_gradual_unfreeze_steps_are_refused_together(tmp_
     trainer.add_callback(GradualUnfreezeCallback(GradualUnfreezer(unfreeze_order(model, frozen), 2, base_lr=1e-2)))
     with pytest.raises(ValueError, match="would unfreeze the same blocks twice"):
         trainer.train()
+
+
+def test_a_guard_of_your_own_runs_without_every_step(tmp_path):
+    """Overriding `should_skip` is enough: the step hooks run at default settings too."""
+
+    class SkipStepTwo(TrainerComponent):
+        asked = 0
+
+        def should_skip(self, trainer, step):
+            self.asked += 1
+            return step.step == 2
+
+    guard = SkipStepTwo()
+    trainer = GradTrainer(
+        model=tiny_classifier(), args=grad_args(tmp_path, max_steps=3), train_dataset=classification_data(16)
+    )
+    trainer.add_component(guard)
+    trainer.train()
+    assert guard.asked == 3
