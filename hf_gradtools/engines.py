@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from accelerate.utils import DistributedType
+
 # The settings behind the Trainer's clipping step: its norm, value clipping, the snapshots it feeds.
 CLIPPING_FIELDS = ("clip_norm_type", "clip_grad_value", "grad_snapshot_steps")
 # The settings that add to every optimizer step (each needs the own clipping step), with the value that is off.
@@ -54,8 +56,6 @@ def engine_of(args: Any) -> str | None:
 
 def engine_of_accelerator(accelerator) -> str | None:
     """The engine accelerate actually chose (settings may also come from the environment's accelerate config)."""
-    from accelerate.utils import DistributedType
-
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         return "FSDP1" if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2 else "FSDP2"

@@ -28,6 +28,7 @@ from typing import Any
 from .accumulation import LOSS_NORMALIZATIONS
 from .clipping import AutoClip, check_clip_algorithm, check_norm_type
 from .clipping.agc import check_agc_settings
+from .clipping.zclip import check_zclip_settings
 from .engines import check_optimizer_fields
 from .guards import NonFiniteGuard
 from .patterns import compile_patterns
@@ -199,12 +200,10 @@ class GradSettings:
 
     def _validate_spike_guard(self) -> None:
         """Check the ZClip fields (`zclip_*`) and the skip-on-spike fields (`skip_spike_steps`, `spike_*`)."""
-        _in_range("zclip_alpha", self.zclip_alpha, 0, 1, "a number in (0, 1)", low_open=True, high_open=True)
-        _in_range("zclip_z_threshold", self.zclip_z_threshold, 0, math.inf, "a positive number", low_open=True)
-        _positive_int("zclip_warmup_steps", self.zclip_warmup_steps)
+        check_zclip_settings(self.zclip_alpha, self.zclip_z_threshold, self.zclip_warmup_steps)
         _boolean("skip_spike_steps", self.skip_spike_steps)
         _positive_int("spike_window", self.spike_window)
-        _in_range("spike_sigma", self.spike_sigma, 0, math.inf, "a positive number", low_open=True)
+        _in_range("spike_sigma", self.spike_sigma, 0, math.inf, "a finite positive number", True, True)
         _positive_int("spike_min_history", self.spike_min_history)
         _positive_int("max_spike_skips", self.max_spike_skips)
         if self.spike_min_history > self.spike_window:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import warnings
 
@@ -151,6 +152,23 @@ def exit_without_teardown() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(cwd, worker: str, *args: str, processes: int = 2) -> None:
+    """Run `tests/helpers/<worker>` under torchrun (`processes` on this machine, one thread each) in `cwd`; fail with
+    the end of its stderr if it fails."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    }
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    path = os.path.join(ROOT, "tests", "helpers", worker)
+    done = subprocess.run([*launch, path, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def folder_contents(folder: str) -> dict[str, bytes]:

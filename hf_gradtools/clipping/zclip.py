@@ -51,11 +51,11 @@ _STATE_FORM = (
 
 
 def check_zclip_settings(alpha: Any, z_threshold: Any, warmup_steps: Any) -> tuple[float, float, int]:
-    """`(alpha, z_threshold, warmup_steps)` checked as `zclip_alpha` (in (0, 1)), `zclip_z_threshold` (positive)
-    and `zclip_warmup_steps` (a positive integer): a `ValueError` naming the field otherwise."""
+    """`(alpha, z_threshold, warmup_steps)` checked as `zclip_alpha` (in (0, 1)), `zclip_z_threshold` (finite,
+    positive) and `zclip_warmup_steps` (a positive integer): a `ValueError` naming the field otherwise."""
     for name, value, ok, allowed in (
         ("zclip_alpha", alpha, lambda v: 0 < v < 1, "a number in (0, 1)"),
-        ("zclip_z_threshold", z_threshold, lambda v: v > 0, "a positive number"),
+        ("zclip_z_threshold", z_threshold, lambda v: 0 < v < math.inf, "a finite positive number"),
         ("zclip_warmup_steps", warmup_steps, lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
     ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):  # NaN fails `ok`

@@ -14,12 +14,14 @@ Examples are recognised by what the frozen prefix reads: the token ids at the po
 those positions, the token types and the position ids (given, or counted from the ids as RoBERTa does). Shuffling,
 the collator and dynamic padding (another pad length each epoch) do not matter; left padding of a model with
 absolute positions gives other positions, so another example. A micro-batch is served only when all its examples
-are kept (otherwise it is computed normally and the missing ones are kept), so a served micro-batch gives what
-the uncached forward gives, up to float rounding of other matrix shapes: the same loss, the same gradients, and the
-same random numbers drawn (a frozen block in eval mode draws none). Outputs at padded positions are not the
-uncached ones (the kept states hold only unpadded positions, padding gets zeros): a micro-batch is served only
-when the loss cannot read them (token labels there are -100, as collators set them). Past the memory budget new
-examples are computed as without the cache (one warning).
+are kept (otherwise it is computed normally and the missing ones are kept). When the prefix has grown since some
+were kept, the micro-batch starts at the shallowest depth kept among them, and the deeper examples' kept states
+replace their rows at the input of the block they were kept for: only the newly frozen blocks run. A served
+micro-batch gives what the uncached forward gives, up to float rounding of other matrix shapes: the same loss, the
+same gradients, and the same random numbers drawn (a frozen block in eval mode draws none). Outputs at padded
+positions are not the uncached ones (the kept states hold only unpadded positions, padding gets zeros): a
+micro-batch is served only when the loss cannot read them (token labels there are -100, as collators set them).
+Past the memory budget new examples are computed as without the cache (one warning).
 
 The kept states are stored on the CPU by default: host memory is the larger pool, and the budget would otherwise
 compete with training for accelerator memory; a served micro-batch copies `batch x tokens x hidden` numbers to the
@@ -54,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -158,6 +160,8 @@ class _Plan:
     mask: torch.Tensor | None  # bool (batch, length) on the model's device; None: no padding
     depth: int = 0  # 0: computed normally; else the states are fed into block `depth`
     states: torch.Tensor | None = None  # (batch, length, hidden), padded again
+    # deeper kept examples: depth -> (rows, a bool (batch,) tensor; their states, padded again), put in at that depth
+    deeper: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     keep_rows: list[int] | None = None  # rows whose states at block K are kept
 
 
@@ -281,8 +285,8 @@ class FrozenActivationCache:
         """Serve the embeddings and the first `num_frozen_blocks` blocks from now on (0: nothing is served).
 
         More blocks than before: the kept states are carried on lazily, by running only the newly frozen blocks on
-        them the next time a micro-batch of kept examples comes (the model's forward builds their masks). Fewer:
-        the kept states are past the new prefix, so they are dropped.
+        them the next time a micro-batch holding them comes (the model's forward builds their masks), even with
+        examples kept at other depths in it. Fewer: the kept states are past the new prefix, so they are dropped.
 
         Raises:
             ValueError: `num_frozen_blocks` is not an integer from 0 to the number of blocks.
@@ -450,19 +454,33 @@ class FrozenActivationCache:
         self._check_unchanged()
         plan = _Plan(keys=keys, shape=tuple(inputs["input_ids"].shape), mask=mask)
         entries = [self._entries.get(key) for key in keys]
-        depths = {entry.depth if entry is not None else None for entry in entries}
-        if len(depths) == 1 and None not in depths:
-            plan.depth = depths.pop()
-            flat = torch.cat([entry.states for entry in entries]).to(self._model_device())
-            batch, length = plan.shape
-            if mask is None:
-                plan.states = flat.view(batch, length, -1)
-            else:
-                plan.states = flat.new_zeros(batch, length, flat.shape[-1])
-                plan.states[mask] = flat
+        if all(entry is not None for entry in entries):
+            depths = sorted({entry.depth for entry in entries})
+            plan.depth = depths[0]
+            for depth in depths:
+                rows = [entry.depth == depth for entry in entries]
+                states = self._padded([entry.states if entry.depth == depth else None for entry in entries], plan)
+                if depth == plan.depth:
+                    plan.states = states
+                else:
+                    plan.deeper[depth] = (torch.tensor(rows, device=states.device), states)
         if plan.depth < self._k:
             plan.keep_rows = [row for row, entry in enumerate(entries) if entry is None or entry.depth < self._k]
         return plan
+
+    def _padded(self, states: list[torch.Tensor | None], plan: _Plan) -> torch.Tensor:
+        """The kept states of the rows that have them, padded again to the batch's shape on the model's device
+        (zeros at padded positions and in the other rows)."""
+        batch, length = plan.shape
+        rows = [row for row, kept in enumerate(states) if kept is not None]
+        flat = torch.cat([states[row] for row in rows]).to(self._model_device())
+        if plan.mask is None and len(rows) == batch:
+            return flat.view(batch, length, -1)
+        padded = flat.new_zeros(batch, length, flat.shape[-1])
+        where = torch.zeros(batch, length, dtype=torch.bool, device=flat.device)
+        where[rows] = True
+        padded[where if plan.mask is None else where & plan.mask] = flat
+        return padded
 
     @contextlib.contextmanager
     def serving(self, inputs: Mapping[str, Any]) -> Iterator[None]:
@@ -525,9 +543,17 @@ class FrozenActivationCache:
             else:
                 output = lambda args, kwargs: _block_output(kind, _first_argument(args, kwargs))  # noqa: E731
             self._swap(self.blocks, str(i), _StandIn(self.blocks[i], output), undo)
+        needs_grad = self._states_require_grad and torch.is_grad_enabled()
         if plan.depth <= last:
-            states.requires_grad_(self._states_require_grad and torch.is_grad_enabled())
+            states.requires_grad_(needs_grad)
             undo.callback(self.blocks[plan.depth].register_forward_pre_hook(_feed(states), with_kwargs=True).remove)
+        for depth, (rows, deeper) in plan.deeper.items():
+            deeper.requires_grad_(needs_grad)
+            if depth <= last:
+                handle = self.blocks[depth].register_forward_pre_hook(_feed(deeper, rows), with_kwargs=True)
+            else:  # kept as the last block's output
+                handle = self.blocks[last].register_forward_hook(_put_rows_in_output(rows, deeper))
+            undo.callback(handle.remove)
 
     def _capture(self, plan: _Plan, undo: contextlib.ExitStack) -> None:
         """Keep the states reaching block K of the rows `plan.keep_rows` (the output of the last block if K = n)."""
@@ -621,11 +647,28 @@ class FrozenActivationCache:
         return {"activation_cache_hit_rate": rate, "activation_cache_gb": self._bytes / GB}
 
 
-def _feed(states: torch.Tensor):
+def _feed(states: torch.Tensor, rows: torch.Tensor | None = None):
+    """A block's pre-hook that feeds it `states` (only in `rows`, a bool (batch,) tensor, when given)."""
+
     def hook(module, args, kwargs):
+        hidden = states
+        if rows is not None:
+            hidden = _first_argument(args, kwargs)
+            hidden = torch.where(rows[:, None, None], states.to(hidden.dtype), hidden)
         if args:
-            return (states, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": states}
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
+
+
+def _put_rows_in_output(rows: torch.Tensor, states: torch.Tensor):
+    """The last block's forward hook that replaces the output of `rows` by `states`."""
+
+    def hook(module, args, output):
+        hidden = _hidden_of(output)
+        hidden = torch.where(rows[:, None, None], states.to(hidden.dtype), hidden)
+        return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
 
     return hook
 
@@ -697,16 +740,26 @@ class CacheFrozenActivations(TrainerComponent):
     frozen blocks at that micro-batch (automatic freezing grows it); `activation_cache_hit_rate` (per logging
     window) and `activation_cache_gb` are logged."""
 
-    def __init__(self, budget_bytes: float):
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget_bytes: float, prefix_grows: bool = False):
+        self.budget_bytes, self.prefix_grows = budget_bytes, prefix_grows
         self.cache: FrozenActivationCache | None = None
 
     @classmethod
     def from_args(cls, settings, model) -> CacheFrozenActivations | None:
-        return cls(settings.frozen_activation_cache_gb * GB) if settings.cache_frozen_activations else None
+        if not settings.cache_frozen_activations:
+            return None
+        return cls(settings.frozen_activation_cache_gb * GB, prefix_grows=settings.auto_freeze)
 
     def on_train_begin(self, trainer) -> None:
-        self.cache = FrozenActivationCache.from_model(trainer.model, frozen_prefix(trainer.model), self.budget_bytes)
+        k = frozen_prefix(trainer.model)
+        if k == 0 and not self.prefix_grows:
+            warnings.warn(
+                "`cache_frozen_activations`=True, but the model's input embeddings and first block are not both "
+                "frozen, so the cache has nothing to serve until they are: set `freeze_embeddings` and "
+                "`freeze_first_n_layers`, or `auto_freeze`.",
+                stacklevel=2,
+            )
+        self.cache = FrozenActivationCache.from_model(trainer.model, k, self.budget_bytes)
 
     def micro_batch(self, trainer, inputs: dict):
         if self.cache is None:

@@ -114,7 +114,10 @@ STATE_CASES = {
     "noise-nan": (set_field("noise_scale", "grad_sq_norm_ema", math.nan), "`noise_scale.grad_sq_norm_ema`"),
     "noise-beta": (set_field("noise_scale", "beta", 1.5), "`noise_scale.beta` must be a number in [0, 1)"),
     "noise-steps": (set_field("noise_scale", "steps", 2.5), "`noise_scale.steps`"),
-    "unknown-entry": (lambda d: {**d, "optimizer_extra": {}}, "`optimizer_extra` is not a field of this state"),
+    "unknown-entry": (
+        lambda d: {**d, "optimizer_extra": {}},
+        "`optimizer_extra` is the state of a component this run does not have",
+    ),
     "unknown-field": (set_field("autoclip", "percentile", 10), "`autoclip.percentile` is not a field"),
     "entry-not-object": (lambda d: {**d, "autoclip": [0.4]}, "`autoclip` must be a JSON object"),
     "a-number": (lambda d: "3", "it must be a JSON object, got 3"),

@@ -372,8 +372,10 @@ def test_good_states_load():
 
 
 def test_bad_settings_are_refused_from_python_the_command_line_and_json(tmp_path):
-    with pytest.raises(ValueError, match=r"`zclip_z_threshold` must be a positive number, got -1.0"):
+    with pytest.raises(ValueError, match=r"`zclip_z_threshold` must be a finite positive number, got -1.0"):
         GradTrainingArguments(str(tmp_path), report_to="none", zclip_z_threshold=-1.0)
+    with pytest.raises(ValueError, match=r"`zclip_z_threshold` must be a finite positive number, got inf"):
+        GradTrainingArguments(str(tmp_path), report_to="none", zclip_z_threshold=math.inf)
     with pytest.raises(ValueError, match=r"`zclip_alpha` must be a number in \(0, 1\), got 1.5"):
         ZClip(alpha=1.5)
     parser = HfArgumentParser(GradTrainingArguments)

@@ -20,7 +20,7 @@ from hf_gradtools.freezing import activation_cache
 from hf_gradtools.freezing.activation_cache import FrozenActivationCache
 from hf_gradtools.layout import find_input_embeddings, find_layer_stack
 from hf_gradtools.schedules import set_frozen_eval_mode
-from tests.conftest import VOCAB, tiny_config
+from tests.conftest import VOCAB, classification_data, grad_args, tiny_classifier, tiny_config, torchrun
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -191,6 +191,39 @@ def test_causal_lm_equals_uncached(arch):
     check_served_equals_uncached(arch, 1, T.AutoModelForCausalLM, lm=True)
 
 
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2", "mpnet", "modernbert", "gpt2", "llama"])
+def test_examples_kept_at_other_depths_are_carried_on_together(arch):
+    """Two examples kept at each of depths 1, 2 and 3 (the prefix grew between them) in one micro-batch: only the
+    blocks past the shallowest depth run, the result is the uncached one, and all six are then kept at depth 3."""
+    model, reference = frozen_model(arch, 3), frozen_model(arch, 3)
+    pad = pad_id(model)
+    examples = rows(low=3)
+    cache = FrozenActivationCache.from_model(model, 1, budget_bytes=10**8)
+    for k, pair in zip((1, 2, 3), (examples[:2], examples[2:4], examples[4:]), strict=True):
+        cache.set_prefix(k)
+        with cache.serving(batch_of(pair, 9, pad)):
+            step(model, batch_of(pair, 9, pad))
+    assert sorted(entry.depth for entry in cache._entries.values()) == [1, 1, 2, 2, 3, 3]
+    blocks = find_layer_stack(model).blocks
+    block_calls = [0, 0, 0]
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *a, i=i: block_calls.__setitem__(i, block_calls[i] + 1))
+    prefix = prefix_calls(model, 0)  # the embeddings
+    mixed = batch_of([examples[i] for i in (4, 0, 2, 5, 1, 3)], 12, pad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with cache.serving(mixed):
+            served = step(model, mixed)
+    assert_same(served, step(reference, mixed))
+    assert prefix[0] == 0 and block_calls == [0, 1, 1]  # blocks 1 and 2 ran once, for the shallower examples
+    assert sorted(entry.depth for entry in cache._entries.values()) == [3] * 6
+    with cache.serving(mixed):
+        again = step(model, mixed)
+    assert_same(again, served)
+    assert block_calls == [0, 1, 1]
+    assert cache.stats()["activation_cache_hit_rate"] == pytest.approx(12 / 18)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("storage", ["cpu", "cuda"])
 @pytest.mark.parametrize("arch", ["bert", "deberta-v2", "llama"])
@@ -251,10 +284,17 @@ class EpochCalls(T.TrainerCallback):
 
 
 def train(
-    tmp_path, arch: str, cache: bool, budget: float = 1e8, grow: bool = False, epochs: int = 3, settings: bool = False
+    tmp_path,
+    arch: str,
+    cache: bool,
+    budget: float = 1e8,
+    grow: bool = False,
+    epochs: int = 3,
+    settings: bool = False,
+    **fields,
 ):
     """3 epochs of a shuffled, dynamically padded run with dropout; the embeddings and block 0 (and block 1,
-    from the start or, with `grow`, from the second epoch) frozen."""
+    from the start or, with `grow`, from the second epoch) frozen; `fields`: more `GradTrainingArguments`."""
     from datasets import Dataset
 
     from tests.trainer.test_dropin import tiny_tokenizer
@@ -283,6 +323,7 @@ def train(
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **fields,
         freeze_embeddings=True,
         freeze_first_n_layers=k,
         frozen_eval_mode=True,
@@ -345,6 +386,21 @@ def test_cache_frozen_activations_in_grad_trainer_equals_uncached(tmp_path, grow
     assert all(log["activation_cache_hit_rate"] == 0.0 for log in logs[:6]) and logs[-1]["activation_cache_gb"] > 0
 
 
+@pytest.mark.parametrize(
+    ("frozen", "said"),
+    [({}, 1), ({"freeze_first_n_layers": 1}, 1), ({"freeze_first_n_layers": 1, "freeze_embeddings": True}, 0)],
+)
+def test_a_cache_with_nothing_frozen_says_so(tmp_path, frozen, said):
+    args = grad_args(tmp_path, max_steps=1, cache_frozen_activations=True, frozen_eval_mode=True, **frozen)
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if "has nothing to serve" in str(w.message)]
+    assert len(messages) == said  # block 0 frozen alone is no prefix either: the embeddings feed it
+    assert all("`freeze_embeddings`" in message for message in messages)
+
+
 def test_growing_prefix_equals_uncached(tmp_path):
     plain = train(tmp_path, "bert", cache=False, grow=True)
     cached = train(tmp_path, "bert", cache=True, grow=True)
@@ -353,6 +409,30 @@ def test_growing_prefix_equals_uncached(tmp_path):
     assert first["block 0"] > 0 and first["block 1"] > 0
     assert second["block 0"] == 0 and second["block 1"] > 0  # carried on from block 1 by running block 1 only
     assert third == {"embeddings": 0, "block 0": 0, "block 1": 0}
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_with_the_cache_equal_two_without(tmp_path):
+    """Each process keeps the examples it computes. In order, a process sees the same examples every epoch: epochs
+    2 and 3 are served whole. Shuffled, the sampler deals the examples out anew each epoch, so a micro-batch is
+    served only when this process has seen all of its examples before: the results are the same, the hit rate low.
+    """
+    prefix = str(tmp_path / "out" / "result")
+    torchrun(tmp_path, "ddp_cache.py", prefix)
+    ranks = [torch.load(f"{prefix}.{rank}.pt") for rank in (0, 1)]
+    for result in ranks:
+        for sampling in ("sequential", "random"):
+            plain, cached = result[sampling, False], result[sampling, True]
+            assert len(cached["losses"]) == 9  # 24 examples, 2 processes x batch 4, 3 epochs
+            torch.testing.assert_close(cached["losses"], plain["losses"], atol=1e-5, rtol=1e-5)
+            for name, param in plain["params"].items():
+                torch.testing.assert_close(cached["params"][name], param, atol=1e-5, rtol=1e-5, msg=name)
+        in_order = result["sequential", True]
+        assert in_order["epochs"][1] == in_order["epochs"][2] == {"embeddings": 0, "block 0": 0, "block 1": 0}
+        assert in_order["hit_rates"] == [0.0] * 3 + [1.0] * 6
+        assert result["random", True]["hit_rates"][:3] == [0.0] * 3
+    for name, param in ranks[0]["random", True]["params"].items():
+        assert torch.equal(ranks[1]["random", True]["params"][name], param), name
 
 
 def test_budget_reached_warns_once_and_computes_the_rest(tmp_path):

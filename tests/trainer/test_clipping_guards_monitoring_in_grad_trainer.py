@@ -9,8 +9,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ import transformers as T
 from hf_gradtools import GradTrainer, load_grad_snapshots
 from hf_gradtools.clipping.component import GradientClipping
 from hf_gradtools.guards import NonFiniteGradientError
-from tests.conftest import classification_data, grad_args, tiny_classifier
+from tests.conftest import classification_data, grad_args, tiny_classifier, torchrun
 from tests.monitoring.test_monitoring import by_hand
 
 HEAD = ("classifier.weight", "classifier.bias")
@@ -346,17 +344,8 @@ def test_patterns_matching_nothing_fail_before_training(args_factory):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_skip_together_when_one_rank_has_a_nan(tmp_path):
-    worker = os.path.join(os.path.dirname(__file__), "..", "helpers", "ddp_nonfinite.py")
     prefix = str(tmp_path / "out" / "result")
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, prefix]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(tmp_path, "ddp_nonfinite.py", prefix)
     ranks = [torch.load(f"{prefix}.{rank}.pt") for rank in (0, 1)]
     for result in ranks:
         assert result["positions"] == [1, 1, 2, 3]  # the scheduler did not step at step 2, on either rank

@@ -96,6 +96,18 @@ def test_a_damaged_entry_of_your_component_is_refused_before_resuming(tmp_path):
         again.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
 
 
+def test_resuming_without_a_component_whose_state_was_saved_names_it(tmp_path):
+    args = grad_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    trainer.add_component(NormRecorder())
+    trainer.train()
+    again = GradTrainer(
+        model=tiny_classifier(), args=grad_args(tmp_path, max_steps=4), train_dataset=classification_data(16)
+    )
+    with pytest.raises(DamagedCheckpointError, match=r"`norm_recorder` is the state of a component .*add_component"):
+        again.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
+
+
 def test_add_component_takes_only_a_component(tmp_path):
     trainer = GradTrainer(model=tiny_classifier(), args=grad_args(tmp_path))
     with pytest.raises(TypeError, match="takes a TrainerComponent, got dict"):
