@@ -101,9 +101,12 @@ def plot(row: dict, path: str) -> None:
         points = [(log["step"], log[key]) for log in logs if log.get(key, 0) > 0]
         if points:
             top.plot(*zip(*points, strict=True), linewidth=1.2, label=key.removeprefix("grad_norm/"))
+    decisions: dict[int, list[str]] = {}
     for block, step in enumerate(auto["froze_at"]):
+        decisions.setdefault(step, []).append(f"layer.{block}")
+    for step, blocks in decisions.items():
         top.axvline(step, color="black", alpha=0.4, linestyle="--")
-        top.annotate(f"layer.{block} frozen", (step, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+        top.annotate(f"{', '.join(blocks)} frozen", (step, 1.0), xycoords=("data", "axes fraction"), rotation=90,
                      va="top", ha="right", fontsize=8)  # fmt: skip
     top.set_yscale("log")
     top.set_ylabel("gradient norm before clipping")
