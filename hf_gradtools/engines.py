@@ -103,10 +103,16 @@ def check_engine_support(args: Any, settings: Any = None, engine: str | None = N
 
 
 def check_optimizer_fields(settings: Any, args: Any) -> None:
-    """Refuse `OPTIMIZER_FIELDS` not at their defaults under DeepSpeed or FSDP."""
+    """Refuse `OPTIMIZER_FIELDS` not at their defaults, and the activation cache, under DeepSpeed or FSDP."""
     engine = engine_of(args)
     if not ENGINES.get(engine, (False, False))[1]:
         return
+    if getattr(settings, "cache_frozen_activations", False):
+        raise ValueError(
+            f"`cache_frozen_activations`=True is not supported with {engine}, which shards the parameters: a "
+            "process served from the cache would skip the frozen blocks' parameter gathers that the other "
+            "processes wait for. Train with DDP or on one device, or leave it off."
+        )
     defaults = {"layerwise_lr_decay": None, "gradual_unfreeze_steps": 0, "log_grad_noise_scale": False}
     used = [name for name in OPTIMIZER_FIELDS if getattr(settings, name) != defaults[name]]
     if used:

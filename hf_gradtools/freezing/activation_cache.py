@@ -234,6 +234,7 @@ class FrozenActivationCache:
         self._context: tuple | None = None
         self._k = 0
         self._states_require_grad = False
+        self._new: list[tuple[tuple, _Entry]] | None = None  # kept since the last `share_new_entries`; None: off
         self.set_prefix(num_frozen_blocks)
 
     @classmethod
@@ -592,17 +593,9 @@ class FrozenActivationCache:
         chosen, new_keys = [], set()
         for row in rows:
             key = plan.keys[row]
-            if key in new_keys:
-                continue
-            old = self._entries.get(key)
-            cost = lengths[row] * item + (0 if old is not None else _key_bytes(key))
-            freed = 0 if old is None else old.states.numel() * old.states.element_size()
-            if self._bytes + cost - freed > self.budget_bytes:
-                self._budget_reached()
-                continue
-            self._bytes += cost - freed
-            chosen.append(row)
-            new_keys.add(key)
+            if key not in new_keys and self._admit(key, lengths[row] * item):
+                chosen.append(row)
+                new_keys.add(key)
         if not chosen:
             return
         taken, mask = hidden.detach(), plan.mask
@@ -612,7 +605,49 @@ class FrozenActivationCache:
         flat = taken.reshape(-1, width) if mask is None else taken[mask]  # a copy, but for a whole unpadded batch
         flat = flat.to(self.device, copy=mask is None and len(chosen) == plan.shape[0])
         for row, states in zip(chosen, flat.split([lengths[row] for row in chosen]), strict=True):
-            self._entries[plan.keys[row]] = _Entry(self._k, states)
+            self._entries[plan.keys[row]] = entry = _Entry(self._k, states)
+            if self._new is not None:
+                self._new.append((plan.keys[row], entry))
+
+    def _admit(self, key: tuple, nbytes: int) -> bool:
+        """Count `nbytes` of states for `key` (replacing what it held) if the budget allows; else say so, once."""
+        old = self._entries.get(key)
+        cost = nbytes + (0 if old is not None else _key_bytes(key))
+        freed = 0 if old is None else _nbytes(old.states)
+        if self._bytes + cost - freed > self.budget_bytes:
+            self._budget_reached()
+            return False
+        self._bytes += cost - freed
+        return True
+
+    # --- several processes --------------------------------------------------------------------------------------
+
+    def share_across_processes(self) -> None:
+        """From now on, `share_new_entries` sends what this process keeps to the other processes."""
+        if self._new is None:
+            self._new = []
+
+    @property
+    def shares(self) -> bool:
+        """Whether `share_across_processes` was called."""
+        return self._new is not None
+
+    def share_new_entries(self) -> None:
+        """Send the examples this process kept since the last call to every other process of the default group,
+        and keep theirs (within the budget): each process can then serve any example that one of them computed.
+
+        A collective: every process calls it at the same point (the component calls it after each optimizer
+        step). The states travel through the CPU, pickled (`all_gather_object`).
+        """
+        new, self._new = self._new or [], []
+        outgoing = [(key, entry.depth, entry.states.cpu()) for key, entry in new]
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, outgoing)
+        me = torch.distributed.get_rank()
+        for rank, entries in enumerate(gathered):
+            for key, depth, states in entries if rank != me else ():
+                if 0 < depth <= self._k and key not in self._entries and self._admit(key, _nbytes(states)):
+                    self._entries[key] = _Entry(depth, states.to(self.device))
 
     def _budget_reached(self) -> None:
         if not self.budget_exceeded_warned:
@@ -680,6 +715,10 @@ def _inert_in_training(module: nn.Module) -> bool:
     return isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Embedding, nn.Linear, nn.LayerNorm))
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _key_bytes(key: tuple) -> int:
     return sum(len(part) if isinstance(part, bytes) else 8 for part in key)
 
@@ -738,7 +777,8 @@ def check_activation_cache(model: nn.Module, settings) -> None:
 class CacheFrozenActivations(TrainerComponent):
     """`cache_frozen_activations`: each training micro-batch runs inside the cache's `serving`, its prefix the
     frozen blocks at that micro-batch (automatic freezing grows it); `activation_cache_hit_rate` (per logging
-    window) and `activation_cache_gb` are logged."""
+    window) and `activation_cache_gb` are logged. Under several processes, what each keeps is shared with the
+    others after every optimizer step, so each can serve every example from the second epoch on."""
 
     def __init__(self, budget_bytes: float, prefix_grows: bool = False):
         self.budget_bytes, self.prefix_grows = budget_bytes, prefix_grows
@@ -760,6 +800,12 @@ class CacheFrozenActivations(TrainerComponent):
                 stacklevel=2,
             )
         self.cache = FrozenActivationCache.from_model(trainer.model, k, self.budget_bytes)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.args.world_size > 1:
+            self.cache.share_across_processes()
+
+    def on_step_end(self, trainer) -> None:
+        if self.cache is not None and self.cache.shares:
+            self.cache.share_new_entries()
 
     def micro_batch(self, trainer, inputs: dict):
         if self.cache is None:

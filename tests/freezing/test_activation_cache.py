@@ -413,10 +413,9 @@ def test_growing_prefix_equals_uncached(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_with_the_cache_equal_two_without(tmp_path):
-    """Each process keeps the examples it computes. In order, a process sees the same examples every epoch: epochs
-    2 and 3 are served whole. Shuffled, the sampler deals the examples out anew each epoch, so a micro-batch is
-    served only when this process has seen all of its examples before: the results are the same, the hit rate low.
-    """
+    """Each process keeps the examples it computes and shares them with the other after every optimizer step. In
+    order or shuffled (the sampler deals the examples out anew each epoch), epochs 2 and 3 are served whole on
+    both processes, and the results are those without the cache."""
     prefix = str(tmp_path / "out" / "result")
     torchrun(tmp_path, "ddp_cache.py", prefix)
     ranks = [torch.load(f"{prefix}.{rank}.pt") for rank in (0, 1)]
@@ -427,10 +426,11 @@ def test_two_processes_with_the_cache_equal_two_without(tmp_path):
             torch.testing.assert_close(cached["losses"], plain["losses"], atol=1e-5, rtol=1e-5)
             for name, param in plain["params"].items():
                 torch.testing.assert_close(cached["params"][name], param, atol=1e-5, rtol=1e-5, msg=name)
-        in_order = result["sequential", True]
-        assert in_order["epochs"][1] == in_order["epochs"][2] == {"embeddings": 0, "block 0": 0, "block 1": 0}
-        assert in_order["hit_rates"] == [0.0] * 3 + [1.0] * 6
-        assert result["random", True]["hit_rates"][:3] == [0.0] * 3
+        for sampling in ("sequential", "random"):
+            cached = result[sampling, True]
+            assert all(calls > 0 for calls in cached["epochs"][0].values())  # epoch 1 computes its examples
+            assert cached["epochs"][1] == cached["epochs"][2] == {"embeddings": 0, "block 0": 0, "block 1": 0}
+            assert cached["hit_rates"] == [0.0] * 3 + [1.0] * 6
     for name, param in ranks[0]["random", True]["params"].items():
         assert torch.equal(ranks[1]["random", True]["params"][name], param), name
 

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from hf_gradtools import GradTrainingArguments
+from hf_gradtools.engines import check_optimizer_fields
 from hf_gradtools.trainer import check_engine_support
 
 DEEPSPEED = {"deepspeed": "ds_config.json"}
@@ -28,3 +30,18 @@ def test_fsdp2_takes_every_setting_and_the_others_take_the_defaults(custom):
     if not custom:
         check_engine_support(SimpleNamespace(**DEEPSPEED))
         check_engine_support(SimpleNamespace(**FSDP1, freeze_embeddings=True, freeze_first_n_layers=2))
+
+
+@pytest.mark.parametrize("engine, name", [(FSDP1, "FSDP1"), (FSDP2, "FSDP2")], ids=["fsdp1", "fsdp2"])
+def test_engines_that_shard_the_parameters_refuse_the_activation_cache(tmp_path, engine, name):
+    """A process served from the cache skips the frozen blocks' forward, so their parameter gathers: the others
+    would wait for it. (DeepSpeed, not installed here, goes through the same check.)"""
+    out = tmp_path / "out"
+    fields = {"frozen_eval_mode": True, "cache_frozen_activations": True}
+    match = rf"`cache_frozen_activations`=True is not supported with {name}, which shards the parameters"
+    with pytest.raises(ValueError, match=match):
+        GradTrainingArguments(output_dir=str(out), **engine, **fields)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="not supported with DeepSpeed"):
+        check_optimizer_fields(SimpleNamespace(cache_frozen_activations=True), SimpleNamespace(**DEEPSPEED))
+    GradTrainingArguments(output_dir=str(out), **fields)  # DDP or one device: taken
