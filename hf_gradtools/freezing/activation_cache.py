@@ -308,6 +308,16 @@ class FrozenActivationCache:
         blocks = [(f"{self.stack.name}.{i}", self.blocks[i]) for i in range(self._k)]
         return self._embeddings + self._shared + blocks
 
+    def live_dropouts(self) -> list[str]:
+        """The dropouts beside the stack that the frozen blocks also use and that hold no parameter (GPT-2's
+        `drop`, after its embeddings), with a nonzero probability: `frozen_eval_mode` leaves them training, so no
+        micro-batch can be served while they are."""
+        return [
+            name
+            for name, module in self._shared
+            if isinstance(module, nn.Dropout) and module.p > 0 and not any(True for _ in module.parameters())
+        ]
+
     def _prefix_reason(self) -> str | None:
         """Why the prefix's output is not a fixed function of the batch now, or None."""
         shared = {id(module) for _, module in self._shared}
@@ -800,6 +810,15 @@ class CacheFrozenActivations(TrainerComponent):
                 stacklevel=2,
             )
         self.cache = FrozenActivationCache.from_model(trainer.model, k, self.budget_bytes)
+        for name in self.cache.live_dropouts():
+            warnings.warn(
+                f"`cache_frozen_activations`=True cannot serve any micro-batch of {type(trainer.model).__name__}: "
+                f"its dropout `{name}` (p={self.cache.model.get_submodule(name).p}) acts on the frozen "
+                "embeddings' output but holds no parameter, so `frozen_eval_mode` leaves it training. Build the "
+                "model with that dropout at 0 (GPT-2: `embd_pdrop=0.0`), or call `.eval()` on it after each "
+                "`model.train()`.",
+                stacklevel=2,
+            )
         if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.args.world_size > 1:
             self.cache.share_across_processes()
 

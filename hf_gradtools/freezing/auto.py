@@ -10,7 +10,9 @@ The rule (`auto_freeze=True`), on the blocks of the layer stack that freezing fi
   G_i(k-1)`, and `tau` = the `auto_freeze_percentile` percentile of those `r_i` (linear interpolation, as
   `numpy.percentile`);
 - starting at the lowest unfrozen block, each next block freezes while its `r_i < tau`, never one of the top
-  `auto_freeze_keep_last` blocks, never the head; the embeddings freeze with block 0.
+  `auto_freeze_keep_last` blocks, never the head; the embeddings freeze with block 0 (not when they are the
+  output head too: tied weights, as GPT-2's, stay trainable, with one warning; a model without input embeddings
+  freezes its blocks only).
 
 A frozen block gets `requires_grad=False` and leaves the optimizer's stepping (its optimizer state is freed); with
 `frozen_eval_mode` it trains in eval mode from the next step. `frozen_layers` (the blocks of the stack frozen now,
@@ -27,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -35,8 +38,10 @@ from torch import nn
 from ..clipping import grad_norms
 from ..components import ClipStep, TrainerComponent, warn_starts_afresh
 from ..distributed import is_sharded
+from ..errors import LayerStackNotFoundError
 from ..layout import find_input_embeddings, find_layer_stack
 from ..state_fields import FieldReader
+from .functions import tied_heads
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,30 @@ def check_auto_freeze(model: nn.Module, settings, world_size: int = 1) -> None:
         )
 
 
+def embeddings_to_freeze(model: nn.Module) -> list[nn.Module]:
+    """The input embedding modules that automatic freezing freezes with block 0: none when the model has none (a
+    model fed with features), and none, with a warning, when the output head is tied to them (never the head)."""
+    try:
+        embeddings = find_input_embeddings(model)
+    except LayerStackNotFoundError as error:
+        warnings.warn(
+            f"`auto_freeze`=True will freeze only the blocks of {type(model).__name__}: {error}", stacklevel=2
+        )
+        return []
+    names = [f"{name}.{n}" for name, module in embeddings for n, p in module.named_parameters() if p.requires_grad]
+    tied = tied_heads(model, names)
+    if tied:
+        warnings.warn(
+            f"`auto_freeze`=True leaves the input embeddings of {type(model).__name__} trainable: they are the same "
+            f"tensor as the output head's {', '.join(tied)}, and automatic freezing never freezes the head. Its "
+            "blocks still freeze. Untie the weights (`tie_word_embeddings=False`) to let the embeddings freeze "
+            "with block 0, or set `freeze_embeddings=True` to freeze both.",
+            stacklevel=2,
+        )
+        return []
+    return [module for _, module in embeddings]
+
+
 class AutoFreeze(TrainerComponent):
     """`auto_freeze`: the rule above, as a trainer component (decides at the end of each interval)."""
 
@@ -98,6 +127,7 @@ class AutoFreeze(TrainerComponent):
         self.froze_embeddings = False
         self.decisions: list[dict] = []
         self._blocks: list[nn.Module] = []
+        self._embeddings: list[nn.Module] = []
         self._block_of: dict[int, int] = {}
         self._l2: torch.Tensor | None = None
         self._index: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # each parameter's block, cached
@@ -117,6 +147,7 @@ class AutoFreeze(TrainerComponent):
 
     def on_train_begin(self, trainer) -> None:
         self._blocks = list(find_layer_stack(trainer.model).blocks)
+        self._embeddings = embeddings_to_freeze(trainer.model)
         self._block_of = {id(p): i for i, block in enumerate(self._blocks) for p in block.parameters()}
         self.sums, self.previous, self.frozen, self.froze_embeddings, self.decisions = None, None, [], False, []
 
@@ -157,17 +188,20 @@ class AutoFreeze(TrainerComponent):
         )
         for i in chosen:
             self._freeze(trainer, self._blocks[i])
+        embeddings_now = False
         if 0 in chosen:
-            for _, module in find_input_embeddings(trainer.model):
+            for module in self._embeddings:
                 if any(p.requires_grad for p in module.parameters()):
                     self._freeze(trainer, module)
-                    self.froze_embeddings = True
+                    self.froze_embeddings = embeddings_now = True
         self.frozen += chosen
         self.decisions.append({"step": step, "froze": chosen, "tau": tau, "ratios": ratios})
         logger.info(
             "hf_gradtools: step %d: automatic freezing %s (r = %s, tau = %.4g); %d of %d blocks frozen.",
             step,
-            f"froze {', '.join(f'layer.{i}' for i in chosen)}" if chosen else "froze nothing",
+            f"froze {', '.join(['embeddings'] * embeddings_now + [f'layer.{i}' for i in chosen])}"
+            if chosen
+            else "froze nothing",
             ", ".join(f"layer.{i}: {r:.4g}" for i, r in ratios.items()),
             tau,
             self.frozen_layers(),
@@ -244,7 +278,7 @@ class AutoFreeze(TrainerComponent):
             self._freeze(trainer, self._blocks[i])
         if self.froze_embeddings:
             for _, module in find_input_embeddings(trainer.model):
-                self._freeze(trainer, module)
+                self._freeze(trainer, module)  # as saved, even if this model's head is tied to them now
         if self.sums is not None and not is_sharded([p for p in trainer.model.parameters()]):
             self.sums = self.sums.to(next(trainer.model.parameters()).device)
 

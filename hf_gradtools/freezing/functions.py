@@ -83,7 +83,7 @@ def get_trainable_parameters(module: nn.Module) -> list[str]:
     return [name for name, param in module.named_parameters() if param.requires_grad]
 
 
-def _tied_heads(model: nn.Module, frozen: list[str]) -> list[str]:
+def tied_heads(model: nn.Module, frozen: list[str]) -> list[str]:
     """Names of non-embedding modules' parameters that are the same tensors as `frozen` ones (tied output heads)."""
     wanted = {id(p) for n, p in model.named_parameters() if n in set(frozen)}
     modules = dict(model.named_modules())
@@ -104,7 +104,7 @@ def freeze_embeddings(model: nn.Module) -> list[str]:
     """
     modules = [module for _, module in find_input_embeddings(model)]
     frozen = _set_requires_grad(nn.ModuleList(modules), False, root=model)
-    tied = _tied_heads(model, frozen)
+    tied = tied_heads(model, frozen)
     if tied:
         warnings.warn(
             f"Freezing the input embeddings of {type(model).__name__} also freezes {', '.join(tied)}: tied to them, "

@@ -624,3 +624,25 @@ def test_gradient_checkpointing_and_states_kept_in_their_dtype(reentrant):
     skipped, result = served(model, cache, batch, 1)
     assert skipped and {entry.states.dtype for entry in cache._entries.values()} == {torch.float64}
     assert_same(result, step(reference, batch), tol=1e-10)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.0])
+def test_a_live_dropout_on_the_frozen_embeddings_is_said_at_train_begin(p):
+    """GPT-2's `drop` (after its embeddings, parameterless) stays training under `frozen_eval_mode`: with it at
+    p > 0 no micro-batch can be served, and the warning comes before the first step, naming the fix."""
+    from types import SimpleNamespace
+
+    cfg = tiny_config("gpt2")
+    cfg.embd_pdrop = p
+    model = T.GPT2LMHeadModel(cfg)
+    freeze_embeddings(model)
+    freeze_first_n_layers(model, 1)
+    component = activation_cache.CacheFrozenActivations(1e8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        component.on_train_begin(SimpleNamespace(model=model))
+    said = [str(w.message) for w in caught if "cannot serve any micro-batch" in str(w.message)]
+    if p:
+        assert len(said) == 1 and "dropout `transformer.drop` (p=0.1)" in said[0] and "`embd_pdrop=0.0`" in said[0]
+    else:
+        assert not said

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -145,3 +146,55 @@ def test_with_the_activation_cache_a_run_equals_the_uncached_one(tmp_path):
     for (name, p), q in zip(cached.model.named_parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert any(log["activation_cache_hit_rate"] > 0 for log in logs)
+
+
+def component_on(model) -> tuple[AutoFreeze, SimpleNamespace]:
+    """The rule's component on `model`, with percentile 100: blocks 0 and 1 of 3 freeze at the first decision."""
+    settings = SimpleNamespace(
+        auto_freeze_interval=1, auto_freeze_percentile=100.0, auto_freeze_keep_last=1, clip_norm_type=2.0
+    )
+    return AutoFreeze(settings), SimpleNamespace(model=model, optimizer=None)
+
+
+def decide(component, trainer) -> None:
+    component._decide(trainer, 2, {0: 1.0, 1: 1.0, 2: 1.0}, {0: 1.0, 1: 1.0, 2: 2.0})  # r = 0, 0, 1; tau = 1
+    assert component.frozen == [0, 1]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_head_tied_to_the_embeddings_never_freezes(tied):
+    config = tiny_config("gpt2")
+    config.tie_word_embeddings = tied
+    model = T.GPT2LMHeadModel(config)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    component, trainer = component_on(model)
+    if tied:
+        match = "leaves the input embeddings of GPT2LMHeadModel trainable: they are the same tensor as the output head"
+        with pytest.warns(UserWarning, match=match):
+            component.on_train_begin(trainer)
+    else:
+        component.on_train_begin(trainer)
+    decide(component, trainer)
+    assert not any(p.requires_grad for block in model.transformer.h[:2] for p in block.parameters())
+    assert component.froze_embeddings is not tied
+    assert model.transformer.wte.weight.requires_grad is tied and model.transformer.wpe.weight.requires_grad is tied
+    assert model.lm_head.weight.requires_grad  # tied or a head of its own: never frozen
+
+
+def test_a_model_without_input_embeddings_freezes_its_blocks_only():
+    class Stack(torch.nn.Module):  # no `get_input_embeddings`: its embedding is not found as such
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+            self.head = torch.nn.Linear(4, 2)
+
+    model = Stack()
+    component, trainer = component_on(model)
+    with pytest.warns(
+        UserWarning, match="`auto_freeze`=True will freeze only the blocks of Stack: Stack has no input"
+    ):
+        component.on_train_begin(trainer)
+    decide(component, trainer)  # no error at the decision (it stopped training at the first one)
+    assert [p.requires_grad for p in model.layers.parameters()] == [False] * 4 + [True] * 2
+    assert model.embed.weight.requires_grad and not component.froze_embeddings
