@@ -457,6 +457,47 @@ def check_training_state(
     return checked
 
 
+# The setting that turns each built-in component on, for the message when a checkpoint holds its entry and the
+# resuming run does not use it (a clip algorithm's entry is under its own name: `clip_algorithm`).
+COMPONENT_SETTINGS = {
+    "unfreezer": "gradual_unfreeze_steps",
+    "noise_scale": "log_grad_noise_scale",
+    "nonfinite_guard": "skip_nonfinite_grads",
+    "spike_guard": "skip_spike_steps",
+    "auto_freeze": "auto_freeze",
+}
+
+
+def check_state_components(folder: str | os.PathLike, state: dict, running: set[str]) -> None:
+    """Refuse to resume without automatic freezing from a checkpoint whose automatic freezing had frozen blocks
+    (they would train again, with no optimizer state); say which other saved entries this run (its components'
+    names, `running`) does not use, and so does not load.
+
+    Raises:
+        ChangedSettingsError: the `auto_freeze` entry has frozen blocks and `auto_freeze` is off now.
+    """
+    frozen = state.get("auto_freeze") or {}
+    if "auto_freeze" not in running and (frozen.get("frozen") or frozen.get("froze_embeddings")):
+        blocks = ", ".join(
+            ["embeddings"] * bool(frozen.get("froze_embeddings")) + [f"layer.{i}" for i in frozen["frozen"]]
+        )
+        raise ChangedSettingsError(
+            f"Cannot resume from {os.fspath(folder)}: it was saved with `auto_freeze`=True, which had frozen "
+            f"{blocks}, and this run has `auto_freeze`=False, so they would train again. Its optimizer state "
+            "covers only the parameters trainable then. Resume with `auto_freeze`=True, or start a new run from "
+            "its weights (load the model from the folder, no `resume_from_checkpoint`)."
+        )
+    unused = sorted(key for key in state if key not in running)
+    if unused:
+        logger.warning(
+            "hf_gradtools: %s holds the state of %s, which this run does not use (set by %s, off or other now): it "
+            "is not loaded, and the run goes on without it.",
+            os.fspath(folder),
+            ", ".join(f"`{key}`" for key in unused),
+            ", ".join(f"`{COMPONENT_SETTINGS.get(key, 'clip_algorithm')}`" for key in unused),
+        )
+
+
 def checkpoint_steps(folder: str | os.PathLike) -> int | None:
     """The `global_step` of the checkpoint `folder` (its `trainer_state.json`); None where that file does not say
     (none, unreadable, or no integer step: the Trainer refuses such a checkpoint itself when loading it)."""

@@ -43,6 +43,7 @@ from .checkpoints import (
     FROZEN_SETTINGS,
     begin_checkpoint_save,
     check_resume_settings,
+    check_state_components,
     checkpoint_save_error,
     checkpoint_step,
     load_training_state,
@@ -507,8 +508,10 @@ class GradTrainerMixin:
         if checkpoint is None:
             return None
         check_resume_settings(checkpoint, run_settings(self.args))
-        # A damaged state file is refused here, before anything is deleted or loaded.
-        load_training_state(checkpoint, self._state_checks())
+        # A damaged state file is refused here, before anything is deleted or loaded; so is a resume that would
+        # train blocks automatic freezing had frozen.
+        state = load_training_state(checkpoint, self._state_checks())
+        check_state_components(checkpoint, state, {c.name for c in self.components if c.name})
         try:
             step = checkpoint_step(checkpoint)
         except DamagedCheckpointError:

@@ -12,7 +12,8 @@ import pytest
 import torch
 import transformers as T
 
-from hf_gradtools import GradTrainer
+from hf_gradtools import ChangedSettingsError, GradTrainer
+from hf_gradtools.checkpoints import check_state_components, load_training_state
 from hf_gradtools.freezing import AutoFreeze, blocks_to_freeze
 from tests.conftest import classification_data, grad_args, tiny_config
 
@@ -113,6 +114,24 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     assert logs(resumed) == logs(full)
     for (name, p), q in zip(resumed.model.named_parameters(), full.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    checkpoint = os.path.join(args.output_dir, "checkpoint-14")
+    assert load_training_state(checkpoint)["auto_freeze"]["frozen"], "nothing frozen by step 14: nothing to refuse"
+    without = auto_args(tmp_path / "cut", save_strategy="steps", save_steps=7, auto_freeze=False)
+    with pytest.raises(
+        ChangedSettingsError, match=r"saved with `auto_freeze`=True, which had frozen (embeddings, )?layer"
+    ):
+        GradTrainer(model=six_layers(), args=without, train_dataset=data).train(resume_from_checkpoint=checkpoint)
+
+
+def test_a_saved_entry_this_run_does_not_use_is_said(caplog):
+    state = {"auto_freeze": {"previous": None, "sums": None, "frozen": [], "froze_embeddings": False}, "zclip": {}}
+    with caplog.at_level("WARNING", logger="hf_gradtools"):
+        check_state_components("ckpt", state, {"norm", "auto_freeze"})
+    assert "ckpt holds the state of `zclip`, which this run does not use (set by `clip_algorithm`" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_gradtools"):
+        check_state_components("ckpt", state, {"norm"})  # nothing was frozen yet: nothing trains again
+    assert "`auto_freeze`, `zclip`" in caplog.text
 
 
 @pytest.mark.parametrize(
