@@ -29,17 +29,20 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import write_json_atomic
 from ..clipping import grad_norms
 from ..components import ClipStep, TrainerComponent, warn_starts_afresh
 from ..distributed import is_sharded
 from ..errors import LayerStackNotFoundError
 from ..layout import find_input_embeddings, find_layer_stack
+from ..snapshots import FROZEN_PARAMETERS_FILE, describe_parameters
 from ..state_fields import FieldReader
 from .functions import tied_heads
 
@@ -196,6 +199,8 @@ class AutoFreeze(TrainerComponent):
                     self.froze_embeddings = embeddings_now = True
         self.frozen += chosen
         self.decisions.append({"step": step, "froze": chosen, "tau": tau, "ratios": ratios})
+        if chosen:
+            self._write_record(trainer)
         logger.info(
             "hf_gradtools: step %d: automatic freezing %s (r = %s, tau = %.4g); %d of %d blocks frozen.",
             step,
@@ -207,6 +212,17 @@ class AutoFreeze(TrainerComponent):
             self.frozen_layers(),
             len(self._blocks),
         )
+
+    def _write_record(self, trainer) -> None:
+        """`frozen_parameters.json` as the model is frozen now, with the blocks frozen at each decision (main process
+        only, atomically)."""
+        if not trainer.is_world_process_zero():
+            return
+        record = describe_parameters(trainer.model)
+        record["auto_freeze_history"] = [
+            {"step": d["step"], "froze": [f"layer.{i}" for i in d["froze"]]} for d in self.decisions if d["froze"]
+        ]
+        write_json_atomic(os.path.join(trainer.args.output_dir, FROZEN_PARAMETERS_FILE), record)
 
     @staticmethod
     def _freeze(trainer, module: nn.Module) -> None:
@@ -279,6 +295,8 @@ class AutoFreeze(TrainerComponent):
         if self.froze_embeddings:
             for _, module in find_input_embeddings(trainer.model):
                 self._freeze(trainer, module)  # as saved, even if this model's head is tied to them now
+        if self.frozen:
+            self._write_record(trainer)
         if self.sums is not None and not is_sharded([p for p in trainer.model.parameters()]):
             self.sums = self.sums.to(next(trainer.model.parameters()).device)
 

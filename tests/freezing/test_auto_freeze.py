@@ -4,6 +4,7 @@ per-layer norms, a frozen block stops changing and leaves the optimizer, and a r
 from __future__ import annotations
 
 import copy
+import json
 import os
 from types import SimpleNamespace
 
@@ -89,6 +90,11 @@ def test_the_frozen_blocks_follow_the_rule_by_hand(tmp_path):
             assert not any(name.startswith(prefix) for name in snapshots.state_sizes[later])  # its state is freed
     if 0 in component.frozen:
         assert not any(p.requires_grad for p in trainer.model.bert.embeddings.parameters())
+    with open(os.path.join(trainer.args.output_dir, "frozen_parameters.json")) as f:
+        record = json.load(f)  # rewritten at each decision that froze
+    assert record["frozen"] == [name for name, p in trainer.model.named_parameters() if not p.requires_grad]
+    decided = [{"step": d["step"], "froze": [f"layer.{i}" for i in d["froze"]]} for d in component.decisions]
+    assert record["auto_freeze_history"] == [d for d in decided if d["froze"]]
 
 
 def test_the_rule_on_numbers_by_hand():
@@ -172,7 +178,7 @@ def component_on(model) -> tuple[AutoFreeze, SimpleNamespace]:
     settings = SimpleNamespace(
         auto_freeze_interval=1, auto_freeze_percentile=100.0, auto_freeze_keep_last=1, clip_norm_type=2.0
     )
-    return AutoFreeze(settings), SimpleNamespace(model=model, optimizer=None)
+    return AutoFreeze(settings), SimpleNamespace(model=model, optimizer=None, is_world_process_zero=lambda: False)
 
 
 def decide(component, trainer) -> None:
