@@ -55,6 +55,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_gradtools import GradTrainer, GradTrainingArguments
 
@@ -427,23 +428,53 @@ def build_parser() -> HfArgumentParser:
     return HfArgumentParser(
         (ModelArguments, DataTrainingArguments, GradTrainingArguments),
         prog="run_glue.py",
-        usage="%(prog)s CONFIG.json  |  %(prog)s --task_name TASK [--flag VALUE ...]  (flags below)",
+        usage="%(prog)s [CONFIG.json] [--flag VALUE ...]  (flags below)",
         description="Fine-tune an encoder on a GLUE task or your own csv/json data with hf_gradtools' GradTrainer. "
-        "A single .json argument reads every flag from that file.",
+        "A .json first argument reads the flags from that file; flags after it override its values.",
         exit_on_error=False,
     )
 
 
 def parse_args(argv: Sequence[str] | None):
-    """The model, data and training arguments, from one `.json` file or from the command line."""
+    """The model, data and training arguments: from the command line, or from a `.json` file (its first argument)
+    with the flags after it overriding the file's values (`run_glue.py recipe.json --seed 43`)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     with setup_step():
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            if not os.path.isfile(argv[0]):
-                raise GlueSetupError(f"Config file {argv[0]!r} does not exist.")
+        if not argv or not argv[0].endswith(".json"):
+            return parser.parse_args_into_dataclasses(args=argv)
+        if not os.path.isfile(argv[0]):
+            raise GlueSetupError(f"Config file {argv[0]!r} does not exist.")
+        if len(argv) == 1:
             return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(args=argv)
+        with open(argv[0], encoding="utf-8") as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise GlueSetupError(f"Config file {argv[0]!r} holds {type(values).__name__}, not an object of flags.")
+        given = build_parser()  # the same flags, but only those on the command line land in the namespace
+        for action in given._actions:
+            action.default = argparse.SUPPRESS
+        overrides, unknown = given.parse_known_args(argv[1:])
+        if unknown:
+            raise GlueSetupError(f"Unknown flags after {argv[0]!r}: {' '.join(unknown)}.")
+        return parser.parse_dict({**values, **vars(overrides)})
+
+
+def resume_checkpoint(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: a checkpoint folder, or `true` (or `last`) for the
+    last complete checkpoint in `output_dir`; anything else is refused before the data and model load."""
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None or not training_args.do_train:
+        return None
+    if checkpoint.lower() in ("true", "last"):
+        return True
+    if not os.path.isdir(checkpoint):
+        raise GlueSetupError(
+            f"`resume_from_checkpoint` {checkpoint!r} is not a folder: pass a checkpoint folder (e.g. "
+            f"{os.path.join(training_args.output_dir, 'checkpoint-500')}), or `true` for the last complete one in "
+            "`output_dir`."
+        )
+    return checkpoint
 
 
 def check_class_weights(data_args: DataTrainingArguments, training_args, is_regression: bool | None = None) -> None:
@@ -497,8 +528,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         model_args.model_name_or_path = default_model_path()
     check_class_weights(data_args, training_args)
     stale = check_output_dir(data_args, training_args)
-    checkpoint = training_args.resume_from_checkpoint
-    if training_args.do_train and isinstance(checkpoint, str):  # go on with the head the checkpoint trained
+    checkpoint = resume_checkpoint(training_args)
+    if checkpoint is True:
+        checkpoint = get_last_checkpoint(training_args.output_dir) or True
+    if isinstance(checkpoint, str):  # go on with the head the checkpoint trained
         with setup_step():
             model_args.classifier_pooling = pooling_of_checkpoint(checkpoint, model_args.classifier_pooling)
     if training_args.dataloader_pin_memory and (training_args.use_cpu or not torch.accelerator.is_available()):
@@ -575,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     results: dict[str, float] = {}
     if train_dataset is not None:
-        output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        output = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
         metrics = dict(output.metrics)
         metrics["train_samples"] = len(train_dataset)
         trainer.save_model()

@@ -878,3 +878,36 @@ def test_every_recipe_parses_and_reads_the_shared_glue_copy(task):
     assert data_args.task_name == task and data_args.dataset_name == "../shared/glue"
     assert training_args.do_train and training_args.do_eval and training_args.output_dir == f"outputs/recipes/{task}"
     assert model_args.model_name_or_path is None  # the default model
+
+
+def test_flags_after_a_json_config_override_its_values(tmp_path):
+    recipe = os.path.join(ROOT, "examples", "recipes", "sst2.json")
+    elsewhere = str(tmp_path / "glue")
+    model_args, data_args, training_args = run_glue.parse_args(
+        [recipe, "--dataset_name", elsewhere, "--seed", "43", "--freeze_embeddings", "false"]
+    )
+    assert (data_args.dataset_name, training_args.seed, training_args.freeze_embeddings) == (elsewhere, 43, False)
+    assert data_args.task_name == "sst2" and training_args.freeze_first_n_layers == 2  # the rest from the file
+    with pytest.raises(run_glue.GlueSetupError, match=r"Unknown flags after '.*sst2.json': --bogus 1"):
+        run_glue.parse_args([recipe, "--bogus", "1"])
+
+
+@pytest.mark.parametrize("value", ["nowhere", "out/checkpoint-9"])
+def test_a_checkpoint_that_is_not_a_folder_is_refused_before_loading(encoder, tmp_path, value):
+    out = str(tmp_path / "out")
+    _assert_setup_error(
+        _common(encoder, out) + ["--task_name", "sst2", "--do_train", "--resume_from_checkpoint", value],
+        out,
+        rf"`resume_from_checkpoint` '{value}' is not a folder: pass a checkpoint folder .* or `true` for the last",
+    )
+
+
+def test_true_or_last_resumes_from_the_last_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    for value in ("true", "True", "last"):
+        args = SimpleNamespace(resume_from_checkpoint=value, do_train=True, output_dir=str(tmp_path))
+        assert run_glue.resume_checkpoint(args) is True  # `Trainer.train(resume_from_checkpoint=True)`
+    args = SimpleNamespace(resume_from_checkpoint=str(tmp_path), do_train=True, output_dir=str(tmp_path))
+    assert run_glue.resume_checkpoint(args) == str(tmp_path)
+    assert run_glue.resume_checkpoint(SimpleNamespace(resume_from_checkpoint=None, do_train=True)) is None
