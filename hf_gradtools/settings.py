@@ -224,8 +224,9 @@ class GradSettings:
             self.frozen_activation_cache_gb,
             0,
             math.inf,
-            "a positive number of GB",
+            "a positive finite number of GB",
             low_open=True,
+            high_open=True,
         )
         if self.auto_freeze and self.gradual_unfreeze_steps:
             raise ValueError(

@@ -148,6 +148,7 @@ def test_a_saved_entry_this_run_does_not_use_is_said(caplog):
         (dict(auto_freeze_percentile=0.0), r"`auto_freeze_percentile` must be a number in \(0, 100\]"),
         (dict(freeze_first_n_layers=1, gradual_unfreeze_steps=2), "opposite directions"),
         (dict(cache_frozen_activations=True, frozen_eval_mode=False), "needs `frozen_eval_mode`=True"),
+        (dict(frozen_activation_cache_gb=float("inf")), "`frozen_activation_cache_gb` must be a positive finite"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, fields, message):
