@@ -683,6 +683,8 @@ class FrozenActivationCache:
         """Drop every kept state (the budget warning stays said)."""
         self._entries.clear()
         self._bytes = 0
+        if self._new is not None:
+            self._new = []  # nothing computed before is sent on
 
     def stats(self) -> dict[str, float]:
         """`activation_cache_hit_rate` (examples served / examples seen since the last call; 0.0 when none) and

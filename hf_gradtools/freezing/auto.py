@@ -127,6 +127,7 @@ class AutoFreeze(TrainerComponent):
         self.previous: dict[int, float] | None = None  # G(k-1) of the last complete interval
         self.sums: torch.Tensor | None = None  # G(k) so far, one per block, on the device
         self.frozen: list[int] = []  # the blocks this rule froze, in order
+        self.frozen_at: list[int] = []  # the step at which each of them froze
         self.froze_embeddings = False
         self.decisions: list[dict] = []
         self._blocks: list[nn.Module] = []
@@ -153,6 +154,7 @@ class AutoFreeze(TrainerComponent):
         self._embeddings = embeddings_to_freeze(trainer.model)
         self._block_of = {id(p): i for i, block in enumerate(self._blocks) for p in block.parameters()}
         self.sums, self.previous, self.frozen, self.froze_embeddings, self.decisions = None, None, [], False, []
+        self.frozen_at = []
 
     def before_clip(self, trainer, step: ClipStep) -> None:
         self._l2 = None
@@ -198,6 +200,7 @@ class AutoFreeze(TrainerComponent):
                     self._freeze(trainer, module)
                     self.froze_embeddings = embeddings_now = True
         self.frozen += chosen
+        self.frozen_at += [step] * len(chosen)
         self.decisions.append({"step": step, "froze": chosen, "tau": tau, "ratios": ratios})
         if chosen:
             self._write_record(trainer)
@@ -219,9 +222,10 @@ class AutoFreeze(TrainerComponent):
         if not trainer.is_world_process_zero():
             return
         record = describe_parameters(trainer.model)
-        record["auto_freeze_history"] = [
-            {"step": d["step"], "froze": [f"layer.{i}" for i in d["froze"]]} for d in self.decisions if d["froze"]
-        ]
+        history: dict[int, list[str]] = {}
+        for block, step in zip(self.frozen, self.frozen_at, strict=False):  # steps: absent from older checkpoints
+            history.setdefault(step, []).append(f"layer.{block}")
+        record["auto_freeze_history"] = [{"step": step, "froze": blocks} for step, blocks in history.items()]
         write_json_atomic(os.path.join(trainer.args.output_dir, FROZEN_PARAMETERS_FILE), record)
 
     @staticmethod
@@ -244,6 +248,7 @@ class AutoFreeze(TrainerComponent):
             "previous": None if self.previous is None else {str(i): v for i, v in self.previous.items()},
             "sums": None if self.sums is None else self.sums.tolist(),
             "frozen": list(self.frozen),
+            "frozen_at": list(self.frozen_at),
             "froze_embeddings": self.froze_embeddings,
         }
 
@@ -271,6 +276,15 @@ class AutoFreeze(TrainerComponent):
             "frozen",
             "must be a list of block indices",
         )
+        if "frozen_at" in state:  # written since automatic freezing records its decisions' steps
+            frozen_at = fields._get("frozen_at")
+            fields.check(
+                isinstance(frozen_at, list)
+                and len(frozen_at) == len(frozen)
+                and all(_is_index(step) for step in frozen_at),
+                "frozen_at",
+                "must be a list of steps, one per frozen block",
+            )
         fields.boolean("froze_embeddings")
         fields.done()
         return state
@@ -290,6 +304,7 @@ class AutoFreeze(TrainerComponent):
         self.previous = None if state["previous"] is None else {int(k): v for k, v in state["previous"].items()}
         self.sums = None if state["sums"] is None else torch.tensor(state["sums"], dtype=torch.float64)
         self.frozen, self.froze_embeddings = list(state["frozen"]), state["froze_embeddings"]
+        self.frozen_at = list(state.get("frozen_at", []))
         for i in self.frozen:
             self._freeze(trainer, self._blocks[i])
         if self.froze_embeddings:

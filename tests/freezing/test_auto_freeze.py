@@ -90,8 +90,7 @@ def test_the_frozen_blocks_follow_the_rule_by_hand(tmp_path):
             assert not any(name.startswith(prefix) for name in snapshots.state_sizes[later])  # its state is freed
     if 0 in component.frozen:
         assert not any(p.requires_grad for p in trainer.model.bert.embeddings.parameters())
-    with open(os.path.join(trainer.args.output_dir, "frozen_parameters.json")) as f:
-        record = json.load(f)  # rewritten at each decision that froze
+    record = _read_record(trainer.args.output_dir)  # rewritten at each decision that froze
     assert record["frozen"] == [name for name, p in trainer.model.named_parameters() if not p.requires_grad]
     decided = [{"step": d["step"], "froze": [f"layer.{i}" for i in d["froze"]]} for d in component.decisions]
     assert record["auto_freeze_history"] == [d for d in decided if d["froze"]]
@@ -122,11 +121,20 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     checkpoint = os.path.join(args.output_dir, "checkpoint-14")
     assert load_training_state(checkpoint)["auto_freeze"]["frozen"], "nothing frozen by step 14: nothing to refuse"
+    late = GradTrainer(model=six_layers(), args=args, train_dataset=data)
+    late.train(resume_from_checkpoint=checkpoint)  # the decisions before 14 come from the checkpoint
+    record = lambda t: _read_record(t.args.output_dir)["auto_freeze_history"]  # noqa: E731
+    assert record(late) == record(full) and record(full)
     without = auto_args(tmp_path / "cut", save_strategy="steps", save_steps=7, auto_freeze=False)
     with pytest.raises(
         ChangedSettingsError, match=r"saved with `auto_freeze`=True, which had frozen (embeddings, )?layer"
     ):
         GradTrainer(model=six_layers(), args=without, train_dataset=data).train(resume_from_checkpoint=checkpoint)
+
+
+def _read_record(folder: str) -> dict:
+    with open(os.path.join(folder, "frozen_parameters.json")) as f:
+        return json.load(f)
 
 
 def test_a_saved_entry_this_run_does_not_use_is_said(caplog):
