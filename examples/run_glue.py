@@ -467,6 +467,12 @@ def resume_checkpoint(training_args) -> str | bool | None:
     if checkpoint is None or not training_args.do_train:
         return None
     if checkpoint.lower() in ("true", "last"):
+        out = training_args.output_dir
+        if not os.path.isdir(out) or get_last_checkpoint(out) is None:
+            raise GlueSetupError(
+                f"`resume_from_checkpoint` {checkpoint!r}: `output_dir` {out!r} holds no checkpoint to resume from; "
+                "train without the flag, or point `--output_dir` at the run to continue."
+            )
         return True
     if not os.path.isdir(checkpoint):
         raise GlueSetupError(

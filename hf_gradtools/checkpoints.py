@@ -88,8 +88,8 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         return f"{TRAINER_STATE_FILE} is unreadable ({type(e).__name__}: {e}; the save was cut off)"
     if not isinstance(state, dict) or "global_step" not in state:
         return f"{TRAINER_STATE_FILE} is not a Trainer state"
-    for entry in os.scandir(folder):
-        if entry.is_dir() or (entry.name.endswith(_WEIGHTS_ENDINGS) and entry.name not in _NOT_WEIGHTS):
+    with os.scandir(folder) as entries:
+        if any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
             return None
     return "no model weights"
 

@@ -64,6 +64,7 @@ from torch import nn
 
 from ..components import TrainerComponent
 from ..layout import find_input_embeddings, find_layer_stack
+from .auto import heads_tied_to_trainable_embeddings
 
 GB = 1e9  # bytes in a GB, as `frozen_activation_cache_gb` counts them
 
@@ -804,15 +805,22 @@ class CacheFrozenActivations(TrainerComponent):
 
     def on_train_begin(self, trainer) -> None:
         k = frozen_prefix(trainer.model)
-        if k == 0 and not self.prefix_grows:
+        tied = heads_tied_to_trainable_embeddings(trainer.model) if k == 0 and self.prefix_grows else []
+        nothing_to_serve = k == 0 and (not self.prefix_grows or bool(tied))
+        if nothing_to_serve:
+            how = (
+                f"automatic freezing leaves them trainable, as they are the output head's {', '.join(tied)} too "
+                "(tied): untie them (`tie_word_embeddings=False`) or set `freeze_embeddings`"
+                if tied
+                else "set `freeze_embeddings` and `freeze_first_n_layers`, or `auto_freeze`"
+            )
             warnings.warn(
                 "`cache_frozen_activations`=True, but the model's input embeddings and first block are not both "
-                "frozen, so the cache has nothing to serve until they are: set `freeze_embeddings` and "
-                "`freeze_first_n_layers`, or `auto_freeze`.",
+                f"frozen, so the cache has nothing to serve until they are: {how}.",
                 stacklevel=2,
             )
         self.cache = FrozenActivationCache.from_model(trainer.model, k, self.budget_bytes)
-        for name in self.cache.live_dropouts():
+        for name in self.cache.live_dropouts() if not nothing_to_serve else ():
             warnings.warn(
                 f"`cache_frozen_activations`=True cannot serve any micro-batch of {type(trainer.model).__name__}: "
                 f"its dropout `{name}` (p={self.cache.model.get_submodule(name).p}) acts on the frozen "

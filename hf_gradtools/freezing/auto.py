@@ -89,6 +89,18 @@ def check_auto_freeze(model: nn.Module, settings, world_size: int = 1) -> None:
         )
 
 
+def heads_tied_to_trainable_embeddings(model: nn.Module, embeddings: list | None = None) -> list[str]:
+    """The output-head parameters that are the same tensors as the model's trainable input embeddings (none when
+    it has no input embeddings the layout finds). `embeddings`: `find_input_embeddings(model)`, if at hand."""
+    if embeddings is None:
+        try:
+            embeddings = find_input_embeddings(model)
+        except LayerStackNotFoundError:
+            return []
+    names = [f"{name}.{n}" for name, module in embeddings for n, p in module.named_parameters() if p.requires_grad]
+    return tied_heads(model, names)
+
+
 def embeddings_to_freeze(model: nn.Module) -> list[nn.Module]:
     """The input embedding modules that automatic freezing freezes with block 0: none when the model has none (a
     model fed with features), and none, with a warning, when the output head is tied to them (never the head)."""
@@ -99,8 +111,7 @@ def embeddings_to_freeze(model: nn.Module) -> list[nn.Module]:
             f"`auto_freeze`=True will freeze only the blocks of {type(model).__name__}: {error}", stacklevel=2
         )
         return []
-    names = [f"{name}.{n}" for name, module in embeddings for n, p in module.named_parameters() if p.requires_grad]
-    tied = tied_heads(model, names)
+    tied = heads_tied_to_trainable_embeddings(model, embeddings)
     if tied:
         warnings.warn(
             f"`auto_freeze`=True leaves the input embeddings of {type(model).__name__} trainable: they are the same "
@@ -224,7 +235,8 @@ class AutoFreeze(TrainerComponent):
         record = describe_parameters(trainer.model)
         history: dict[int, list[str]] = {}
         for block, step in zip(self.frozen, self.frozen_at, strict=False):  # steps: absent from older checkpoints
-            history.setdefault(step, []).append(f"layer.{block}")
+            with_embeddings = block == 0 and self.froze_embeddings
+            history.setdefault(step, []).extend(["embeddings"] * with_embeddings + [f"layer.{block}"])
         record["auto_freeze_history"] = [{"step": step, "froze": blocks} for step, blocks in history.items()]
         write_json_atomic(os.path.join(trainer.args.output_dir, FROZEN_PARAMETERS_FILE), record)
 
@@ -310,8 +322,7 @@ class AutoFreeze(TrainerComponent):
         if self.froze_embeddings:
             for _, module in find_input_embeddings(trainer.model):
                 self._freeze(trainer, module)  # as saved, even if this model's head is tied to them now
-        if self.frozen:
-            self._write_record(trainer)
+        self._write_record(trainer)  # as frozen now: a record of later decisions is from the lost run
         if self.sums is not None and not is_sharded([p for p in trainer.model.parameters()]):
             self.sums = self.sums.to(next(trainer.model.parameters()).device)
 

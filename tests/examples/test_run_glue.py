@@ -907,7 +907,14 @@ def test_true_or_last_resumes_from_the_last_checkpoint(tmp_path):
 
     for value in ("true", "True", "last"):
         args = SimpleNamespace(resume_from_checkpoint=value, do_train=True, output_dir=str(tmp_path))
+        with pytest.raises(run_glue.GlueSetupError, match=r"holds no checkpoint to resume from"):
+            run_glue.resume_checkpoint(args)  # before the data and the model load
+        (tmp_path / "checkpoint-3").mkdir(exist_ok=True)
         assert run_glue.resume_checkpoint(args) is True  # `Trainer.train(resume_from_checkpoint=True)`
+        (tmp_path / "checkpoint-3").rmdir()
+    missing = SimpleNamespace(resume_from_checkpoint="true", do_train=True, output_dir=str(tmp_path / "none"))
+    with pytest.raises(run_glue.GlueSetupError, match=r"holds no checkpoint to resume from"):
+        run_glue.resume_checkpoint(missing)
     args = SimpleNamespace(resume_from_checkpoint=str(tmp_path), do_train=True, output_dir=str(tmp_path))
     assert run_glue.resume_checkpoint(args) == str(tmp_path)
     assert run_glue.resume_checkpoint(SimpleNamespace(resume_from_checkpoint=None, do_train=True)) is None

@@ -646,3 +646,23 @@ def test_a_live_dropout_on_the_frozen_embeddings_is_said_at_train_begin(p):
         assert len(said) == 1 and "dropout `transformer.drop` (p=0.1)" in said[0] and "`embd_pdrop=0.0`" in said[0]
     else:
         assert not said
+
+
+def test_a_cache_whose_embeddings_automatic_freezing_never_freezes_says_so():
+    """Tied to the output head, the embeddings stay trainable under `auto_freeze`: nothing can be served."""
+    from types import SimpleNamespace
+
+    cfg = tiny_config("gpt2")
+    cfg.embd_pdrop, cfg.tie_word_embeddings = 0.1, True
+    component = activation_cache.CacheFrozenActivations(1e8, prefix_grows=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        component.on_train_begin(SimpleNamespace(model=T.GPT2LMHeadModel(cfg)))
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "nothing to serve" in said[0] and "output head's lm_head.weight too (tied)" in said[0]
+    cfg.tie_word_embeddings = False  # untied, the embeddings can freeze: only the dropout is in the way
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        component.on_train_begin(SimpleNamespace(model=T.GPT2LMHeadModel(cfg)))
+    said = [str(w.message) for w in caught if "serve" in str(w.message)]
+    assert len(said) == 1 and "cannot serve any micro-batch" in said[0] and "`transformer.drop` (p=0.1)" in said[0]

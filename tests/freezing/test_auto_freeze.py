@@ -92,7 +92,10 @@ def test_the_frozen_blocks_follow_the_rule_by_hand(tmp_path):
         assert not any(p.requires_grad for p in trainer.model.bert.embeddings.parameters())
     record = _read_record(trainer.args.output_dir)  # rewritten at each decision that froze
     assert record["frozen"] == [name for name, p in trainer.model.named_parameters() if not p.requires_grad]
-    decided = [{"step": d["step"], "froze": [f"layer.{i}" for i in d["froze"]]} for d in component.decisions]
+    decided = [
+        {"step": d["step"], "froze": ["embeddings"] * (0 in d["froze"]) + [f"layer.{i}" for i in d["froze"]]}
+        for d in component.decisions
+    ]
     assert record["auto_freeze_history"] == [d for d in decided if d["froze"]]
 
 
@@ -121,6 +124,13 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     checkpoint = os.path.join(args.output_dir, "checkpoint-14")
     assert load_training_state(checkpoint)["auto_freeze"]["frozen"], "nothing frozen by step 14: nothing to refuse"
+    early = GradTrainer(
+        model=six_layers(),
+        args=auto_args(tmp_path / "cut", save_strategy="steps", save_steps=7, max_steps=8),
+        train_dataset=data,
+    )
+    early.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-7"))  # before any freezing
+    assert _read_record(args.output_dir)["frozen"] == [] and _read_record(args.output_dir)["auto_freeze_history"] == []
     late = GradTrainer(model=six_layers(), args=args, train_dataset=data)
     late.train(resume_from_checkpoint=checkpoint)  # the decisions before 14 come from the checkpoint
     record = lambda t: _read_record(t.args.output_dir)["auto_freeze_history"]  # noqa: E731
