@@ -14,8 +14,8 @@ When the run logged `grad_noise_scale` (`log_grad_noise_scale`) and its `trainer
 `grad_noise_scale.png` in the folder of the gradient-norm PNG; a run that logged it but took no snapshots gets that
 figure alone, with a note on stderr.
 
-`python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots, a
-damaged or foreign file (named, with the field at fault) and a link that leads out of the run folder (not
+`python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots (but
+for `summary` of a run that froze: its counts, then the missing snapshots said), a damaged or foreign file (named, with the field at fault) and a link that leads out of the run folder (not
 followed, `run_folder.py`) are each reported in one line on stderr, with exit status 1.
 
 When the run's `all_results.json` holds the class spread of its predictions (`eval_top_class` and
@@ -123,6 +123,28 @@ def prediction_lines(output_dir: str) -> list[str]:
     return lines
 
 
+def _layout_lines(description: dict) -> list[str]:
+    """The frozen/trainable counts, the layer stack, the embeddings and the fully frozen groups."""
+    layer_stack, embeddings = description.get("layer_stack"), description.get("embeddings") or []
+    return [
+        summary_line(description),
+        f"layer stack: {layer_stack or 'not found'}; embeddings: {', '.join(embeddings) or 'not found'}; "
+        f"fully frozen groups: {', '.join(frozen_groups(description)) or 'none'}",
+    ]
+
+
+def _frozen_lines(output_dir: str) -> list[str]:
+    """`_layout_lines` of the run's `frozen_parameters.json` when it holds the counts; else none."""
+    folder = run_folder_of(output_dir)
+    path = os.path.join(folder, FROZEN_PARAMETERS_FILE)
+    if not os.path.isdir(folder) or not os.path.lexists(path):
+        return []
+    try:
+        return _layout_lines(check_description(read_run_json(folder, path), path, counts=True))
+    except ValueError:
+        return []  # not a complete record: the missing snapshots are the error to report
+
+
 def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
     """The text `hf-gradtools summary` prints for the run in `output_dir`.
 
@@ -149,21 +171,19 @@ def summarize(output_dir: str, top: int = 10, mean: bool = False) -> str:
     try:
         description, snapshots = load_run(output_dir)
     except FileNotFoundError as error:
-        # A run without a gradient record still has its predictions to report (e.g. one that answers one class).
-        predictions = prediction_lines(output_dir) if os.path.isdir(output_dir) else []
-        if not predictions:
+        # A run without snapshots still has its frozen counts (a run that froze) and its predictions to report.
+        lines = _frozen_lines(output_dir)
+        lines += prediction_lines(output_dir) if os.path.isdir(output_dir) else []
+        if not lines:
             raise
-        return "\n".join([*predictions, f"no gradient record: {error}"])
+        return "\n".join([*lines, f"no gradient record: {error}"])
     check_description(description, os.path.join(run_folder_of(output_dir), FROZEN_PARAMETERS_FILE), counts=True)
     last = snapshots[-1]
     norm_type = _format_norm_type(last.get("norm_type", 2.0))
     steps = [s["step"] for s in snapshots]
-    layer_stack, embeddings = description.get("layer_stack"), description.get("embeddings") or []
 
     lines = [
-        summary_line(description),
-        f"layer stack: {layer_stack or 'not found'}; embeddings: {', '.join(embeddings) or 'not found'}; "
-        f"fully frozen groups: {', '.join(frozen_groups(description)) or 'none'}",
+        *_layout_lines(description),
         f"snapshots: {len(snapshots)} (steps {steps[0]} to {steps[-1]}), norm type {norm_type}, before clipping; "
         f"last total norm {last['total_norm_pre_clip']:.4g} (after clipping {last['total_norm_post_clip']:.4g})",
     ]

@@ -567,3 +567,16 @@ def test_a_damaged_or_foreign_run_file_is_one_line_and_exit_1(hand_run, capsys, 
     assert status == 1 and len(err) == 1
     assert err[0].startswith(f"hf-gradtools: error: {path!r}") and message in err[0]
     assert [f for f in os.listdir(hand_run) if f.endswith(".png")] == []  # every input is checked before any PNG
+
+
+def test_summary_of_a_run_that_froze_without_snapshots_gives_its_counts(tmp_path, capsys):
+    """`frozen_parameters.json` holds the counts (a run that froze, `grad_snapshot_steps` 0): they are printed, and
+    the missing snapshots said after them; exit 0."""
+    record = {"frozen": ["embeddings.weight"], "num_frozen": 6400, "trainable": ["classifier.weight"],
+              "num_trainable": 130, "layer_stack": "bert.encoder.layer", "embeddings": ["embeddings"]}  # fmt: skip
+    (tmp_path / "frozen_parameters.json").write_text(json.dumps(record))
+    assert main(["summary", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "frozen: 1 tensors, 6,400 elements; trainable: 1 tensors, 130 elements (2.0% of 6,530)"
+    assert lines[1].startswith("layer stack: bert.encoder.layer; embeddings: embeddings")
+    assert lines[-1].startswith("no gradient record: No gradient snapshot in")
