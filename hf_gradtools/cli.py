@@ -14,9 +14,10 @@ When the run logged `grad_noise_scale` (`log_grad_noise_scale`) and its `trainer
 `grad_noise_scale.png` in the folder of the gradient-norm PNG; a run that logged it but took no snapshots gets that
 figure alone, with a note on stderr.
 
-`python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots (but
-for `summary` of a run that froze: its counts, then the missing snapshots said), a damaged or foreign file (named, with the field at fault) and a link that leads out of the run folder (not
-followed, `run_folder.py`) are each reported in one line on stderr, with exit status 1.
+`python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots, a
+damaged or foreign file (named, with the field at fault) and a link that leads out of the run folder (not
+followed, `run_folder.py`) are each reported in one line on stderr, with exit status 1; `summary` of a run that
+froze but took no snapshots prints its frozen and trainable counts, then says that there are none (exit 0).
 
 When the run's `all_results.json` holds the class spread of its predictions (`eval_top_class` and
 `eval_top_class_share`, as `examples/run_glue.py` writes them), `summary` also says which class was predicted most

@@ -42,7 +42,7 @@ from ..components import ClipStep, TrainerComponent, warn_starts_afresh
 from ..distributed import is_sharded
 from ..errors import LayerStackNotFoundError
 from ..layout import find_input_embeddings, find_layer_stack
-from ..snapshots import FROZEN_PARAMETERS_FILE, describe_parameters
+from ..snapshots import FROZEN_PARAMETERS_FILE, GradSnapshotCallback, describe_parameters
 from ..state_fields import FieldReader
 from .functions import tied_heads
 
@@ -143,6 +143,7 @@ class AutoFreeze(TrainerComponent):
         self.decisions: list[dict] = []
         self._blocks: list[nn.Module] = []
         self._embeddings: list[nn.Module] = []
+        self._record_due = False
         self._block_of: dict[int, int] = {}
         self._l2: torch.Tensor | None = None
         self._index: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # each parameter's block, cached
@@ -187,6 +188,9 @@ class AutoFreeze(TrainerComponent):
         self.sums = block_norms if self.sums is None else self.sums + block_norms
 
     def on_step_end(self, trainer) -> None:
+        if self._record_due:  # resumed: the record as frozen now (one of later decisions is from the lost run)
+            self._record_due = False
+            self._write_record(trainer)
         step = trainer.state.global_step
         if step % self.interval:
             return
@@ -238,7 +242,11 @@ class AutoFreeze(TrainerComponent):
             with_embeddings = block == 0 and self.froze_embeddings
             history.setdefault(step, []).extend(["embeddings"] * with_embeddings + [f"layer.{block}"])
         record["auto_freeze_history"] = [{"step": step, "froze": blocks} for step, blocks in history.items()]
-        write_json_atomic(os.path.join(trainer.args.output_dir, FROZEN_PARAMETERS_FILE), record)
+        writers = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GradSnapshotCallback)]
+        for callback in writers:  # its queue writes the file too: one order of writes
+            callback.rewrite_record(trainer.args, record)
+        if not writers:
+            write_json_atomic(os.path.join(trainer.args.output_dir, FROZEN_PARAMETERS_FILE), record)
 
     @staticmethod
     def _freeze(trainer, module: nn.Module) -> None:
@@ -322,7 +330,7 @@ class AutoFreeze(TrainerComponent):
         if self.froze_embeddings:
             for _, module in find_input_embeddings(trainer.model):
                 self._freeze(trainer, module)  # as saved, even if this model's head is tied to them now
-        self._write_record(trainer)  # as frozen now: a record of later decisions is from the lost run
+        self._record_due = True  # written at the first step: after the snapshot callback's record of train begin
         if self.sums is not None and not is_sharded([p for p in trainer.model.parameters()]):
             self.sums = self.sums.to(next(trainer.model.parameters()).device)
 

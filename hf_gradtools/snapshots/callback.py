@@ -193,6 +193,13 @@ class GradSnapshotCallback(TrainerCallback):
         path = os.path.join(folder, f"step-{step:08d}.json")
         self._submit(_write_snapshot, path, step, self.norm(args), names, result, self.limit(args), skipped, tensors)
 
+    def rewrite_record(self, args, record: dict) -> None:
+        """Queue `record` as this run's `frozen_parameters.json` (the frozen state changed, e.g. by automatic
+        freezing), keeping the `no_grad` list already recorded; in order with the other writes of this callback."""
+        no_grad = {"no_grad": self._description["no_grad"]} if "no_grad" in (self._description or {}) else {}
+        self._description = {**record, **no_grad}
+        self._submit(write_json_atomic, os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE), self._description)
+
     def record_no_grad(self, args, state, names: list[str]) -> None:
         """Add `no_grad` (trainable parameters that received no gradient) to this run's `frozen_parameters.json`."""
         if not state.is_world_process_zero or self._description is None:

@@ -131,7 +131,8 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     )
     early.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-7"))  # before any freezing
     assert _read_record(args.output_dir)["frozen"] == [] and _read_record(args.output_dir)["auto_freeze_history"] == []
-    late = GradTrainer(model=six_layers(), args=args, train_dataset=data)
+    snapshots = auto_args(tmp_path / "cut", save_strategy="steps", save_steps=7, grad_snapshot_steps=1)
+    late = GradTrainer(model=six_layers(), args=snapshots, train_dataset=data)  # the callback writes the record too
     late.train(resume_from_checkpoint=checkpoint)  # the decisions before 14 come from the checkpoint
     record = lambda t: _read_record(t.args.output_dir)["auto_freeze_history"]  # noqa: E731
     assert record(late) == record(full) and record(full)
