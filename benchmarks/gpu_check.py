@@ -13,6 +13,10 @@ Checks (each prints PASS/FAIL; the exit status is the number of failures):
 3. Value clipping under fp16: every element of the unscaled gradient is within [-v, v] at the optimizer step.
 4. Exact accumulation on CUDA: (batch 16, accumulation 1) and (batch 4, accumulation 4) give one gradient.
 5. Timing, interleaved (A B A B): plain Trainer vs GradTrainer, and GradTrainer with and without snapshots.
+6. The spike guard adds no host sync: `zclip` + `skip_spike_steps` (bf16, the fused AdamW) with
+   `torch.cuda.set_sync_debug_mode("error")` around each step's clipping, guards and optimizer step, a spike
+   injected at step 12 and skipped (parameters unchanged across it); the host's decision, as a control, must trip
+   the same check.
 """
 
 from __future__ import annotations
@@ -259,6 +263,81 @@ def timing(out: str, data, rounds: int, steps: int) -> None:
         )
 
 
+class SyncChecked(GradTrainer):
+    """Raises (CUDA's sync check, "error") on any host sync in the clipping, the guards and the optimizer step;
+    multiplies the loss by 1000 at step `SPIKE`."""
+
+    SPIKE = 12
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * 1000.0 if model.training and self.state.global_step + 1 == self.SPIKE else loss
+
+    def _clip_and_record(self):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return super()._clip_and_record()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+class SyncCheckedStep(T.TrainerCallback):
+    def __init__(self):
+        self.params = {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def spike_guard_sync_check(out: str, data) -> None:
+    from hf_gradtools.guards import SkipSpikes
+
+    for on_device in (True, False):
+        SkipSpikes.decide_on_device = on_device
+        steps = SyncCheckedStep()
+        args = args_for(
+            os.path.join(out, f"spike_sync_{on_device}"),
+            bf16=True,
+            optim="adamw_torch_fused",
+            max_steps=20,
+            per_device_train_batch_size=4,
+            logging_steps=5,
+            logging_nan_inf_filter=False,
+            skip_spike_steps=True,
+            spike_min_history=8,
+            spike_window=16,
+            clip_algorithm="zclip",
+            zclip_warmup_steps=5,
+            max_grad_norm=1.0,
+        )
+        trainer = SyncChecked(model=minilm_shaped().cuda(), args=args, train_dataset=data, callbacks=[steps])
+        try:
+            trainer.train()
+            error = None
+        except RuntimeError as e:  # the sync check's error
+            error = str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        if on_device:
+            skips = [h.get("spike_skips") for h in trainer.state.log_history if "loss" in h]
+            before, after = steps.params.get(SyncChecked.SPIKE - 1, {}), steps.params.get(SyncChecked.SPIKE, {})
+            same = error is None and all(torch.equal(after[n], v) for n, v in before.items())
+            check(
+                "spike guard on the device: no host sync",
+                error is None and same and skips[-1] == 1,
+                f"error={error}, spike_skips={skips}, parameters unchanged across the skip: {same}",
+            )
+        else:
+            check("spike guard on the host (control): the sync check trips", error is not None, f"error={error}")
+    SkipSpikes.decide_on_device = None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/gpu")
@@ -277,6 +356,7 @@ def main() -> int:
     mixed_precision_checks(opts.output, small)
     value_clip_check(opts.output, small)
     accumulation_check(opts.output, small)
+    spike_guard_sync_check(opts.output, small)
     if not opts.skip_timing:
         timing(opts.output, Rows(32 * 4 * opts.steps, 128, seed=1), opts.rounds, opts.steps)
     with open(os.path.join(opts.output, "gpu_check.json"), "w", encoding="utf-8") as f:

@@ -11,9 +11,10 @@ noise meter, the unfreezer, the snapshot feed, and any of your own. `GradTrainer
 | `micro_batch(trainer, inputs)` | a context manager around that forward and backward (left even when it raises) |
 | `on_window_end(trainer)` | after a window's last backward, before clipping |
 | `before_clip(trainer, step)` | the gradients as the window left them (`step.params`) |
-| `should_skip(trainer, step)` | after clipping (`step.result`): `True` skips the optimizer step (`guards.StepSkipper`) |
+| `should_skip(trainer, step)` | after clipping (`step.result`): `True`, or a 0-dim bool tensor kept on the device, skips the optimizer step (`guards.StepSkipper`) |
 | `after_clip(trainer, step)` | after the decision (`step.skipped`) |
 | `on_step_end(trainer)` | after the optimizer and scheduler stepped (`trainer.state.global_step` counts it) |
+| `read_back(trainer)` | at a training log, a checkpoint and the end: bring decisions kept on the device to the host |
 | `log_entries(trainer)` | a training log: what it adds |
 | `state_dict()` / `load_state_dict(state, trainer)` | the checkpoint's `hf_gradtools_state.json`, under `name` |
 
@@ -61,14 +62,15 @@ class ClipStep:
         params: the parameters with a gradient, in `model.parameters()` order.
         names: their names in the model.
         result: the clipping's `ClipResult` (norms before clipping, total norm after), once clipped.
-        skipped: whether a guard skipped the step (known in `after_clip`).
+        skipped: whether a guard skipped the step (known in `after_clip`): a bool, or a 0-dim bool tensor when the
+            decision stayed on the device.
     """
 
     step: int
     params: list[nn.Parameter]
     names: list[str]
     result: Any = None
-    skipped: bool = False
+    skipped: bool | torch.Tensor = False
     extras: dict = field(default_factory=dict)  # what one component hands another within the step
 
 
@@ -107,8 +109,9 @@ class TrainerComponent:
     def before_clip(self, trainer, step: ClipStep) -> None:
         """The accumulated gradients, before value clipping and the clip algorithm."""
 
-    def should_skip(self, trainer, step: ClipStep) -> bool:
-        """Whether this optimizer step must not be applied (a guard); every component is asked."""
+    def should_skip(self, trainer, step: ClipStep) -> bool | torch.Tensor:
+        """Whether this optimizer step must not be applied (a guard); every component is asked. A 0-dim bool tensor
+        keeps the decision on the device (see `guards.skip`)."""
         return False
 
     def after_clip(self, trainer, step: ClipStep) -> None:
@@ -116,6 +119,9 @@ class TrainerComponent:
 
     def on_step_end(self, trainer) -> None:
         """After the optimizer and scheduler stepped."""
+
+    def read_back(self, trainer) -> None:
+        """Read what was kept on the device since the last read (before a log's entries and a checkpoint's save)."""
 
     def log_entries(self, trainer) -> dict[str, float]:
         """What a training log gains (plain numbers)."""

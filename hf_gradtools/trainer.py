@@ -28,6 +28,7 @@ Example (the last two lines train, on your model and data):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections import deque
@@ -68,7 +69,7 @@ from .freezing import (
     has_frozen_parameters,
     restore_requires_grad,
 )
-from .guards import SkipNonFinite, SkipSpikes, StepSkipper
+from .guards import SkipNonFinite, SkipSpikes, StepSkipper, device_skip_blocker, hold_scheduler
 from .monitoring import LayerNormsLog, NoiseScaleLog, no_grad_warning, parameters_without_grad
 from .patterns import check_patterns
 from .schedules import GradualUnfreezeCallback, set_frozen_eval_mode
@@ -183,6 +184,7 @@ class GradTrainerMixin:
         self._components: list[TrainerComponent] | None = None
         self._names = ParameterNames()
         self._skipper = StepSkipper()
+        self._device_skips: list[torch.Tensor] = []  # the flags of steps skipped on the device, not read yet
         self.resumed_checkpoint: str | None = None
         flags = [(p, p.requires_grad) for p in model.parameters()] if model is not None else []
         if model is not None:
@@ -304,13 +306,17 @@ class GradTrainerMixin:
                 "saved with each snapshot: set `grad_snapshot_steps` too."
             )
         self._components, self._no_grad_reported = None, False  # a fresh set per run
+        self._device_skips = []
         resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
         # SIGTERM exits after the queued snapshots are written (`signals.py`); with none to write, signals stay alone.
         on_sigterm = exit_cleanly_on_sigterm() if self._snapshot_callbacks() else contextlib.nullcontext()
         with on_sigterm:
             try:
-                return super().train(resume_from_checkpoint, *args, **kwargs)
+                output = super().train(resume_from_checkpoint, *args, **kwargs)
+                self._read_back()
+                return output
             finally:
+                self._skipper.clear_device_flag()
                 self.callback_handler.callbacks = [
                     cb for cb in self.callback_handler.callbacks if not isinstance(cb, ComponentSteps)
                 ]
@@ -410,12 +416,30 @@ class GradTrainerMixin:
             component.before_clip(self, step)
         clipping = self.component(GradientClipping) or GradientClipping(self.grad_settings)
         step.result = clipping.clip(self.model, step)
-        step.skipped = any([component.should_skip(self, step) for component in components])  # every one is asked
+        decisions = [component.should_skip(self, step) for component in components]  # every one is asked
+        on_device = [d for d in decisions if isinstance(d, torch.Tensor)]
+        step.skipped = any(d for d in decisions if not isinstance(d, torch.Tensor))
+        if on_device and not step.skipped:  # kept on the device where the optimizer can skip on a flag
+            flag = functools.reduce(torch.logical_or, on_device)
+            step.skipped = flag if device_skip_blocker(self.optimizer, self.lr_scheduler) is None else bool(flag)
         for component in components:
             component.after_clip(self, step)
-        if step.skipped:
+        if step.skipped is True:
             self._skipper.skip(params, self.optimizer)
+        elif isinstance(step.skipped, torch.Tensor):
+            self._skipper.skip_on_device(self.optimizer, step.skipped)
+            self._device_skips.append(step.skipped)
         return step.result.total_norm
+
+    def _read_back(self) -> None:
+        """Bring the decisions kept on the device to the host (at logs, checkpoints, the end): the scheduler, which
+        stepped past the steps skipped there, is set back by their number; then each component reads its own."""
+        if self._device_skips:
+            skipped = int(torch.stack(self._device_skips).sum())
+            self._device_skips = []
+            hold_scheduler(self.lr_scheduler, skipped)
+        for component in self._components or ():
+            component.read_back(self)
 
     def _uses_own_clipping(self) -> bool:
         # Only called once gradients exist: the Trainer caches `_has_mixed_mesh_grads` on its first call.
@@ -489,6 +513,7 @@ class GradTrainerMixin:
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._components is not None:  # a training logging step
+            self._read_back()
             for component in self._components:
                 logs.update(component.log_entries(self))
         return super().log(logs, start_time)
@@ -553,6 +578,7 @@ class GradTrainerMixin:
         earlier save of the same folder incomplete first, and records the freeze settings and world size
         (`grad_settings.json`, atomically) before the Trainer's files. A save that runs out of space raises
         `CheckpointSaveError`, naming the file and saying that resuming skips the incomplete folder."""
+        self._read_back()  # before the scheduler's position is saved
         for callback in self._snapshot_callbacks():
             callback.flush()
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

@@ -2,9 +2,10 @@
 
 | module | what |
 |---|---|
-| `skip.py` | `skip_optimizer_step`, `StepSkipper`: no update, optimizer-state or scheduler change; the step counts |
+| `skip.py` | `StepSkipper`: no update, optimizer-state or scheduler change; the step counts (also on the device) |
 | `nonfinite.py` | `NonFiniteGuard`, `SkipNonFinite`: a step whose gradients hold NaN or Inf (`skip_nonfinite_grads`) |
 | `spike.py` | `SpikeHistory`, `SkipSpikes`: a step whose loss or gradient norm spikes (`skip_spike_steps`) |
+| `spike_device.py` | `DeviceSpikeHistory`: the spike rule's history and thresholds as tensors, never read back |
 """
 
 from .nonfinite import (
@@ -18,7 +19,7 @@ from .nonfinite import (
     norms_nonfinite,
     skip_message,
 )
-from .skip import StepSkipper, skip_optimizer_step
+from .skip import StepSkipper, device_skip_blocker, hold_scheduler, skip_optimizer_step
 from .spike import SkipSpikes, SpikeHistory
 
 __all__ = [
@@ -34,5 +35,7 @@ __all__ = [
     "norms_nonfinite",
     "skip_message",
     "StepSkipper",
+    "device_skip_blocker",
+    "hold_scheduler",
     "skip_optimizer_step",
 ]

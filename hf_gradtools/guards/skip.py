@@ -5,6 +5,11 @@ no-op that accelerate reports as skipped (`optimizer_step_was_skipped`), so the 
 alone; `global_step` still counts the step. With fp16's grad scaler the step is handed to the scaler as an
 overflow: it skips the update and lowers the scale, as for any overflow.
 
+A decision that stays on the device (a 0-dim bool tensor) goes to `StepSkipper.skip_on_device` instead: it is
+handed to a fused torch optimizer as its `found_inf` flag (the flag fp16's grad scaler uses), whose kernel then
+leaves every parameter and state tensor as it was, step counts included, with no host read. The scheduler cannot
+see such a decision: `hold_scheduler` sets it back once the host has read how many steps were skipped.
+
 Example:
     >>> import torch
     >>> from accelerate import Accelerator
@@ -27,6 +32,41 @@ import torch
 from torch import nn
 
 from ..distributed import is_sharded, local_tensor
+
+
+def device_skip_blocker(optimizer, scheduler) -> str | None:
+    """Why a step cannot be skipped on the device with this optimizer and scheduler (`None`: it can).
+
+    It needs a fused torch optimizer (`optim="adamw_torch_fused"`, the Trainer's default with torch >= 2.8: one that
+    takes a `found_inf` flag), no grad scaler (fp16's sets that flag itself), and a `LambdaLR` scheduler (every
+    schedule of `transformers.get_scheduler` but `reduce_lr_on_plateau`), whose position can be set back.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not getattr(inner, "_step_supports_amp_scaling", False):
+        return (
+            f"the optimizer ({type(inner).__name__}) is not a fused one that takes a skip flag; "
+            "`optim='adamw_torch_fused'` is"
+        )
+    if getattr(optimizer, "scaler", None) is not None:
+        return "fp16's grad scaler sets the optimizer's skip flag itself"
+    schedule = getattr(scheduler, "scheduler", scheduler)
+    if not isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
+        return f"the scheduler ({type(schedule).__name__}) is not a LambdaLR, whose position can be set back"
+    return None
+
+
+def hold_scheduler(scheduler, steps: int) -> None:
+    """Set a `LambdaLR` back by `steps` positions (steps skipped on the device, which it stepped past): its
+    position, its last rates and the optimizer's rates become what holding it at each of them would have left."""
+    schedule = getattr(scheduler, "scheduler", scheduler)
+    if steps <= 0:
+        return
+    schedule.last_epoch -= steps
+    position = schedule.last_epoch
+    rates = [base * rule(position) for base, rule in zip(schedule.base_lrs, schedule.lr_lambdas, strict=True)]
+    for group, rate in zip(schedule.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    schedule._last_lr = rates
 
 
 def skip_optimizer_step(optimizer) -> None:
@@ -61,6 +101,7 @@ class StepSkipper:
 
     def __init__(self):
         self._marked = None
+        self._flagged = None
 
     def begin_step(self) -> None:
         """Before a step's guards decide: the last step's skip mark is cleared (this step is not skipped, unless
@@ -68,6 +109,21 @@ class StepSkipper:
         if self._marked is not None:
             self._marked._is_overflow = False
             self._marked = None
+        self.clear_device_flag()
+
+    def clear_device_flag(self) -> None:
+        """Take back the `found_inf` flag `skip_on_device` handed the optimizer (after its step, or at the end)."""
+        if self._flagged is not None:
+            self._flagged.found_inf = None
+            self._flagged = None
+
+    def skip_on_device(self, optimizer, skip: torch.Tensor) -> None:
+        """Make `optimizer`'s next step leave everything as it was where `skip` (a 0-dim bool tensor) is true, with
+        no host read: the fused step's `found_inf` flag (see `device_skip_blocker` for what it needs)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.found_inf = skip.to(torch.float32)
+        inner.grad_scale = None
+        self._flagged = inner
 
     def skip(self, params: list[nn.Parameter], optimizer) -> None:
         """Zero the gradients of `params` and make `optimizer`'s next step a no-op reported as skipped."""

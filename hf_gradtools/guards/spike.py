@@ -12,8 +12,15 @@ norm exceeds mean + 6 standard deviations of the last 128 steps; `SpikeHistory` 
 
 `SkipSpikes`, the trainer component (`skip_spike_steps=True`), skips through the same mechanism as the non-finite
 guard (`skip.py`), logs `spike_skips`, and names in its warning the layer group (`embeddings`, `layer.<i>`, `head`)
-whose gradient norm grew most relative to its own mean over the history. It reads the step's values back once per
-optimizer step (a skip is the host's decision).
+whose gradient norm grew most relative to its own mean over the history.
+
+Where the gradients live on an accelerator, the rule runs on the device (`spike_device.py`) and the step is skipped
+by the fused optimizer's `found_inf` flag (`skip.py`): no host read until the next training log or checkpoint,
+which reads the steps since the last one at once, warns for each skip and stops training after `max_spike_skips`
+in a row; the trainer then sets the scheduler back by the steps it stepped past. Between a skip and that read, the
+learning rate runs one schedule position ahead per skip. Without a fused optimizer and a `LambdaLR` schedule (or
+on the CPU, where a read costs nothing), the decision is read back at each optimizer step and the skip is the
+host's.
 
 Example:
     >>> history = SpikeHistory(window=4, sigma=3.0, min_history=3)
@@ -38,6 +45,8 @@ from ..distributed import agree_across_ranks
 from ..errors import LossSpikeError
 from ..monitoring import LayerNormGrouper
 from ..state_fields import FieldReader
+from .skip import device_skip_blocker
+from .spike_device import DeviceSpikeHistory, growth_leader
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,7 @@ class SkipSpikes(TrainerComponent):
 
     name = "spike_guard"
     every_step = True
+    decide_on_device: bool | None = None  # `None`: on the device where the gradients are not on the CPU
 
     def __init__(self, window: int, sigma: float, min_history: int, max_consecutive: int, norm_type: float):
         self.history = SpikeHistory(window, sigma, min_history)
@@ -90,7 +100,11 @@ class SkipSpikes(TrainerComponent):
         self.group_keys: list[str] = []
         self._loss: torch.Tensor | None = None
         self._grouper: LayerNormGrouper | None = None
-        self._step: tuple[list[float], list[float], int | None] | None = None
+        self._step: tuple | None = None
+        self._on_device: bool | None = None  # decided at the run's first step
+        self._device_histories: tuple[DeviceSpikeHistory, DeviceSpikeHistory | None] | None = None
+        self._pending: list[tuple[int, torch.Tensor]] = []  # steps decided on the device, not read yet
+        self._trainer = None
 
     @classmethod
     def from_args(cls, settings, model) -> SkipSpikes | None:
@@ -118,15 +132,34 @@ class SkipSpikes(TrainerComponent):
             loss = loss / dist.get_world_size()
         return loss
 
-    def should_skip(self, trainer, step: ClipStep) -> bool:
-        result = step.result
+    def decides_on_device(self, trainer, device: torch.device) -> bool:
+        """Whether this run's decisions stay on the device (decided once, at the first step, and said so)."""
+        if self._on_device is None:
+            wanted = self.decide_on_device if self.decide_on_device is not None else device.type != "cpu"
+            blocker = device_skip_blocker(trainer.optimizer, trainer.lr_scheduler) if wanted else None
+            if blocker is not None:
+                logger.info(
+                    "hf_gradtools: the spike guard reads its decision back at each optimizer step: %s.", blocker
+                )
+            self._on_device = wanted and blocker is None
+        return self._on_device
+
+    def _group_norms(self, trainer, step: ClipStep) -> torch.Tensor:
         if self._grouper is None or self._grouper.names != step.names:
             self._grouper = LayerNormGrouper(trainer.model, step.names)
             if list(self._grouper.groups) != self.group_keys:  # other groups: their history starts again
                 self.group_keys = list(self._grouper.groups)
                 self.groups.values.clear()
-        groups = self._grouper.group_norms(result.param_norms, self.norm_type).float()
+                if self._device_histories is not None:
+                    self._device_histories = (self._device_histories[0], None)
+        return self._grouper.group_norms(step.result.param_norms, self.norm_type).float()
+
+    def should_skip(self, trainer, step: ClipStep) -> bool | torch.Tensor:
+        result = step.result
+        groups = self._group_norms(trainer, step)
         loss = self._window_loss(result.total_norm.device)
+        if self.decides_on_device(trainer, result.total_norm.device):
+            return self._decide_on_device(trainer, loss, result.total_norm, groups)
         # One read back per step: the loss, the norm and the groups' norms together.
         values = torch.cat([torch.stack([loss, result.total_norm.float()]), groups.to(loss.device)]).tolist()
         step_values, group_values = values[:2], values[2:]
@@ -138,21 +171,97 @@ class SkipSpikes(TrainerComponent):
             self._warn(step.step, step_values, group_values, spiked)
         return skip
 
-    def _warn(self, step: int, values: list[float], group_values: list[float], spiked: int | None) -> None:
-        if spiked is None:  # another process saw the spike
-            what = "a spike on another process"
+    # ---- deciding on the device ----
+
+    def _histories(self, device: torch.device) -> tuple[DeviceSpikeHistory, DeviceSpikeHistory]:
+        """The device's histories, built from the host's (empty, or as a checkpoint left them) on first use."""
+        history, groups = self._device_histories or (None, None)
+        window, sigma, minimum = self.history.window, self.history.sigma, self.history.min_history
+        if history is None:
+            history = DeviceSpikeHistory.from_rows(self.history.values, 2, window, sigma, minimum, device)
+        if groups is None:
+            columns = len(self.group_keys)
+            groups = DeviceSpikeHistory.from_rows(self.groups.values, columns, window, sigma, minimum, device)
+        self._device_histories = (history, groups)
+        return history, groups
+
+    def _decide_on_device(self, trainer, loss, total_norm, groups) -> torch.Tensor:
+        self._trainer = trainer
+        values = torch.stack([loss, total_norm.float()]).to(torch.float64)
+        history, group_history = self._histories(values.device)
+        own, which, limits = history.exceeds(values)
+        flag = agree_across_ranks(own)
+        if groups.numel():
+            layer = growth_leader(groups, group_history.means())
         else:
-            limit = self.history.threshold(spiked)
-            what = (
-                f"{QUANTITIES[spiked]} {values[spiked]:.6g} > {limit:.6g} (mean + {self.history.sigma:g} std of the "
-                f"last {len(self.history.values)} steps)"
+            layer = torch.zeros((), dtype=torch.long, device=values.device)
+        self._step = ("device", values, groups, own, which, limits, history.count, layer, flag)
+        return flag
+
+    def _record_on_device(self, step: ClipStep) -> None:
+        _, values, groups, own, which, limits, count, layer, flag = self._step
+        self._step = None
+        history, group_history = self._histories(values.device)
+        if step.skipped is True:  # another guard's host decision
+            skipped = torch.ones((), dtype=torch.bool, device=values.device)
+        else:
+            skipped = torch.as_tensor(step.skipped, device=values.device)
+        keep = ~skipped & torch.isfinite(values).all()
+        history.add(values, keep)
+        group_history.add(groups, keep)
+        flags = torch.stack([flag, own, skipped]).to(torch.float64)
+        extra = torch.stack([which, count, layer]).to(torch.float64)
+        self._pending.append((step.step, torch.cat([flags, values, limits, extra])))
+
+    def read_back(self, trainer) -> None:
+        """Read the steps decided on the device since the last read (one host read): warn for each skip, count it,
+        and stop after `max_spike_skips` skips in a row. (The trainer sets the scheduler back.)"""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rows = torch.stack([row for _, row in pending]).tolist()
+        stop = None
+        for (step, _), row in zip(pending, rows, strict=True):
+            flag, own, skipped, which, count, layer = (*row[:3], *row[7:])
+            if not skipped:
+                self.consecutive = 0
+            elif flag:
+                spiked = int(which) if own else None
+                what = None if spiked is None else (row[3 + spiked], row[5 + spiked], int(count))
+                keys = self.group_keys
+                self._warn_skip(step, what, spiked, keys[int(layer)] if keys else "unknown")
+                self.skips += 1
+                self.consecutive += 1
+                if self.consecutive >= self.max_consecutive and stop is None:
+                    stop = (step, self.consecutive)
+        if stop is not None:
+            raise self._stop_error(*stop)
+
+    # ---- the host's decision ----
+
+    def _warn(self, step: int, values: list[float], group_values: list[float], spiked: int | None) -> None:
+        what = None
+        if spiked is not None:
+            what = (values[spiked], self.history.threshold(spiked), len(self.history.values))
+        self._warn_skip(step, what, spiked, self.spike_layer(group_values))
+
+    def _warn_skip(self, step: int, what: tuple | None, spiked: int | None, layer: str) -> None:
+        """The warning for a skipped step; `what`: (value, threshold, steps of history), `None` when another
+        process saw the spike."""
+        if what is None:
+            told = "a spike on another process"
+        else:
+            value, limit, steps = what
+            told = (
+                f"{QUANTITIES[spiked]} {value:.6g} > {limit:.6g} (mean + {self.history.sigma:g} std of the "
+                f"last {steps} steps)"
             )
         logger.warning(
             "hf_gradtools: step %d skipped as a spike: %s; the layer group that grew most: %s. %d spike skip(s) "
             "so far.",
             step,
-            what,
-            self.spike_layer(group_values),
+            told,
+            layer,
             self.skips + 1,
         )
 
@@ -168,7 +277,18 @@ class SkipSpikes(TrainerComponent):
                 best, best_ratio = group, ratio
         return best if best is not None else "unknown"
 
+    def _stop_error(self, step: int, consecutive: int) -> LossSpikeError:
+        return LossSpikeError(
+            f"{consecutive} optimizer steps in a row were skipped as loss or gradient spikes (up to step "
+            f"{step}), the limit set by `max_spike_skips`={self.max_consecutive}; training stopped. The "
+            "run has moved away from its history: lower the learning rate, raise `spike_sigma`, or look at the "
+            "data of these steps."
+        )
+
     def after_clip(self, trainer, step: ClipStep) -> None:
+        if self._step is not None and self._step[0] == "device":
+            self._record_on_device(step)
+            return
         values, group_values, spike = self._step or ([math.nan, math.nan], [], False)
         self._step = None
         if not step.skipped:
@@ -182,26 +302,30 @@ class SkipSpikes(TrainerComponent):
         self.skips += 1
         self.consecutive += 1
         if self.consecutive >= self.max_consecutive:
-            raise LossSpikeError(
-                f"{self.consecutive} optimizer steps in a row were skipped as loss or gradient spikes (up to step "
-                f"{step.step}), the limit set by `max_spike_skips`={self.max_consecutive}; training stopped. The "
-                "run has moved away from its history: lower the learning rate, raise `spike_sigma`, or look at the "
-                "data of these steps."
-            )
+            raise self._stop_error(step.step, self.consecutive)
 
     def log_entries(self, trainer) -> dict[str, float]:
         return {"spike_skips": self.skips}
 
+    def history_rows(self) -> tuple[list[list[float]], list[list[float]]]:
+        """The kept steps' (loss, norm) rows and group-norm rows, oldest first, wherever the history lives."""
+        if self._device_histories is None:
+            return [list(r) for r in self.history.values], [list(r) for r in self.groups.values]
+        history, groups = self._device_histories
+        return history.rows(), groups.rows() if groups is not None else [list(r) for r in self.groups.values]
+
     # ---- checkpoints ----
 
     def state_dict(self) -> dict:
+        self.read_back(self._trainer)  # GradTrainer has read back before its save: a no-op then
+        rows, group_rows = self.history_rows()
         return {
             "skips": self.skips,
             "consecutive": self.consecutive,
-            "losses": [row[0] for row in self.history.values],
-            "grad_norms": [row[1] for row in self.history.values],
+            "losses": [row[0] for row in rows],
+            "grad_norms": [row[1] for row in rows],
             "groups": list(self.group_keys),
-            "group_norms": [list(row) for row in self.groups.values],
+            "group_norms": group_rows,
         }
 
     @staticmethod
@@ -238,3 +362,4 @@ class SkipSpikes(TrainerComponent):
         self.groups.values.clear()
         for row in state["group_norms"]:
             self.groups.add(row)
+        self._device_histories = None  # rebuilt from these on the device at the next step

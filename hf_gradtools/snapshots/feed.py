@@ -50,7 +50,7 @@ class SnapshotFeed(TrainerComponent):
             return
         grads = [p.grad for p in step.params]  # as the algorithm left them (it may have replaced a `.grad`)
         # Only what is there: a `record` overridden with the older signature keeps working.
-        extras = {k: v for k, v in (("skipped", step.skipped), ("tensors", self._tensors)) if v}
+        extras = {k: v for k, v in (("skipped", bool(step.skipped)), ("tensors", self._tensors)) if v}
         for callback in self._due:
             result = step.result
             if id(callback) in self._other_norms:

@@ -203,12 +203,16 @@ def test_bad_values_are_refused_naming_the_field(tmp_path, field, value, allowed
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_two_processes_skip_together_when_one_rank_spikes(tmp_path):
+@pytest.mark.parametrize("decided", ["on the host", "on the device"])
+def test_two_processes_skip_together_when_one_rank_spikes(tmp_path, decided):
     prefix = str(tmp_path / "out" / "result")
-    torchrun(tmp_path, "ddp_spike.py", prefix)
+    torchrun(tmp_path, "ddp_spike.py", prefix, *(["device"] if decided == "on the device" else []))
     ranks = [torch.load(f"{prefix}.{rank}.pt") for rank in (0, 1)]
     for result in ranks:
         assert result["skips"] == [0] * 7 + [1] * 3  # step 8 skipped on both, no other step
-        assert result["positions"][7] == result["positions"][6]  # the scheduler did not step at step 8
+        assert result["spike_on_device"] is (decided == "on the device")
+        assert result["begun"][8] == result["begun"][7]  # the scheduler did not step at step 8 (as step 9 began)
+        if decided == "on the host":
+            assert result["positions"][7] == result["positions"][6]  # nor before the log read it
     for name, value in ranks[0]["state"].items():
         assert torch.equal(ranks[1]["state"][name], value), f"{name} differs between the ranks"
