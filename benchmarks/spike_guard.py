@@ -18,6 +18,11 @@ Everything runs on one thread (a tiny model is fastest so on a shared 2-core mac
 
 `--variants` picks the curves of `VARIANTS`; `zclip+skip` adds `skip_spike_steps=True` to ZClip. A run that the
 skip guard stops (`max_spike_skips` skips in a row, `LossSpikeError`) is drawn up to its last step, marked x.
+`zclip+skip@device` is `zclip+skip` with the guard's decisions kept on the device (`SkipSpikes.decide_on_device`,
+as on a GPU) on this CPU: the same curve (a log every step reads each decision before the next step), and what its
+tensor bookkeeping costs:
+
+    python benchmarks/spike_guard.py --variants norm,zclip+skip,zclip+skip@device --seeds 1 --name spike_on_device
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import transformers as T
 from schedules_timeline import StepClock  # this folder: the seconds of every optimizer step
 
 from hf_gradtools import GradTrainer, GradTrainingArguments, LossSpikeError
+from hf_gradtools.guards import SkipSpikes
 
 T.logging.set_verbosity_error()
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,12 +51,29 @@ VARIANTS = {
     "norm": {"clip_algorithm": "norm"},
     "zclip": {"clip_algorithm": "zclip"},
     "zclip+skip": {"clip_algorithm": "zclip", "skip_spike_steps": True},
+    "zclip+skip@device": {"clip_algorithm": "zclip", "skip_spike_steps": True},
 }
+ON_DEVICE = {"zclip+skip@device"}  # the spike guard decides on the device
 LABELS = {
     "norm": "norm clipping, max_grad_norm=1.0",
     "zclip": "zclip (alpha 0.97, z 2.5, warmup 25; cap 1.0)",
     "zclip+skip": "zclip + skip_spike_steps",
+    "zclip+skip@device": "zclip + skip_spike_steps, decided on the device",
 }
+
+
+class deciding:
+    """Within it, the spike guard of a variant in `ON_DEVICE` keeps its decisions on the device (it picks at a
+    run's first step)."""
+
+    def __init__(self, name: str):
+        self.on_device = name in ON_DEVICE
+
+    def __enter__(self):
+        SkipSpikes.decide_on_device = True if self.on_device else None
+
+    def __exit__(self, *exc):
+        SkipSpikes.decide_on_device = None
 
 
 def text_rows(seq: int, count: int) -> list[dict]:
@@ -126,7 +149,8 @@ def curves(options, out: str) -> dict[str, list[dict]]:
             )
             start, stopped = time.perf_counter(), None
             try:
-                trainer.train()
+                with deciding(name):
+                    trainer.train()
             except LossSpikeError:  # `max_spike_skips` skips in a row: the run stops, as the guard promises
                 stopped = trainer.state.global_step
             seconds = time.perf_counter() - start
@@ -209,14 +233,16 @@ def step_time(options, out: str) -> dict[str, list[float]]:
         )  # fmt: skip
         clock = StepClock()
         trainer.add_callback(clock)
-        trainer.train()  # untimed warm-up
+        with deciding(name):
+            trainer.train()  # untimed warm-up
         pair[name] = (trainer, clock)
     medians: dict[str, list[float]] = {name: [] for name in pair}
     for round_ in range(options.timing_rounds):
         for name in list(pair) if round_ % 2 == 0 else list(reversed(pair)):
             trainer, clock = pair[name]
             clock.times = []
-            trainer.train()
+            with deciding(name):
+                trainer.train()
             medians[name].append(statistics.median(clock.times[1:]))
     return medians
 
@@ -249,8 +275,10 @@ def minilm_clip_time(rounds: int, variants: list[str]) -> dict[str, float]:
             args = GradTrainingArguments(f"{out}/{name}", report_to="none", use_cpu=True, **VARIANTS[name], **TIMING)
             trainers[name] = GradTrainer(model=model, args=args)
             trainers[name].state.global_step = 0
+            trainers[name].create_optimizer_and_scheduler(num_training_steps=100)  # the fused AdamW, as in training
             restore()
-            trainers[name]._clip_and_record()  # untimed: ZClip's warmup step
+            with deciding(name):
+                trainers[name]._clip_and_record()  # untimed: ZClip's warmup step; the guard picks where it decides
         for round_ in range(rounds):
             for name in list(times) if round_ % 2 == 0 else list(reversed(times)):
                 restore()

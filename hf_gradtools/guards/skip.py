@@ -38,8 +38,9 @@ def device_skip_blocker(optimizer, scheduler) -> str | None:
     """Why a step cannot be skipped on the device with this optimizer and scheduler (`None`: it can).
 
     It needs a fused torch optimizer (`optim="adamw_torch_fused"`, the Trainer's default with torch >= 2.8: one that
-    takes a `found_inf` flag), no grad scaler (fp16's sets that flag itself), and a `LambdaLR` scheduler (every
-    schedule of `transformers.get_scheduler` but `reduce_lr_on_plateau`), whose position can be set back.
+    takes a `found_inf` flag) over unsharded parameters, no grad scaler (fp16's sets that flag itself), and a
+    `LambdaLR` scheduler (every schedule of `transformers.get_scheduler` but `reduce_lr_on_plateau`), whose
+    position can be set back.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     if not getattr(inner, "_step_supports_amp_scaling", False):
@@ -49,6 +50,8 @@ def device_skip_blocker(optimizer, scheduler) -> str | None:
         )
     if getattr(optimizer, "scaler", None) is not None:
         return "fp16's grad scaler sets the optimizer's skip flag itself"
+    if is_sharded(p for group in inner.param_groups for p in group["params"]):
+        return "the parameters are sharded (FSDP2), and the skip flag is not a DTensor"
     schedule = getattr(scheduler, "scheduler", scheduler)
     if not isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
         return f"the scheduler ({type(schedule).__name__}) is not a LambdaLR, whose position can be set back"
