@@ -264,17 +264,19 @@ def timing(out: str, data, rounds: int, steps: int) -> None:
 
 
 class SyncChecked(GradTrainer):
-    """Raises (CUDA's sync check, "error") on any host sync in the clipping, the guards and the optimizer step;
-    multiplies the loss by 1000 at step `SPIKE`."""
+    """Raises (CUDA's sync check, "error") on any host sync in the clipping, the guards and the optimizer step from
+    step `FROM` on (the first steps copy indices and state to the device once); multiplies the loss by 1000 at
+    step `SPIKE`."""
 
-    SPIKE = 12
+    SPIKE, FROM = 12, 3
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         loss = super().compute_loss(model, inputs, *args, **kwargs)
         return loss * 1000.0 if model.training and self.state.global_step + 1 == self.SPIKE else loss
 
     def _clip_and_record(self):
-        torch.cuda.set_sync_debug_mode("error")
+        if self.state.global_step + 1 >= self.FROM:
+            torch.cuda.set_sync_debug_mode("error")
         try:
             return super()._clip_and_record()
         finally:
@@ -286,7 +288,8 @@ class SyncCheckedStep(T.TrainerCallback):
         self.params = {}
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
+        if state.global_step + 1 >= SyncChecked.FROM:
+            torch.cuda.set_sync_debug_mode("error")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         torch.cuda.set_sync_debug_mode("default")
