@@ -159,6 +159,9 @@ class GradTrainerMixin:
     where a field it lacks reads as its default) when the trainer is built and again when `train()` starts.
     """
 
+    # Decisions kept on the device are read at logs and checkpoints, and at least this often (optimizer steps).
+    device_read_every = 100
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         mro = cls.__mro__
@@ -409,6 +412,8 @@ class GradTrainerMixin:
         """Clip the accumulated gradients between the components' hooks; the total norm before clipping."""
         self.accelerator.unscale_gradients()
         self._skipper.begin_step()
+        if len(self._device_skips) >= self.device_read_every:  # without logs: the stop and the schedule still come
+            self._read_back()
         components = self.components
         params = [p for p in self.model.parameters() if p.grad is not None]
         step = ClipStep(self.state.global_step + 1, params, self._names(self.model, params))

@@ -274,3 +274,16 @@ def test_a_components_device_decision_skips_with_any_optimizer(tmp_path, optim, 
     ahead = int(optim == "adamw_torch_fused")  # until the log at step 8 reads the flag
     assert [steps.positions[s] for s in (4, 5, 7)] == [4, 4 + ahead, 6 + ahead]
     assert trainer.lr_scheduler.last_epoch == 7
+
+
+def test_without_logs_the_decisions_are_still_read_every_device_read_every_steps(
+    tmp_path, on_device, monkeypatch, single_thread
+):
+    monkeypatch.setattr(GradTrainer, "device_read_every", 4)
+    trainer, steps = run(
+        tmp_path, "device", True, on_device, spikes=(12, 13), max_spike_skips=2, logging_strategy="no"
+    )
+    with pytest.raises(LossSpikeError, match=r"2 optimizer steps in a row .*up to step 13"):
+        trainer.train()
+    assert trainer.state.global_step == 16  # read as step 17 begins its clipping: steps 13-16 were unread
+    assert steps.positions[12] == 12  # before any read: the scheduler stepped past the skip at step 12
