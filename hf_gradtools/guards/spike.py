@@ -124,7 +124,7 @@ class SkipSpikes(TrainerComponent):
         self._loss = loss if self._loss is None else self._loss + loss
 
     def _window_loss(self, device: torch.device) -> torch.Tensor:
-        loss = self._loss if self._loss is not None else torch.tensor(math.nan)
+        loss = self._loss if self._loss is not None else torch.full((), math.nan, device=device)
         self._loss = None
         loss = loss.to(device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
