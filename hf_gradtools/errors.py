@@ -12,6 +12,18 @@ from __future__ import annotations
 import os
 
 
+def shown(value) -> str:
+    """`value` as an error message shows it: its repr, with a hint when it is a string (a quoted JSON number).
+
+    Example:
+        >>> shown(0.5), shown("0.5")
+        ('0.5', "'0.5' (a string: write numbers and true/false without quotes)")
+    """
+    if isinstance(value, str):
+        return f"{value!r} (a string: write numbers and true/false without quotes)"
+    return repr(value)
+
+
 class GradToolsError(Exception):
     """Base class of every error raised by hf_gradtools."""
 

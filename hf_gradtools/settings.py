@@ -30,6 +30,7 @@ from .clipping import AutoClip, check_clip_algorithm, check_norm_type
 from .clipping.agc import check_agc_settings
 from .clipping.zclip import check_zclip_settings
 from .engines import check_optimizer_fields
+from .errors import shown
 from .guards import NonFiniteGuard
 from .patterns import compile_patterns
 
@@ -140,7 +141,7 @@ class GradSettings:
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
         ):
-            raise ValueError(f"`clip_grad_value` must be a positive finite number or None (off), got {value!r}.")
+            raise ValueError(f"`clip_grad_value` must be a positive finite number or None (off), got {shown(value)}.")
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(
                 f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got "
@@ -149,7 +150,7 @@ class GradSettings:
         limit = self.grad_snapshot_total_limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(
-                f"`grad_snapshot_total_limit` must be a positive integer or None (keep all), got {limit!r}."
+                f"`grad_snapshot_total_limit` must be a positive integer or None (keep all), got {shown(limit)}."
             )
         # clipping algorithms, guards, monitoring
         check_clip_algorithm(self.clip_algorithm)
@@ -174,7 +175,7 @@ class GradSettings:
         _boolean("log_grad_noise_scale", self.log_grad_noise_scale)
         beta = self.grad_noise_scale_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"`grad_noise_scale_beta` must be a number in [0, 1), got {beta!r}.")
+            raise ValueError(f"`grad_noise_scale_beta` must be a number in [0, 1), got {shown(beta)}.")
         steps = self.gradual_unfreeze_steps
         if steps:
             if not self.freeze_embeddings and not self.freeze_first_n_layers:
@@ -243,13 +244,13 @@ class GradSettings:
 def check_layerwise_lr_decay(decay: float, field: str = "layerwise_lr_decay") -> float:
     """Return `decay` as a float, or raise a `ValueError` naming `field` unless 0 < decay <= 1."""
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or math.isnan(decay) or not 0 < decay <= 1:
-        raise ValueError(f"`{field}` must be a number in (0, 1] (1 turns the decay off), got {decay!r}.")
+        raise ValueError(f"`{field}` must be a number in (0, 1] (1 turns the decay off), got {shown(decay)}.")
     return float(decay)
 
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        raise ValueError(f"`{name}` must be a positive integer, got {shown(value)}.")
 
 
 def _in_range(
@@ -260,14 +261,14 @@ def _in_range(
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+        raise ValueError(f"`{name}` must be {allowed}, got {shown(value)}.")
 
 
 def _non_negative_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        raise ValueError(f"`{name}` must be a non-negative integer, got {shown(value)}.")
 
 
 def _boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        raise ValueError(f"`{name}` must be True or False, got {shown(value)}.")

@@ -69,7 +69,15 @@ from .freezing import (
     has_frozen_parameters,
     restore_requires_grad,
 )
-from .guards import SkipNonFinite, SkipSpikes, StepSkipper, device_skip_blocker, hold_scheduler
+from .guards import (
+    SkipNonFinite,
+    SkipSpikes,
+    StepSkipper,
+    device_decision,
+    device_skip_blocker,
+    has_fresh_state,
+    hold_scheduler,
+)
 from .monitoring import LayerNormsLog, NoiseScaleLog, no_grad_warning, parameters_without_grad
 from .patterns import check_patterns
 from .schedules import GradualUnfreezeCallback, set_frozen_eval_mode
@@ -422,11 +430,16 @@ class GradTrainerMixin:
         clipping = self.component(GradientClipping) or GradientClipping(self.grad_settings)
         step.result = clipping.clip(self.model, step)
         decisions = [component.should_skip(self, step) for component in components]  # every one is asked
-        on_device = [d for d in decisions if isinstance(d, torch.Tensor)]
+        on_device = [
+            device_decision(c, d) for c, d in zip(components, decisions, strict=True) if isinstance(d, torch.Tensor)
+        ]
         step.skipped = any(d for d in decisions if not isinstance(d, torch.Tensor))
         if on_device and not step.skipped:  # kept on the device where the optimizer can skip on a flag
             flag = functools.reduce(torch.logical_or, on_device)
-            step.skipped = flag if device_skip_blocker(self.optimizer, self.lr_scheduler) is None else bool(flag)
+            can = device_skip_blocker(self.optimizer, self.lr_scheduler) is None and not has_fresh_state(
+                self.optimizer, params
+            )
+            step.skipped = flag if can else bool(flag)
         for component in components:
             component.after_clip(self, step)
         if step.skipped is True:

@@ -19,7 +19,14 @@ from .nonfinite import (
     norms_nonfinite,
     skip_message,
 )
-from .skip import StepSkipper, device_skip_blocker, hold_scheduler, skip_optimizer_step
+from .skip import (
+    StepSkipper,
+    device_decision,
+    device_skip_blocker,
+    has_fresh_state,
+    hold_scheduler,
+    skip_optimizer_step,
+)
 from .spike import SkipSpikes, SpikeHistory
 
 __all__ = [
@@ -35,7 +42,9 @@ __all__ = [
     "norms_nonfinite",
     "skip_message",
     "StepSkipper",
+    "device_decision",
     "device_skip_blocker",
+    "has_fresh_state",
     "hold_scheduler",
     "skip_optimizer_step",
 ]

@@ -58,6 +58,24 @@ def device_skip_blocker(optimizer, scheduler) -> str | None:
     return None
 
 
+def has_fresh_state(optimizer, params) -> bool:
+    """Whether a parameter of `params` has no optimizer state yet: its first step creates it, and a fused kernel
+    skipped on its flag may leave it unset (SGD's momentum buffer is made with `empty_like`), so that step's
+    decision is read on the host."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return any(p not in inner.state for p in params)
+
+
+def device_decision(component, decision: torch.Tensor) -> torch.Tensor:
+    """A component's decision kept on the device, as a 0-dim bool tensor; any other shape is refused, naming it."""
+    if decision.ndim != 0:
+        raise TypeError(
+            f"{type(component).__name__}.should_skip returned a tensor of shape {tuple(decision.shape)}; return a "
+            "bool, or a 0-dim bool tensor to keep the decision on the device."
+        )
+    return decision.to(torch.bool)
+
+
 def hold_scheduler(scheduler, steps: int) -> None:
     """Set a `LambdaLR` back by `steps` positions (steps skipped on the device, which it stepped past): its
     position, its last rates and the optimizer's rates become what holding it at each of them would have left."""

@@ -235,7 +235,14 @@ class SkipSpikes(TrainerComponent):
                 if self.consecutive >= self.max_consecutive and stop is None:
                     stop = (step, self.consecutive)
         if stop is not None:
-            raise self._stop_error(*stop)
+            error = self._stop_error(*stop)
+            last = pending[-1][0]
+            if last != stop[0]:  # decided on the device: the run went on until this read
+                error.args = (
+                    f"{error.args[0]} The decisions kept on the device were read at step {last}: "
+                    f"{self.consecutive} skipped in a row by then.",
+                )
+            raise error
 
     # ---- the host's decision ----
 

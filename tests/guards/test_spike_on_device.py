@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_gradtools import GradTrainer, LossSpikeError
 from hf_gradtools.components import TrainerComponent
-from hf_gradtools.guards import SkipSpikes, SpikeHistory
+from hf_gradtools.guards import SkipSpikes, SpikeHistory, device_decision, has_fresh_state
 from hf_gradtools.guards.spike_device import DeviceSpikeHistory, growth_leader
 from tests.conftest import classification_data, tiny_classifier
 from tests.guards.test_spike_guard import SPIKE, SpikeAt, spike_args, train_logs
@@ -155,8 +156,9 @@ def test_decisions_on_the_device_equal_the_hosts_and_read_nothing_back_within_a_
     kept_rows, host_rows = (t.component(SkipSpikes).history_rows()[0] for t in (device, host))
     for kept, hosts in zip(kept_rows, host_rows, strict=True):
         assert kept == pytest.approx(hosts, rel=1e-12)
-    # No host read inside any optimizer step on the device; the host's decision reads at every step.
-    assert set(device.reads.values()) == {0}, device.reads
+    # No host read inside any optimizer step on the device but the first (whose optimizer state is created: its
+    # decision is the host's); the host's decision reads at every step.
+    assert device.reads[1] == 1 and {count for step, count in device.reads.items() if step > 1} == {0}, device.reads
     assert all(count >= 1 for count in host.reads.values()), host.reads
 
 
@@ -177,14 +179,15 @@ def test_between_logs_the_rate_runs_ahead_until_the_read_sets_the_scheduler_back
     assert device_steps.rates[15] == host_steps.rates[16] != host_steps.rates[15]
     assert [device_steps.rates[s] for s in range(16, 21)] == [host_steps.rates[s] for s in range(16, 21)]
     assert [log["spike_skips"] for log in train_logs(device)] == [0, 0, 1, 1]
-    assert set(device.reads.values()) == {0}, device.reads
+    assert {count for step, count in device.reads.items() if step > 1} == {0}, device.reads
 
 
 def test_consecutive_skips_on_the_device_stop_training_at_the_read(tmp_path, on_device, single_thread):
     trainer, _ = run(tmp_path, "device", True, on_device, spikes=(12, 13), max_spike_skips=2, logging_steps=5)
-    with pytest.raises(LossSpikeError, match=r"2 optimizer steps in a row .*up to step 13.* `max_spike_skips`=2"):
+    with pytest.raises(LossSpikeError, match=r"2 optimizer steps in a row .*up to step 13.* `max_spike_skips`=2") as e:
         trainer.train()
     assert trainer.state.global_step == 15  # the read at the log of step 15
+    assert "read at step 15: 0 skipped in a row by then" in str(e.value)
 
 
 def test_a_resumed_run_on_the_device_continues_with_the_same_history(tmp_path, on_device, single_thread):
@@ -285,5 +288,46 @@ def test_without_logs_the_decisions_are_still_read_every_device_read_every_steps
     )
     with pytest.raises(LossSpikeError, match=r"2 optimizer steps in a row .*up to step 13"):
         trainer.train()
-    assert trainer.state.global_step == 16  # read as step 17 begins its clipping: steps 13-16 were unread
+    # Step 1 is the host's (its optimizer state is created); then 2-5, 6-9 and 10-13 are read as steps 6, 10 and
+    # 14 begin their clipping.
+    assert trainer.state.global_step == 13
     assert steps.positions[12] == 12  # before any read: the scheduler stepped past the skip at step 12
+
+
+class SkipFirst(TrainerComponent):
+    """Skips the run's first optimizer step, on the device."""
+
+    def should_skip(self, trainer, step):
+        return torch.tensor(step.step == 1)
+
+
+def test_a_first_step_skipped_on_the_device_is_read_on_the_host_so_new_state_is_never_left_unset(
+    tmp_path, single_thread
+):
+    # Fused SGD makes its momentum buffers with `empty_like` at their first step; a kernel skipped on its flag
+    # would leave them unset (NaN weights after), so a step that creates state takes the host's decision.
+    steps = Steps()
+    args = spike_args(tmp_path, max_steps=4, skip_spike_steps=False, logging_steps=4)
+    sgd = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "fused": True})
+    model = tiny_classifier()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = GradTrainer(
+        model=model, args=args, train_dataset=classification_data(16), callbacks=[steps], optimizer_cls_and_kwargs=sgd
+    )
+    trainer.add_component(SkipFirst())
+    trainer.train()
+    for name, value in start.items():
+        assert torch.equal(steps.params[1][name], value), name  # the first step skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(steps.params[4]["classifier.weight"], start["classifier.weight"])
+    assert steps.positions[1] == 0  # held at once by the host's skip
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, fused=True)
+    assert has_fresh_state(optimizer, list(layer.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,)])
+def test_a_device_decision_of_another_shape_is_refused_naming_the_component(shape):
+    with pytest.raises(TypeError, match=rf"SkipFifth.should_skip returned a tensor of shape {re.escape(str(shape))}"):
+        device_decision(SkipFifth(), torch.zeros(shape))
+    assert device_decision(SkipFifth(), torch.tensor(2)).dtype == torch.bool
