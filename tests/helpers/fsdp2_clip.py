@@ -114,6 +114,7 @@ class TrainerStandIn:
         self.optimizer = None
         self._names = ParameterNames()
         self._skipper = StepSkipper()
+        self._device_skips, self.device_read_every = [], 100  # no guard decides on the device here
 
     @property
     def grad_settings(self):
