@@ -7,10 +7,12 @@ training time, the validation score and the ratio, and the step at which each bl
     python benchmarks/auto_freeze_glue.py [--tasks mrpc sst2] [--seeds 42] [--variants other.json ...]
 
 `--variants` runs further recipes (JSON files of settings laid over the task's autofreeze recipe) after it, each
-against the same full fine-tune. Each run is `examples/run_glue.py` with a clock on every optimizer step. Writes
-benchmarks/results/auto_freeze_glue_<tasks>.md (and .json), and per task a PNG of the first seed's pair: the
-per-layer gradient norms of the autofreeze run (its recipe logs them) with the freezing decisions marked, and the step
-time of both runs over training.
+against the same full fine-tune; `--only-variants` leaves the shipped autofreeze recipe out. `--common` lays one JSON
+file of settings (e.g. `{"num_train_epochs": 5}`) over every run, the full fine-tune's included, so that both sides
+train the same schedule. `--name` names the results files (default `auto_freeze_glue_<tasks>`). Each run is
+`examples/run_glue.py` with a clock on every optimizer step. Writes benchmarks/results/auto_freeze_glue_<tasks>.md
+(and .json), and per task a PNG of the first seed's pair: the per-layer gradient norms of the autofreeze run (its
+recipe logs them) with the freezing decisions marked, and the step time of both runs over training.
 """
 
 from __future__ import annotations
@@ -140,6 +142,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["mrpc", "sst2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--variants", nargs="*", default=[], help="JSON files laid over the autofreeze recipe")
+    parser.add_argument("--only-variants", action="store_true", help="leave the shipped autofreeze recipe out")
+    parser.add_argument("--common", help="a JSON file of settings laid over every run, the full fine-tune's too")
+    parser.add_argument("--name", help="the results files' name (default: auto_freeze_glue_<tasks>)")
     parser.add_argument("--timed-run", help=argparse.SUPPRESS)  # the child process: one run, with a step clock
     parser.add_argument("--out", default=os.path.join(ROOT, "outputs", "auto_freeze_glue"))
     args = parser.parse_args()
@@ -147,14 +152,20 @@ def main() -> None:
         timed_run_glue(args.timed_run)
         return
     rows = []
+    common = {}
+    if args.common:
+        with open(args.common) as f:
+            common = json.load(f)
+    results_name = args.name or f"auto_freeze_glue_{'_'.join(args.tasks)}"
     for task in args.tasks:
         with open(os.path.join(ROOT, "examples", "recipes", f"{task}.json")) as f:
             full = json.load(f)
         full.pop("freeze_embeddings", None)
         full.pop("freeze_first_n_layers", None)
+        full = {**full, **common}
         with open(os.path.join(ROOT, "examples", "recipes", f"{task}_autofreeze.json")) as f:
-            auto = json.load(f)
-        recipes = {f"{task}_autofreeze.json": auto}
+            auto = {**json.load(f), **common}
+        recipes = {} if args.only_variants else {f"{task}_autofreeze.json": auto}
         for path in args.variants:
             with open(path) as f:
                 recipes[os.path.basename(path)] = {**auto, **json.load(f)}
@@ -163,13 +174,12 @@ def main() -> None:
             for name, recipe in recipes.items():
                 b = run({**recipe, "seed": seed}, os.path.join(args.out, f"{task}-{name}-{seed}"))
                 rows.append({"task": task, "seed": seed, "recipe": name, "full": a, "autofreeze": b})
-    with open(os.path.join(ROOT, "benchmarks", "results", f"auto_freeze_glue_{'_'.join(args.tasks)}.json"), "w") as f:
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{results_name}.json"), "w") as f:
         json.dump(rows, f, indent=2)
     lines = [
         "# Automatic freezing with the activation cache against the full fine-tune (one run, side by side)",
         "",
-        f"`python benchmarks/auto_freeze_glue.py --tasks {' '.join(args.tasks)} --seeds "
-        f"{' '.join(map(str, args.seeds))}` on this machine (2 cores, MiniLM-L6).",
+        f"`python benchmarks/auto_freeze_glue.py {' '.join(sys.argv[1:])}` on this machine (2 cores, MiniLM-L6).",
         "",
         "| task | seed | recipe | full: score, train s, wall s | autofreeze + cache: score, train s, wall s | "
         "speed-up (wall) | train-time speed-up | steps at which blocks froze |",
@@ -198,10 +208,10 @@ def main() -> None:
                 f"{statistics.mean(full):.4f} +- {statistics.stdev(full):.4f}"
             )
     for task in args.tasks:
-        png = f"auto_freeze_glue_{task}.png"
+        png = f"{results_name}.png" if len(args.tasks) == 1 else f"{results_name}_{task}.png"
         plot(next(r for r in rows if r["task"] == task), os.path.join(HERE, "results", png))
         lines.append(f"\n![{task}: per-layer gradient norms, freezing decisions and step time]({png})")
-    with open(os.path.join(ROOT, "benchmarks", "results", f"auto_freeze_glue_{'_'.join(args.tasks)}.md"), "w") as f:
+    with open(os.path.join(ROOT, "benchmarks", "results", f"{results_name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
