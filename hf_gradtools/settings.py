@@ -97,6 +97,11 @@ class GradSettings:
         """
         if args is None:
             return cls()
+        max_norm = getattr(args, "max_grad_norm", 0.0)
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+            raise ValueError(
+                f"`max_grad_norm` must be a number (0 or less turns norm clipping off), got {shown(max_norm)}."
+            )
         for name in PATTERN_FIELDS:
             if getattr(args, name, []) is None:
                 setattr(args, name, [])

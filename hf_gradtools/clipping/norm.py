@@ -162,6 +162,12 @@ def _scale_(grads: list[torch.Tensor], factor: torch.Tensor) -> None:
         torch._foreach_mul_(group, factor.to(device))
 
 
+def norm_cap(max_norm: float | None) -> float | None:
+    """`max_norm` where it caps the norm, else `None`: 0, a negative number, NaN and `None` turn norm clipping off,
+    as for the Trainer's `max_grad_norm` (it clips only when `max_grad_norm > 0`)."""
+    return float(max_norm) if max_norm is not None and max_norm > 0 else None
+
+
 def clip_gradients(
     parameters: Iterable[torch.Tensor] | torch.Tensor,
     max_norm: float | None = None,
@@ -172,9 +178,11 @@ def clip_gradients(
 
     Args:
         parameters: tensors whose `.grad` to clip; those without a gradient are skipped, as in torch.
-        max_norm: rescale so the total `norm_type` norm is at most this; `None` or 0 skips norm clipping.
+        max_norm: rescale so the total `norm_type` norm is at most this; `None`, 0, a negative number or NaN
+            skips norm clipping (as the Trainer's `max_grad_norm`).
         norm_type: any positive float, or `float("inf")`.
-        clip_value: clamp every element to `[-clip_value, clip_value]` first; `None` skips value clipping.
+        clip_value: clamp every element to `[-clip_value, clip_value]` first (a positive finite number); `None`
+            skips value clipping.
 
     Returns:
         `ClipResult` with the norms before (per parameter and total) and after (total) clipping.
@@ -182,6 +190,11 @@ def clip_gradients(
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     norm_type = check_norm_type(norm_type)
+    if clip_value is not None and (
+        isinstance(clip_value, bool) or not isinstance(clip_value, (int, float)) or not 0 < clip_value < math.inf
+    ):
+        raise ValueError(f"`clip_value` must be a positive finite number or None (off), got {clip_value!r}.")
+    max_norm = norm_cap(max_norm)
     grads = [p.grad for p in parameters if p.grad is not None]
     param_norms = grad_norms(grads, norm_type)
     pre_clip = total_norm(param_norms, norm_type)
@@ -192,7 +205,7 @@ def clip_gradients(
         for grad in local:
             grad.clamp_(-clip_value, clip_value)
         post_clip = total_norm(grad_norms(grads, norm_type), norm_type)
-    if max_norm:
+    if max_norm is not None:
         coef = torch.clamp(max_norm / (post_clip + _EPS), max=1.0)
         _scale_(local, coef)
         post_clip = post_clip * coef
@@ -215,11 +228,11 @@ class TotalNormClipAlgorithm(ClipAlgorithm):
 
 @register_clip_algorithm("norm")
 class NormClip(TotalNormClipAlgorithm):
-    """The total norm scaled to at most `max_norm` (`max_grad_norm`; 0 or `None`: no scaling), as `clip_gradients`.
-    Keeps no state."""
+    """The total norm scaled to at most `max_norm` (`max_grad_norm`; 0 or less, NaN or `None`: no scaling), as
+    `clip_gradients`. Keeps no state."""
 
     def __init__(self, max_norm: float | None = None):
-        self.max_norm = max_norm
+        self.max_norm = norm_cap(max_norm)
 
     @classmethod
     def from_args(cls, args, model=None) -> NormClip:

@@ -41,7 +41,7 @@ import torch
 from ..distributed import is_sharded, local_tensor
 from ..errors import shown
 from ..state_fields import FLOAT32_MAX, FieldReader
-from .norm import _EPS, TotalNormClipAlgorithm, _scale_
+from .norm import _EPS, TotalNormClipAlgorithm, _scale_, norm_cap
 from .registry import register_clip_algorithm
 
 # Added to the standard deviation before dividing by it, as in the paper's code.
@@ -73,7 +73,7 @@ class ZClip(TotalNormClipAlgorithm):
         alpha: the EMA decay of the mean and variance, in (0, 1).
         z_threshold: the z-score above which a norm is clipped, positive.
         warmup_steps: the optimizer steps whose norms start the statistics, 1 or more.
-        max_norm: the cap of every step's norm (`max_grad_norm`); `None` or 0: no cap.
+        max_norm: the cap of every step's norm (`max_grad_norm`); `None`, 0 or less, NaN: no cap.
 
     Attributes:
         steps: optimizer steps seen (a host int: the phase is decided on the host).
@@ -89,7 +89,7 @@ class ZClip(TotalNormClipAlgorithm):
         max_norm: float | None = None,
     ):
         self.alpha, self.z_threshold, self.warmup_steps = check_zclip_settings(alpha, z_threshold, warmup_steps)
-        self.max_norm = max_norm or None
+        self.max_norm = norm_cap(max_norm)
         self.steps = 0
         self._warmup = torch.full((self.warmup_steps,), math.nan)  # this run's warmup norms, NaN where non-finite
         self.mu: torch.Tensor | None = None
