@@ -55,7 +55,7 @@ from .errors import ChangedSettingsError, CheckpointSaveError, DamagedCheckpoint
 from .freezing.auto import AutoFreeze
 from .guards import NonFiniteGuard, SkipSpikes
 from .monitoring.noise_scale import GradientNoiseScale
-from .run_folder import MAX_COUNT, is_count
+from .run_folder import MAX_COUNT, inside_run_folder, is_count
 from .schedules.unfreezing import GradualUnfreezer
 from .settings import GradSettings
 from .state_fields import FieldReader, read_json_record, shown
@@ -179,6 +179,26 @@ def resolve_resume_checkpoint(
         if problem is not None:
             logger.warning("Resuming from %s, which looks incomplete: %s.", path, problem)
     return path
+
+
+def check_checkpoint_links(run_folder: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Refuse (`OutsideRunFolderError`) a checkpoint `folder` that is, or holds, a symbolic link leading out of
+    `run_folder`: nothing of a checkpoint is read, loaded or written through such a link. A missing folder passes.
+
+    Example:
+        >>> import os
+        >>> os.makedirs("out/checkpoint-2")
+        >>> os.symlink("/etc/hostname", "out/checkpoint-2/optimizer.pt")
+        >>> check_checkpoint_links("out", "out/checkpoint-2")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        hf_gradtools.errors.OutsideRunFolderError: 'out/checkpoint-2/optimizer.pt' leads out of the run folder ...
+    """
+    if not os.path.lexists(folder):
+        return
+    inside_run_folder(run_folder, folder)
+    for parent, folders, files in os.walk(folder):  # a linked folder inside is checked, not walked into
+        for name in folders + files:
+            inside_run_folder(run_folder, os.path.join(parent, name))
 
 
 def begin_checkpoint_save(folder: str | os.PathLike) -> None:

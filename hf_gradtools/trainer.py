@@ -43,6 +43,7 @@ from .accumulation.probe import LossRuleProbe
 from .checkpoints import (
     FROZEN_SETTINGS,
     begin_checkpoint_save,
+    check_checkpoint_links,
     check_resume_settings,
     check_state_components,
     checkpoint_save_error,
@@ -550,6 +551,12 @@ class GradTrainerMixin:
         checkpoint = self.resumed_checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
         if checkpoint is None:
             return None
+        # Found in `output_dir`, it stays inside it. Named by the caller, it is trusted, and what it holds stays in
+        # the run folder it is in.
+        named = resume_from_checkpoint is not True
+        check_checkpoint_links(
+            os.path.dirname(os.path.realpath(checkpoint)) if named else self.args.output_dir, checkpoint
+        )
         check_resume_settings(checkpoint, run_settings(self.args))
         # A damaged state file is refused here, before anything is deleted or loaded; so is a resume that would
         # train blocks automatic freezing had frozen.
@@ -600,6 +607,7 @@ class GradTrainerMixin:
         for callback in self._snapshot_callbacks():
             callback.flush()
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        check_checkpoint_links(self._get_output_dir(trial=trial), folder)  # an earlier save's folder is written into
         try:
             if self.args.should_save:
                 begin_checkpoint_save(folder)

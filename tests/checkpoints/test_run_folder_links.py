@@ -202,3 +202,44 @@ def test_discarding_removes_a_linked_snapshot_file_itself_not_its_target(run, ou
     before = folder_contents(outside)
     assert str(linked) in discard_grad_snapshots_after(run, 3)
     assert not os.path.lexists(linked) and folder_contents(outside) == before
+
+
+# ---- checkpoints ----
+
+
+def saved_run(args_factory):
+    args = args_factory(per_device_train_batch_size=2, save_strategy="steps", save_steps=2, max_steps=4)
+    GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16)).train()
+    return args
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "optimizer.pt", "model.safetensors"])
+@pytest.mark.parametrize("how", ["last", "named"])
+def test_resume_refuses_a_checkpoint_file_linked_out(args_factory, tmp_path, single_thread, name, how):
+    args = saved_run(args_factory)
+    checkpoint = os.path.join(args.output_dir, "checkpoint-4")
+    target = tmp_path / "elsewhere" / name
+    target.parent.mkdir()
+    os.replace(os.path.join(checkpoint, name), target)
+    os.symlink(target, os.path.join(checkpoint, name))
+    before = folder_contents(args.output_dir)
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    with pytest.raises(OutsideRunFolderError, match=rf"checkpoint-4/{name}' leads out of the run folder"):
+        trainer.train(resume_from_checkpoint=True if how == "last" else checkpoint)
+    assert folder_contents(args.output_dir) == before
+
+
+def test_a_checkpoint_folder_linked_out_is_neither_resumed_nor_saved_through(args_factory, tmp_path, single_thread):
+    args = saved_run(args_factory)
+    checkpoint = os.path.join(args.output_dir, "checkpoint-4")
+    os.replace(checkpoint, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", checkpoint)
+    before = folder_contents(tmp_path / "elsewhere")
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    with pytest.raises(OutsideRunFolderError, match=r"checkpoint-4' leads out of the run folder"):
+        trainer.train(resume_from_checkpoint=True)
+    # A fresh run saving step 4 again does not write through the link either.
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    with pytest.raises(OutsideRunFolderError, match=r"checkpoint-4' leads out of the run folder"):
+        trainer.train()
+    assert folder_contents(tmp_path / "elsewhere") == before
