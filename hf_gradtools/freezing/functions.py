@@ -37,6 +37,11 @@ def _as_module(module_or_modules: ModuleOrModules) -> nn.Module:
         holder = nn.Module()
         holder.register_parameter("weight", module_or_modules)
         return holder
+    if isinstance(module_or_modules, (str, bytes)) or not isinstance(module_or_modules, Iterable):
+        raise TypeError(
+            f"freeze/unfreeze take a module, a parameter, or an iterable of them, got {module_or_modules!r} "
+            f"({type(module_or_modules).__name__}); to freeze a module by its name, pass `model.get_submodule(name)`."
+        )
     items = list(module_or_modules)
     holder = nn.ModuleList()
     for item in items:

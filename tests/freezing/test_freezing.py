@@ -213,3 +213,12 @@ def test_training_changes_only_trainable(arch, args_factory):
             assert not torch.equal(param, before[name]), f"trainable {name} did not change"
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("given", ["classifier", 3, None])
+def test_freeze_refuses_what_is_not_a_module_or_parameter(given):
+    from hf_gradtools import freeze, unfreeze
+
+    for function in (freeze, unfreeze):
+        with pytest.raises(TypeError, match=r"take a module, a parameter, or an iterable of them.*get_submodule"):
+            function(given)
