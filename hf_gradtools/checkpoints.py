@@ -55,7 +55,7 @@ from .errors import ChangedSettingsError, CheckpointSaveError, DamagedCheckpoint
 from .freezing.auto import AutoFreeze
 from .guards import NonFiniteGuard, SkipSpikes
 from .monitoring.noise_scale import GradientNoiseScale
-from .run_folder import MAX_COUNT, inside_run_folder, is_count
+from .run_folder import MAX_COUNT, inside_run_folder, is_count, is_finite_number, is_number
 from .schedules.unfreezing import GradualUnfreezer
 from .settings import GradSettings
 from .state_fields import FieldReader, read_json_record, shown
@@ -102,13 +102,40 @@ def checkpoint_step(folder: str | os.PathLike) -> int:
     """
     path = os.path.join(os.fspath(folder), TRAINER_STATE_FILE)
     with open(path, encoding="utf-8") as f:
-        step = json.load(f)["global_step"]
+        state = json.load(f)
+    step = state["global_step"]
     if not is_count(step):
         raise DamagedCheckpointError(
             f"{path} is damaged: `global_step` is {shown(step)}, not a step number (an integer from 0 to "
             f"{MAX_COUNT}). The checkpoint cannot be resumed from: resume from another one."
         )
+    check_trainer_state_fields(path, state)
     return step
+
+
+# What the resumed Trainer does with each field of `trainer_state.json`: appends to it, counts with it, compares it.
+_STATE_FIELDS = {
+    "log_history": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "a list of log entries"),
+    "epoch": (lambda v: v is None or is_finite_number(v) and v >= 0, "a non-negative number or null"),
+    "best_metric": (lambda v: v is None or is_number(v), "a number or null"),
+    "best_global_step": (lambda v: v is None or is_count(v), "a step number or null"),
+    "stateful_callbacks": (lambda v: isinstance(v, dict), "an object"),
+    **{
+        name: (lambda v: v is None or is_count(v), "a non-negative integer or null")
+        for name in ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "train_batch_size")
+    },
+}
+
+
+def check_trainer_state_fields(path: str, state: dict) -> None:
+    """Refuse (`DamagedCheckpointError`, naming the file and field) a `trainer_state.json` whose fields the resumed
+    Trainer would fail on after its first step (a `log_history` that is not a list, a count that is text)."""
+    for name, (ok, allowed) in _STATE_FIELDS.items():
+        if name in state and not ok(state[name]):
+            raise DamagedCheckpointError(
+                f"{path} is damaged: `{name}` is {shown(state[name])}, not {allowed}. The checkpoint cannot be "
+                "resumed from: resume from another one."
+            )
 
 
 def is_complete_checkpoint(folder: str | os.PathLike) -> bool:

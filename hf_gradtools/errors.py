@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import os
 
+_SHOWN_CHARS = 80
+
 
 def shown(value) -> str:
-    """`value` as an error message shows it: its repr, with a hint when it is a string (a quoted JSON number).
+    """`repr(value)`, cut to a readable length for an error message."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 5] + " ...)"
+
+
+def shown_setting(value) -> str:
+    """A setting's value as an error shows it: `shown`, with a hint when it is a string (a quoted JSON number).
 
     Example:
-        >>> shown(0.5), shown("0.5")
+        >>> shown_setting(0.5), shown_setting("0.5")
         ('0.5', "'0.5' (a string: write numbers and true/false without quotes)")
     """
     if isinstance(value, str):
-        return f"{value!r} (a string: write numbers and true/false without quotes)"
-    return repr(value)
+        return f"{shown(value)} (a string: write numbers and true/false without quotes)"
+    return shown(value)
 
 
 class GradToolsError(Exception):

@@ -30,7 +30,7 @@ from .clipping import AutoClip, check_clip_algorithm, check_norm_type
 from .clipping.agc import check_agc_settings
 from .clipping.zclip import check_zclip_settings
 from .engines import check_optimizer_fields
-from .errors import shown
+from .errors import shown_setting
 from .guards import NonFiniteGuard
 from .patterns import compile_patterns
 
@@ -100,7 +100,7 @@ class GradSettings:
         max_norm = getattr(args, "max_grad_norm", 0.0)
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
             raise ValueError(
-                f"`max_grad_norm` must be a number (0 or less turns norm clipping off), got {shown(max_norm)}."
+                f"`max_grad_norm` must be a number (0 or less turns norm clipping off), got {shown_setting(max_norm)}."
             )
         for name in PATTERN_FIELDS:
             if getattr(args, name, []) is None:
@@ -146,7 +146,9 @@ class GradSettings:
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
         ):
-            raise ValueError(f"`clip_grad_value` must be a positive finite number or None (off), got {shown(value)}.")
+            raise ValueError(
+                f"`clip_grad_value` must be a positive finite number or None (off), got {shown_setting(value)}."
+            )
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(
                 f"`loss_normalization` must be one of {', '.join(LOSS_NORMALIZATIONS)}, got "
@@ -155,7 +157,8 @@ class GradSettings:
         limit = self.grad_snapshot_total_limit
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(
-                f"`grad_snapshot_total_limit` must be a positive integer or None (keep all), got {shown(limit)}."
+                "`grad_snapshot_total_limit` must be a positive integer or None (keep all), got "
+                f"{shown_setting(limit)}."
             )
         # clipping algorithms, guards, monitoring
         check_clip_algorithm(self.clip_algorithm)
@@ -180,7 +183,7 @@ class GradSettings:
         _boolean("log_grad_noise_scale", self.log_grad_noise_scale)
         beta = self.grad_noise_scale_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"`grad_noise_scale_beta` must be a number in [0, 1), got {shown(beta)}.")
+            raise ValueError(f"`grad_noise_scale_beta` must be a number in [0, 1), got {shown_setting(beta)}.")
         steps = self.gradual_unfreeze_steps
         if steps:
             if not self.freeze_embeddings and not self.freeze_first_n_layers:
@@ -249,13 +252,13 @@ class GradSettings:
 def check_layerwise_lr_decay(decay: float, field: str = "layerwise_lr_decay") -> float:
     """Return `decay` as a float, or raise a `ValueError` naming `field` unless 0 < decay <= 1."""
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or math.isnan(decay) or not 0 < decay <= 1:
-        raise ValueError(f"`{field}` must be a number in (0, 1] (1 turns the decay off), got {shown(decay)}.")
+        raise ValueError(f"`{field}` must be a number in (0, 1] (1 turns the decay off), got {shown_setting(decay)}.")
     return float(decay)
 
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {shown(value)}.")
+        raise ValueError(f"`{name}` must be a positive integer, got {shown_setting(value)}.")
 
 
 def _in_range(
@@ -266,14 +269,14 @@ def _in_range(
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        raise ValueError(f"`{name}` must be {allowed}, got {shown(value)}.")
+        raise ValueError(f"`{name}` must be {allowed}, got {shown_setting(value)}.")
 
 
 def _non_negative_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {shown(value)}.")
+        raise ValueError(f"`{name}` must be a non-negative integer, got {shown_setting(value)}.")
 
 
 def _boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {shown(value)}.")
+        raise ValueError(f"`{name}` must be True or False, got {shown_setting(value)}.")

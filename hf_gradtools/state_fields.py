@@ -21,20 +21,13 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .errors import DamagedCheckpointError, StateFieldError
+from .errors import DamagedCheckpointError, StateFieldError, shown
 from .run_folder import inside_run_folder
 
 # The largest finite float32: a value above it (e.g. 1e308) would load into a float32 tensor as inf.
 FLOAT32_MAX = 3.4028234663852886e38
 # Integers up to 2**53 are exact in a float64 tensor.
 FLOAT64_EXACT_INT = 2**53
-_SHOWN_CHARS = 80
-
-
-def shown(value: Any) -> str:
-    """`repr(value)`, cut to a readable length for an error message."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 5] + " ...)"
 
 
 def _is_number(value: Any) -> bool:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..distributed import local_tensor
-from ..errors import shown
+from ..errors import shown_setting
 from ..layout import head_parameter_names
 from ..patterns import compile_patterns
 from .norm import Partial, Shard, grad_norms, total_norm
@@ -49,7 +49,7 @@ _GRAD_NORM_FLOOR = 1e-6
 
 def _check_positive(value, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{field}` must be a positive finite number, got {shown(value)}.")
+        raise ValueError(f"`{field}` must be a positive finite number, got {shown_setting(value)}.")
     return float(value)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..distributed import is_sharded, local_tensor
-from ..errors import shown
+from ..errors import shown_setting
 from ..state_fields import FLOAT32_MAX, FieldReader
 from .norm import _EPS, TotalNormClipAlgorithm, _scale_, norm_cap
 from .registry import register_clip_algorithm
@@ -60,7 +60,7 @@ def check_zclip_settings(alpha: Any, z_threshold: Any, warmup_steps: Any) -> tup
         ("zclip_warmup_steps", warmup_steps, lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
     ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):  # NaN fails `ok`
-            raise ValueError(f"`{name}` must be {allowed}, got {shown(value)}.")
+            raise ValueError(f"`{name}` must be {allowed}, got {shown_setting(value)}.")
     return float(alpha), float(z_threshold), warmup_steps
 
 

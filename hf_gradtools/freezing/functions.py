@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..errors import NoTrainableParametersError, shown
+from ..errors import NoTrainableParametersError, shown_setting
 from ..layout import find_input_embeddings, find_layer_stack
 from ..settings import GradSettings
 
@@ -135,7 +135,7 @@ def freeze_first_n_layers(model: nn.Module, n: int) -> list[str]:
         ValueError: `n` is negative or larger than the number of layers (the message gives that number).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"`freeze_first_n_layers` must be a non-negative integer, got {shown(n)}.")
+        raise ValueError(f"`freeze_first_n_layers` must be a non-negative integer, got {shown_setting(n)}.")
     if n == 0:
         return []
     stack = find_layer_stack(model)

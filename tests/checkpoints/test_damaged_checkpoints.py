@@ -218,6 +218,16 @@ def test_a_step_out_of_range_is_refused_before_anything_changes(run_copy, tmp_pa
     assert_refused_and_untouched(run_copy, tmp_path, "trainer_state.json", "`global_step` is 1000")
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("log_history", 5), ("log_history", [1, 2]), ("epoch", "1"), ("max_steps", -3), ("stateful_callbacks", [])],
+)
+def test_a_damaged_trainer_state_field_is_refused_before_anything_changes(run_copy, tmp_path, field, value):
+    path = os.path.join(run_copy, "checkpoint-2", "trainer_state.json")
+    edit_json(path, lambda d: {**d, field: value})
+    assert_refused_and_untouched(run_copy, tmp_path, "trainer_state.json", f"`{field}` is {value!r}, not")
+
+
 @pytest.mark.parametrize("file_name", [RUN_SETTINGS_FILE, TRAINING_STATE_FILE])
 def test_a_record_linked_out_of_its_checkpoint_is_not_read(run_copy, tmp_path, file_name):
     record = os.path.join(run_copy, "checkpoint-2", file_name)
