@@ -631,6 +631,25 @@ class GradTrainerMixin:
         if self.args.should_save and state:
             save_training_state(output_dir, state)
 
+    def _warn_missing_optimizer_files(self, checkpoint: str | None) -> None:
+        """One warning for a checkpoint without `optimizer.pt` or `scheduler.pt`: the Trainer then starts that part
+        afresh without a word, and the resumed run no longer equals an uninterrupted one."""
+        if not checkpoint or self.is_deepspeed_enabled or self.is_fsdp_enabled:  # those engines keep their own files
+            return
+        files = {"optimizer": ("optimizer.pt", "optimizer.bin"), "scheduler": ("scheduler.pt",)}
+        present = {name for name in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, name))}
+        missing = [what for what, names in files.items() if not present.intersection(names)]
+        if missing:
+            logger.warning(
+                "hf_gradtools: %s holds no %s state (%s missing): the %s %s afresh, so the resumed run will not "
+                "equal an uninterrupted one.",
+                checkpoint,
+                " or ".join(missing),
+                ", ".join(files[what][0] for what in missing),
+                " and ".join(missing),
+                "starts" if len(missing) == 1 else "start",
+            )
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         state = load_training_state(checkpoint, self._state_checks()) if checkpoint else {}
         components = [c for c in self.components if c.name] if checkpoint else []
@@ -638,6 +657,7 @@ class GradTrainerMixin:
         for component in components:
             if isinstance(component, GradualUnfreezing):
                 component.load_state_dict(state.get(component.name), self)
+        self._warn_missing_optimizer_files(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
         for component in components:
             if not isinstance(component, GradualUnfreezing):

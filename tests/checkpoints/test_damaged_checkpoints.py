@@ -4,6 +4,7 @@ a resume deletes or loads anything."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -239,3 +240,16 @@ def test_a_record_linked_out_of_its_checkpoint_is_not_read(run_copy, tmp_path, f
         resume_from_checkpoint_2(run_copy, tmp_path / "resumed")
     assert record in str(raised.value) and str(outside) in str(raised.value)
     assert folder_contents(run_copy) == before and outside.read_bytes() == kept
+
+
+@pytest.mark.parametrize("missing", [["optimizer.pt"], ["scheduler.pt"], ["optimizer.pt", "scheduler.pt"]])
+def test_a_checkpoint_without_optimizer_or_scheduler_state_resumes_with_a_warning(
+    run_copy, tmp_path, caplog, missing
+):
+    for name in missing:
+        os.remove(os.path.join(run_copy, "checkpoint-2", name))
+    with caplog.at_level(logging.WARNING, logger="hf_gradtools"):
+        resume_from_checkpoint_2(run_copy, tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if "afresh, so the resumed run" in r.getMessage()]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in missing)
+    assert ("optimizer.pt" in warnings[0]) == ("optimizer.pt" in missing)
