@@ -208,7 +208,7 @@ class LossRuleProbe:
         host_scaling = self._host_scaling(num_items_in_batch, response)
         if response is not None and response.kind == "unknown":
             why = "no micro-batch gave a finite, non-zero loss with `num_items_in_batch`"
-            return self._keep_host_scaling(name, why, host_scaling)
+            return self._measure_again(name, why, host_scaling)
         if response is not None and response.kind == "divides":
             unmeasured = "one micro-batch a step is the batch itself" if one_batch else self._unmeasured
             return self._count_passed(name, result.rule, errors.get("count"), unmeasured)
@@ -231,20 +231,7 @@ class LossRuleProbe:
             return Accumulation(result.rule)
 
         if not result.conclusive:
-            self._probe_windows += 1
-            if self._probe_windows < MAX_PROBE_WINDOWS:
-                if self._probe_windows == 1:
-                    logger.warning(
-                        "hf_gradtools: could not establish how the loss of %s is normalised from the first window "
-                        "(%s); this window keeps %s's own loss scaling (%s), and the next ones are measured again "
-                        "(up to %d windows).",
-                        name,
-                        result.reason,
-                        host,
-                        host_scaling,
-                        MAX_PROBE_WINDOWS,
-                    )
-                return False  # the host's scaling for this window; measure again on the next one
+            return self._measure_again(name, result.reason, host_scaling)
         if result.rule is None:
             return self._keep_host_scaling(name, result.reason, host_scaling)
         logger.info(
@@ -287,6 +274,24 @@ class LossRuleProbe:
             error = self._reduce_max(torch.tensor([math.inf if error is None else error], dtype=torch.float64))
             error = None if math.isinf(error.item()) else error.item()
         return error
+
+    def _measure_again(self, name: str, reason: str, host_scaling: str) -> bool | None:
+        """A window that settles nothing (no labels in it, say): it keeps the host's scaling, and the next windows
+        are measured again, up to `MAX_PROBE_WINDOWS`; then the host's scaling stays, with a warning."""
+        self._probe_windows += 1
+        if self._probe_windows >= MAX_PROBE_WINDOWS:
+            return self._keep_host_scaling(name, reason, host_scaling)
+        if self._probe_windows == 1:
+            logger.warning(
+                "hf_gradtools: could not establish how the loss of %s is normalised from the first window (%s); this "
+                "window keeps %s's own loss scaling (%s), and the next ones are measured again (up to %d windows).",
+                name,
+                reason,
+                self._host_name(),
+                host_scaling,
+                MAX_PROBE_WINDOWS,
+            )
+        return False  # the host's scaling for this window; measure again on the next one
 
     def _keep_host_scaling(self, name: str, reason: str, host_scaling: str | None = None) -> None:
         logger.warning(

@@ -396,3 +396,15 @@ def test_two_processes_pass_the_trainers_count(tmp_path):
     expected = one_batch_grads(llama, ROWS, 8, summed_loss_of_window)[0]
     assert relative_error(grads["GradTrainer"], expected) < 1e-5
     assert relative_error(grads["Trainer"], expected) < 1e-5
+
+
+def test_a_first_window_without_labels_is_measured_again_on_the_next(tmp_path, caplog):
+    """Nothing in the first window is labelled (its loss is NaN, skipped by the non-finite guard): it settles
+    nothing, so the second window is measured, and from there on the accumulation is exact."""
+    rows = lm_rows([5, 7, 4, 6, 8, 5, 7, 6, 4, 8, 6, 5], [9, 9, 9, 9, 1, 2, 3, 1, 0, 2, 4, 1])  # 4 first: no label
+    with caplog.at_level(logging.INFO, logger="hf_gradtools"):
+        grads = train(ShiftedMeanTrainer, llama, rows, 2, 2, tmp_path, skip_nonfinite_grads=True)
+    expected = one_batch_grads(llama, rows, 4, lambda outputs, batch: shifted_mean(outputs, batch["labels"]))
+    assert "the next ones are measured again" in caplog.text
+    assert "normalised per shifted_token, measured on window 2" in caplog.text
+    assert all(relative_error(g, e) < 1e-5 for g, e in zip(grads[1:], expected[1:], strict=True))

@@ -243,9 +243,7 @@ def test_a_record_linked_out_of_its_checkpoint_is_not_read(run_copy, tmp_path, f
 
 
 @pytest.mark.parametrize("missing", [["optimizer.pt"], ["scheduler.pt"], ["optimizer.pt", "scheduler.pt"]])
-def test_a_checkpoint_without_optimizer_or_scheduler_state_resumes_with_a_warning(
-    run_copy, tmp_path, caplog, missing
-):
+def test_a_checkpoint_without_optimizer_or_scheduler_state_resumes_with_a_warning(run_copy, tmp_path, caplog, missing):
     for name in missing:
         os.remove(os.path.join(run_copy, "checkpoint-2", name))
     with caplog.at_level(logging.WARNING, logger="hf_gradtools"):
