@@ -20,7 +20,7 @@ from ..atomic import write_json_atomic
 from ..clipping import ClipResult, grad_norms, total_norm
 from ..run_folder import SNAPSHOT_DIR, inside_run_folder
 from ..settings import GradSettings
-from .files import FROZEN_PARAMETERS_FILE, _write_snapshot, describe_parameters, summary_line
+from .files import FROZEN_PARAMETERS_FILE, _write_snapshot, describe_parameters, snapshot_steps, summary_line
 from .tensors import GradTensorCopy
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ class GradSnapshotCallback(TrainerCallback):
             _refuse_sharding_engines(args)
         if model is None or not state.is_world_process_zero:
             return
+        self._warn_earlier_snapshots(args, state)
         description = describe_parameters(model)
         self._description = description
         if 0 < state.max_steps <= state.global_step:
@@ -139,6 +140,24 @@ class GradSnapshotCallback(TrainerCallback):
         path = os.path.join(args.output_dir, FROZEN_PARAMETERS_FILE)
         write_json_atomic(path, description, inside=args.output_dir)
         logger.info("hf_gradtools %s", summary_line(description))
+
+    def _warn_earlier_snapshots(self, args, state) -> None:
+        """One warning when a run that starts afresh finds snapshots of an earlier run in its folder: its own are
+        written beside them (replacing those of the same steps), and the folder would read as one run."""
+        if state.global_step > 0 or self.period(args) <= 0:
+            return  # a resumed run: the snapshots after its checkpoint were discarded, the earlier ones are its own
+        folder = inside_run_folder(args.output_dir, os.path.join(args.output_dir, self.folder))
+        steps = snapshot_steps(folder)
+        if steps:
+            logger.warning(
+                "hf_gradtools: %s holds %d gradient snapshot(s) of an earlier run (steps %d to %d); this run writes "
+                "its own beside them, replacing those of the same steps, and the folder would read as one run. "
+                "Empty the folder or use another `output_dir` to keep the runs apart.",
+                folder,
+                len(steps),
+                steps[0],
+                steps[-1],
+            )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.fed_by_trainer or model is None or not self.is_due(args, state):

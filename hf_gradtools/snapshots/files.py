@@ -288,6 +288,11 @@ def _snapshot_files(folder: str, variant: str | None) -> list[tuple[int, str, li
     return sorted((step, stem, sorted(files)) for stem, (step, files) in stems.items())
 
 
+def snapshot_steps(folder: str | os.PathLike) -> list[int]:
+    """The steps of the snapshot files in a snapshot `folder` (not read), oldest first; `[]` when there is none."""
+    return sorted({step for step, _, _ in _snapshot_files(os.fspath(folder), None)})
+
+
 def _remove(folder: str, snapshots: list[tuple[int, str, list[str]]]) -> list[str]:
     """Delete the files of `snapshots` in `folder` (a link is removed itself, its target is not touched)."""
     removed = []

@@ -155,3 +155,23 @@ def test_write_errors_surface(args_factory):
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(8))
     with pytest.raises((FileExistsError, NotADirectoryError)):
         trainer.train()
+
+
+def test_a_fresh_run_warns_of_an_earlier_runs_snapshots_in_its_folder_and_a_resumed_one_does_not(
+    args_factory, caplog, single_thread
+):
+    import logging
+
+    args = args_factory(per_device_train_batch_size=2, max_steps=4, grad_snapshot_steps=1, save_strategy="steps",
+                        save_steps=2)  # fmt: skip
+    GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16)).train()
+    with caplog.at_level(logging.WARNING, logger="hf_gradtools"):
+        GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16)).train()
+    warnings = [r.getMessage() for r in caplog.records if "of an earlier run" in r.getMessage()]
+    assert len(warnings) == 1 and "4 gradient snapshot(s) of an earlier run (steps 1 to 4)" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_gradtools"):
+        GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16)).train(
+            resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2")
+        )
+    assert "of an earlier run" not in caplog.text
