@@ -292,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{PROG}: error: {error.name or error} is not installed; pip install 'hf_gradtools[plot]'", file=sys.stderr
         )
         return 1
+    except BrokenPipeError:  # the reader stopped early (`| head`): nothing is wrong; quiet, as other tools are
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not complain again
+        return 0
     except (OSError, ValueError, KeyError, TypeError) as error:
         message = f"missing key {error}" if isinstance(error, KeyError) else str(error)
         print(f"{PROG}: error: {message}", file=sys.stderr)
