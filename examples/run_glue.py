@@ -533,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if model_args.model_name_or_path is None:
         model_args.model_name_or_path = default_model_path()
     check_class_weights(data_args, training_args)
+    if training_args.max_grad_norm is None:  # accepted by the arguments, as by the Trainer; refused before loading
+        raise GlueSetupError("`max_grad_norm` must be a number (0 or less turns norm clipping off), got None.")
     stale = check_output_dir(data_args, training_args)
     checkpoint = resume_checkpoint(training_args)
     if checkpoint is True:

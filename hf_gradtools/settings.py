@@ -97,8 +97,8 @@ class GradSettings:
         """
         if args is None:
             return cls()
-        max_norm = getattr(args, "max_grad_norm", 0.0)
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        max_norm = getattr(args, "max_grad_norm", 0.0)  # `None` passes here, as by the Trainer: `train()` names it
+        if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))):
             raise ValueError(
                 f"`max_grad_norm` must be a number (0 or less turns norm clipping off), got {shown_setting(max_norm)}."
             )

@@ -35,10 +35,11 @@ def test_a_negative_or_nan_bound_does_not_clip_as_in_the_trainer(max_grad_norm, 
     assert own == losses(GradTrainer, GradTrainingArguments, 0.0, tmp_path / "o0", clip_norm_type=1.0) == unclipped
 
 
-@pytest.mark.parametrize("value", ["1.0", None])
+@pytest.mark.parametrize("value", ["1.0", [1.0], True])
 def test_a_bound_that_is_not_a_number_is_refused_when_the_arguments_are_built(value, tmp_path):
     with pytest.raises(ValueError, match=r"`max_grad_norm` must be a number"):
         GradTrainingArguments(str(tmp_path), max_grad_norm=value, report_to="none")
+    GradTrainingArguments(str(tmp_path), max_grad_norm=None, report_to="none")  # as by the Trainer: train() names it
 
 
 def test_clip_gradients_takes_a_bound_that_is_off_and_refuses_a_bad_clip_value():

@@ -292,6 +292,13 @@ def test_bad_task_name(encoder, tmp_path):
     )
 
 
+def test_a_null_max_grad_norm_is_refused_before_loading(encoder, tmp_path):
+    out = str(tmp_path / "out")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"task_name": "sst2", "do_train": True, "max_grad_norm": None}))
+    _assert_setup_error([str(config)] + _common(encoder, out), out, r"`max_grad_norm` must be a number .*got None")
+
+
 def test_missing_column(encoder, tmp_path):
     train = _write(str(tmp_path / "train.csv"), _rows("single", 8, seed=7))
     out = str(tmp_path / "out")
