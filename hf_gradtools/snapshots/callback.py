@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from ..atomic import write_json_atomic
 from ..clipping import ClipResult, grad_norms, total_norm
-from ..run_folder import SNAPSHOT_DIR, inside_run_folder
+from ..run_folder import SNAPSHOT_DIR, inside_run_folder, read_run_json
 from ..settings import GradSettings
 from .files import FROZEN_PARAMETERS_FILE, _write_snapshot, describe_parameters, snapshot_steps, summary_line
 from .tensors import GradTensorCopy
@@ -144,10 +144,13 @@ class GradSnapshotCallback(TrainerCallback):
     def _warn_earlier_snapshots(self, args, state) -> None:
         """One warning when a run that starts afresh finds snapshots of an earlier run in its folder: its own are
         written beside them (replacing those of the same steps), and the folder would read as one run."""
-        if state.global_step > 0 or self.period(args) <= 0:
-            return  # a resumed run: the snapshots after its checkpoint were discarded, the earlier ones are its own
+        if self.period(args) <= 0:
+            return
         folder = inside_run_folder(args.output_dir, os.path.join(args.output_dir, self.folder))
         steps = snapshot_steps(folder)
+        if state.global_step > 0:  # resumed: the snapshots after its checkpoint were discarded, the rest are its own
+            self._warn_changed_norm(folder, [s for s in steps if s <= state.global_step], self.norm(args))
+            return
         if steps:
             logger.warning(
                 "hf_gradtools: %s holds %d gradient snapshot(s) of an earlier run (steps %d to %d); this run writes "
@@ -157,6 +160,25 @@ class GradSnapshotCallback(TrainerCallback):
                 len(steps),
                 steps[0],
                 steps[-1],
+            )
+
+    @staticmethod
+    def _warn_changed_norm(folder: str, steps: list[int], norm_type: float) -> None:
+        """One warning when the run resumes with another norm type than its last snapshot's: the series mixes them."""
+        if not steps:
+            return
+        try:
+            earlier = read_run_json(folder, os.path.join(folder, f"step-{steps[-1]:08d}.json")).get("norm_type")
+        except (OSError, ValueError, AttributeError):
+            return  # an unreadable snapshot: reading the series says so
+        if isinstance(earlier, (int, float)) and float(earlier) != norm_type:
+            logger.warning(
+                "hf_gradtools: the gradient snapshots up to step %d are in norm type %g and this resumed run takes "
+                "its own in norm type %g: the series in %s mixes the two (a plot draws them as one).",
+                steps[-1],
+                earlier,
+                norm_type,
+                folder,
             )
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):

@@ -175,3 +175,22 @@ def test_a_fresh_run_warns_of_an_earlier_runs_snapshots_in_its_folder_and_a_resu
             resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2")
         )
     assert "of an earlier run" not in caplog.text
+
+
+def test_a_run_resumed_with_another_norm_type_warns_that_its_snapshots_mix_norms(args_factory, caplog, single_thread):
+    import logging
+
+    args = args_factory(per_device_train_batch_size=2, max_steps=4, grad_snapshot_steps=1, save_strategy="steps",
+                        save_steps=2)  # fmt: skip
+    GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16)).train()
+    checkpoint = os.path.join(args.output_dir, "checkpoint-2")
+    for norm_type, warned in ((2.0, False), ("inf", True)):
+        caplog.clear()
+        args.clip_norm_type = norm_type
+        with caplog.at_level(logging.WARNING, logger="hf_gradtools"):
+            GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16)).train(
+                resume_from_checkpoint=checkpoint
+            )
+        assert (
+            "up to step 2 are in norm type 2 and this resumed run takes its own in norm type inf" in caplog.text
+        ) is warned
