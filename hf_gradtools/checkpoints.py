@@ -120,8 +120,8 @@ _STATE_FIELDS = {
     "best_metric": (lambda v: v is None or is_number(v), "a number or null"),
     "best_global_step": (lambda v: v is None or is_count(v), "a step number or null"),
     "stateful_callbacks": (lambda v: isinstance(v, dict), "an object"),
-    **{
-        name: (lambda v: v is None or is_count(v), "a non-negative integer or null")
+    **{  # the Trainer records `save_steps` and its kind as given: 1.0, or a ratio such as 0.25
+        name: (lambda v: v is None or is_finite_number(v) and v >= 0, "a non-negative number or null")
         for name in ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "train_batch_size")
     },
 }
