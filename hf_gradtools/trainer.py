@@ -48,6 +48,7 @@ from .checkpoints import (
     check_state_components,
     checkpoint_save_error,
     checkpoint_step,
+    list_checkpoints,
     load_training_state,
     resolve_resume_checkpoint,
     run_settings,
@@ -320,6 +321,9 @@ class GradTrainerMixin:
         self._components, self._no_grad_reported = None, False  # a fresh set per run
         self._device_skips = []
         resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
+        if self.args.save_strategy != "no":  # a save of the same step, or the rotation, would go through a link out
+            for folder in list_checkpoints(self.args.output_dir):
+                check_checkpoint_links(self.args.output_dir, folder)
         # SIGTERM exits after the queued snapshots are written (`signals.py`); with none to write, signals stay alone.
         on_sigterm = exit_cleanly_on_sigterm() if self._snapshot_callbacks() else contextlib.nullcontext()
         with on_sigterm:

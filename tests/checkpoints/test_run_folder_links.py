@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 
 from hf_gradtools import GradSnapshotCallback, GradTrainer, load_grad_snapshots, load_grad_tensors
 from hf_gradtools.cli import main
@@ -238,8 +239,35 @@ def test_a_checkpoint_folder_linked_out_is_neither_resumed_nor_saved_through(arg
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
     with pytest.raises(OutsideRunFolderError, match=r"checkpoint-4' leads out of the run folder"):
         trainer.train(resume_from_checkpoint=True)
-    # A fresh run saving step 4 again does not write through the link either.
+    # A fresh run, which would save step 4 again, is refused before its first step, not at that save.
+    steps = []
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    trainer.add_callback(type("Steps", (T.TrainerCallback,), {"on_step_end": lambda *a, **k: steps.append(1)})())
     with pytest.raises(OutsideRunFolderError, match=r"checkpoint-4' leads out of the run folder"):
         trainer.train()
-    assert folder_contents(tmp_path / "elsewhere") == before
+    assert steps == [] and folder_contents(tmp_path / "elsewhere") == before
+
+
+class LinkCheckpointOut(T.TrainerCallback):
+    """At step 3, links `checkpoint-4` (not saved yet) to a folder outside the run."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.symlink(self.target, os.path.join(args.output_dir, "checkpoint-4"))
+
+
+def test_a_save_does_not_write_through_a_checkpoint_folder_linked_out_during_the_run(
+    args_factory, tmp_path, single_thread
+):
+    (tmp_path / "elsewhere").mkdir()
+    args = args_factory(per_device_train_batch_size=2, save_strategy="steps", save_steps=2, max_steps=4)
+    trainer = GradTrainer(
+        model=tiny_classifier(), args=args, train_dataset=classification_data(16),
+        callbacks=[LinkCheckpointOut(tmp_path / "elsewhere")],
+    )  # fmt: skip
+    with pytest.raises(OutsideRunFolderError, match=r"checkpoint-4' leads out of the run folder"):
+        trainer.train()
+    assert os.listdir(tmp_path / "elsewhere") == [] and trainer.state.global_step == 4
