@@ -98,7 +98,8 @@ def checkpoint_step(folder: str | os.PathLike) -> int:
     """The `global_step` recorded in the checkpoint's `trainer_state.json`.
 
     Raises:
-        DamagedCheckpointError: the recorded step is not an integer from 0 to 2**53.
+        DamagedCheckpointError: the recorded step is not an integer from 0 to 2**53, or another field is one the
+            resumed Trainer would fail on (`check_trainer_state_fields`).
     """
     path = os.path.join(os.fspath(folder), TRAINER_STATE_FILE)
     with open(path, encoding="utf-8") as f:

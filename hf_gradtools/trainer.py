@@ -610,8 +610,9 @@ class GradTrainerMixin:
         self._read_back()  # before the scheduler's position is saved
         for callback in self._snapshot_callbacks():
             callback.flush()
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        check_checkpoint_links(self._get_output_dir(trial=trial), folder)  # an earlier save's folder is written into
+        output_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        check_checkpoint_links(output_dir, folder)  # an earlier save's folder is written into
         try:
             if self.args.should_save:
                 begin_checkpoint_save(folder)

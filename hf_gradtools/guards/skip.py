@@ -39,8 +39,8 @@ def device_skip_blocker(optimizer, scheduler) -> str | None:
 
     It needs a fused torch optimizer (`optim="adamw_torch_fused"`, the Trainer's default with torch >= 2.8: one that
     takes a `found_inf` flag) over unsharded parameters, no grad scaler (fp16's sets that flag itself), and a
-    `LambdaLR` scheduler (every schedule of `transformers.get_scheduler` but `reduce_lr_on_plateau`), whose
-    position can be set back.
+    `LambdaLR` scheduler (every schedule of `transformers.get_scheduler` but `reduce_lr_on_plateau` and `greedy`),
+    whose position can be set back.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     if not getattr(inner, "_step_supports_amp_scaling", False):

@@ -104,7 +104,6 @@ class SkipSpikes(TrainerComponent):
         self._on_device: bool | None = None  # decided at the run's first step
         self._device_histories: tuple[DeviceSpikeHistory, DeviceSpikeHistory | None] | None = None
         self._pending: list[tuple[int, torch.Tensor]] = []  # steps decided on the device, not read yet
-        self._trainer = None
 
     @classmethod
     def from_args(cls, settings, model) -> SkipSpikes | None:
@@ -159,7 +158,7 @@ class SkipSpikes(TrainerComponent):
         groups = self._group_norms(trainer, step)
         loss = self._window_loss(result.total_norm.device)
         if self.decides_on_device(trainer, result.total_norm.device):
-            return self._decide_on_device(trainer, loss, result.total_norm, groups)
+            return self._decide_on_device(loss, result.total_norm, groups)
         # One read back per step: the loss, the norm and the groups' norms together.
         values = torch.cat([torch.stack([loss, result.total_norm.float()]), groups.to(loss.device)]).tolist()
         step_values, group_values = values[:2], values[2:]
@@ -185,8 +184,7 @@ class SkipSpikes(TrainerComponent):
         self._device_histories = (history, groups)
         return history, groups
 
-    def _decide_on_device(self, trainer, loss, total_norm, groups) -> torch.Tensor:
-        self._trainer = trainer
+    def _decide_on_device(self, loss, total_norm, groups) -> torch.Tensor:
         values = torch.stack([loss, total_norm.float()]).to(torch.float64)
         history, group_history = self._histories(values.device)
         own, which, limits = history.exceeds(values)
@@ -202,10 +200,10 @@ class SkipSpikes(TrainerComponent):
         _, values, groups, own, which, limits, count, layer, flag = self._step
         self._step = None
         history, group_history = self._histories(values.device)
-        if step.skipped is True:  # another guard's host decision
-            skipped = torch.ones((), dtype=torch.bool, device=values.device)
-        else:
-            skipped = torch.as_tensor(step.skipped, device=values.device)
+        if isinstance(step.skipped, torch.Tensor):
+            skipped = step.skipped
+        else:  # a host decision (another guard's, or this step's, read on the host): a fill, no copy to the device
+            skipped = torch.full((), bool(step.skipped), dtype=torch.bool, device=values.device)
         keep = ~skipped & torch.isfinite(values).all()
         history.add(values, keep)
         group_history.add(groups, keep)
@@ -324,7 +322,7 @@ class SkipSpikes(TrainerComponent):
     # ---- checkpoints ----
 
     def state_dict(self) -> dict:
-        self.read_back(self._trainer)  # GradTrainer has read back before its save: a no-op then
+        self.read_back(None)  # GradTrainer has read back before its save: a no-op then
         rows, group_rows = self.history_rows()
         return {
             "skips": self.skips,

@@ -63,20 +63,19 @@ class DeviceSpikeHistory:
         self.position = (self.position + kept) % self.window
         self.count = torch.clamp(self.count + kept, max=self.window)
 
-    def _held(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mean(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         held = (self._rows < self.count).to(torch.float64).unsqueeze(1)  # the ring fills rows 0.. in order
-        return held, self.count.clamp(min=1).to(torch.float64)
+        n = self.count.clamp(min=1).to(torch.float64)
+        return (self.buffer * held).sum(0) / n, held, n
 
     def means(self) -> torch.Tensor:
         """Each column's mean over the rows held; 1 where none is held yet."""
-        held, n = self._held()
-        means = (self.buffer * held).sum(0) / n
+        means = self._mean()[0]
         return torch.where(self.count > 0, means, torch.ones_like(means))
 
     def thresholds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """mean + sigma x population std of each column, and whether `min_history` rows are held (0-dim bool)."""
-        held, n = self._held()
-        mean = (self.buffer * held).sum(0) / n
+        mean, held, n = self._mean()
         variance = (((self.buffer - mean) * held) ** 2).sum(0) / n
         return mean + self.sigma * variance.sqrt(), self.count >= self.min_history
 
