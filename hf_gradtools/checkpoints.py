@@ -25,9 +25,10 @@ this module), read back as untrusted input before a resume deletes or loads anyt
 
 Example (`checkpoint-20/` was cut short by a kill, no `trainer_state.json`: resuming takes `checkpoint-10/`):
     >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
     >>> for step in (10, 20):
     ...     Path(f"out/checkpoint-{step}").mkdir(parents=True)
-    ...     Path(f"out/checkpoint-{step}/model.safetensors").touch()
+    ...     save_file({}, f"out/checkpoint-{step}/model.safetensors")
     >>> _ = Path("out/checkpoint-10/trainer_state.json").write_text('{"global_step": 10}')
     >>> path = resolve_resume_checkpoint("out", True)
     >>> path
@@ -51,6 +52,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
 from .clipping import clip_state_checks
+from .damaged_files import damaged_file
 from .errors import ChangedSettingsError, CheckpointSaveError, DamagedCheckpointError
 from .freezing.auto import AutoFreeze
 from .guards import NonFiniteGuard, SkipSpikes
@@ -73,9 +75,9 @@ _INTERRUPTED_WRITE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$|^\..+\.\d+\.\d+\.tmp$")
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """Why `folder` is not a complete checkpoint, or `None` when it is.
 
-    Complete: `trainer_state.json` holds a whole JSON object (the Trainer writes it last), and the folder holds
+    Complete: `trainer_state.json` holds a whole JSON object (the Trainer writes it last), the folder holds
     model weights: a `*.safetensors`, `*.bin` (not `training_args.bin`) or `*.index.json` file, or a sub-folder, as
-    sharded FSDP and DeepSpeed states are.
+    sharded FSDP and DeepSpeed states are; and none of its weights and torch files is cut off (`damaged_files`).
     """
     folder = os.fspath(folder)
     state_file = os.path.join(folder, TRAINER_STATE_FILE)
@@ -89,9 +91,12 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     if not isinstance(state, dict) or "global_step" not in state:
         return f"{TRAINER_STATE_FILE} is not a Trainer state"
     with os.scandir(folder) as entries:
-        if any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
-            return None
-    return "no model weights"
+        if not any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
+            return "no model weights"
+    damaged = damaged_file(folder)
+    if damaged is not None:
+        return f"{os.path.basename(damaged[0])} is damaged ({damaged[1]})"
+    return None
 
 
 def checkpoint_step(folder: str | os.PathLike) -> int:
@@ -185,14 +190,16 @@ def resolve_resume_checkpoint(
 
     Args:
         output_dir: the run's `args.output_dir`.
-        resume_from_checkpoint: `True` (the last complete checkpoint in `output_dir`), `None` / `False` (no
-            resume: `None`), or a path, given back unchanged (a warning is logged when it is incomplete).
+        resume_from_checkpoint: `True` (the last complete checkpoint in `output_dir`; one with a damaged weights or
+            torch file is passed over), `None` / `False` (no resume: `None`), or a path, given back unchanged (a
+            warning is logged when it is incomplete).
 
     Returns:
         The checkpoint path, or `None`.
 
     Raises:
         ValueError: `True` and no complete checkpoint in `output_dir`, with the Trainer's own message.
+        DamagedCheckpointError: the path names a checkpoint with a cut-off weights or torch file (which file, how).
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
@@ -202,7 +209,13 @@ def resolve_resume_checkpoint(
             raise ValueError(f"No valid checkpoint found in output directory ({os.fspath(output_dir)})")
         return found
     path = os.fspath(resume_from_checkpoint)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        damaged = damaged_file(path)
+        if damaged is not None:
+            raise DamagedCheckpointError(
+                f"Cannot resume from {path}: {damaged[0]} is damaged ({damaged[1]}). Resume from another "
+                "checkpoint, or with `resume_from_checkpoint=True` to take the newest complete one."
+            )
         problem = checkpoint_problem(path)
         if problem is not None:
             logger.warning("Resuming from %s, which looks incomplete: %s.", path, problem)
@@ -373,7 +386,8 @@ def save_run_settings(folder: str | os.PathLike, settings: dict) -> None:
 
 
 def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
-    """Refuse to resume from `folder` with other freeze settings than it was saved with; warn on another world size.
+    """Refuse to resume from `folder` with other freeze settings than it was saved with; warn on another world size
+    or global batch.
 
     A checkpoint without `grad_settings.json` (a default run's, or a plain Trainer's) counts as saved with the
     default freeze settings. A record that cannot be read, or holds anything else than what `save_run_settings`
@@ -417,6 +431,15 @@ def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
             saved["world_size"],
             settings["world_size"],
             rows,
+        )
+    elif saved.get("batch", settings["batch"]) != settings["batch"]:
+        logger.warning(
+            "Resuming from %s with another batch: an optimizer step takes %d rows, where it took %d (per-device "
+            "batch x `gradient_accumulation_steps` x processes). The weights, optimizer, scheduler and step carry "
+            "over; the position in the epoch is counted in this run's steps, so it is not where the saved run was.",
+            folder,
+            settings["batch"],
+            saved["batch"],
         )
 
 

@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -193,6 +194,18 @@ def test_other_world_size_is_resumed_with_a_warning(tmp_path, caplog):
     assert "saved by 2 process(es), with 1" in message and "takes 4 rows, where it took 8" in message
 
 
+def test_another_global_batch_is_resumed_with_a_warning(tmp_path, caplog):
+    saved = {"freeze_embeddings": True, "freeze_first_n_layers": 2, "world_size": 1, "batch": 8}
+    (tmp_path / RUN_SETTINGS_FILE).write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="hf_gradtools.checkpoints"):
+        check_resume_settings(tmp_path, saved)  # the same settings: nothing said
+        assert caplog.records == []
+        check_resume_settings(tmp_path, {**saved, "batch": 16})  # e.g. `gradient_accumulation_steps` 2 -> 4
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "an optimizer step takes 16 rows, where it took 8" in message
+    assert "`gradient_accumulation_steps`" in message
+
+
 @pytest.mark.parametrize(
     "schedule",
     [{"max_steps": 4}, {"max_steps": -1, "num_train_epochs": 1.5}],
@@ -279,5 +292,5 @@ def test_other_save_errors_are_raised_as_they_are(tmp_path):
     assert checkpoint_save_error(PermissionError(errno.EACCES, "Permission denied", str(folder)), folder) is None
     # A lack of space after the checkpoint was complete (its trainer_state.json written) is no incomplete save.
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
-    (folder / "model.safetensors").write_text("")
+    save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
     assert checkpoint_save_error(OSError(errno.ENOSPC, "No space left on device"), folder) is None

@@ -251,3 +251,28 @@ def test_a_checkpoint_without_optimizer_or_scheduler_state_resumes_with_a_warnin
     warnings = [r.getMessage() for r in caplog.records if "afresh, so the resumed run" in r.getMessage()]
     assert len(warnings) == 1 and all(name in warnings[0] for name in missing)
     assert ("optimizer.pt" in warnings[0]) == ("optimizer.pt" in missing)
+
+
+def cut_in_half(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("file_name", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_cut_off_weights_or_torch_file_is_refused_by_name_before_anything_changes(run_copy, tmp_path, file_name):
+    cut_in_half(os.path.join(run_copy, "checkpoint-2", file_name))
+    message = assert_refused_and_untouched(run_copy, tmp_path, file_name, "is damaged (cut off")
+    assert "`resume_from_checkpoint=True`" in message
+
+
+def test_resume_true_passes_over_a_checkpoint_with_a_cut_off_file(run_copy, tmp_path, caplog):
+    cut_in_half(os.path.join(run_copy, "checkpoint-4", "optimizer.pt"))
+    args = grad_args(tmp_path, **{**RUN, "max_steps": 6})
+    args.output_dir = run_copy
+    trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    with caplog.at_level(logging.INFO, logger="hf_gradtools"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-2")
+    assert trainer.state.global_step == 6
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping incomplete checkpoint")]
+    assert len(skipped) == 1 and "optimizer.pt is damaged (cut off or not a torch file" in skipped[0]
