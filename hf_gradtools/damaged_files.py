@@ -47,9 +47,11 @@ def file_damage(path: str | os.PathLike) -> str | None:
 def damaged_file(folder: str | os.PathLike) -> tuple[str, str] | None:
     """The first damaged weights or torch file directly in `folder`, as `(path, why)`, or `None`.
 
-    Symbolic links are passed over (a resume refuses those that leave the run folder before reading them), and so
-    is `training_args.bin`, which a resume does not load.
+    Symbolic links, `folder` itself included, are passed over (a resume refuses those that leave the run folder
+    before reading them), and so is `training_args.bin`, which a resume does not load.
     """
+    if os.path.islink(folder):
+        return None
     with os.scandir(folder) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.is_file(follow_symlinks=False) and entry.name not in _NOT_RESUMED:

@@ -67,3 +67,7 @@ def test_links_are_not_followed(tmp_path):
     folder.mkdir()
     os.symlink(outside, folder / "optimizer.pt")
     assert damaged_file(folder) is None
+    os.symlink(folder, tmp_path / "checkpoint-4")
+    (folder / "scheduler.pt").write_bytes(b"")
+    assert damaged_file(tmp_path / "checkpoint-4") is None  # not walked into
+    assert damaged_file(folder) == (str(folder / "scheduler.pt"), "empty (0 bytes)")
