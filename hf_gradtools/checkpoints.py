@@ -52,7 +52,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
 from .clipping import clip_state_checks
-from .damaged_files import damaged_file
+from .damaged_files import damaged_files
 from .errors import ChangedSettingsError, CheckpointSaveError, DamagedCheckpointError
 from .freezing.auto import AutoFreeze
 from .guards import NonFiniteGuard, SkipSpikes
@@ -80,9 +80,22 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     sharded FSDP and DeepSpeed states are; and none of its weights and torch files is cut off (`damaged_files`).
     """
     folder = os.fspath(folder)
-    state_file = os.path.join(folder, TRAINER_STATE_FILE)
+    problem = _state_file_problem(folder)
+    if problem is not None:
+        return problem
+    with os.scandir(folder) as entries:
+        if not any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
+            return "no model weights"
+    damaged = damaged_files(folder)
+    if damaged:
+        return _damage(damaged)
+    return None
+
+
+def _state_file_problem(folder: str) -> str | None:
+    """Why `trainer_state.json` in `folder` does not mark a finished save, or `None`."""
     try:
-        with open(state_file, encoding="utf-8") as f:
+        with open(os.path.join(folder, TRAINER_STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
     except FileNotFoundError:
         return f"no {TRAINER_STATE_FILE} (the save did not finish)"
@@ -90,13 +103,11 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         return f"{TRAINER_STATE_FILE} is unreadable ({type(e).__name__}: {e}; the save was cut off)"
     if not isinstance(state, dict) or "global_step" not in state:
         return f"{TRAINER_STATE_FILE} is not a Trainer state"
-    with os.scandir(folder) as entries:
-        if not any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
-            return "no model weights"
-    damaged = damaged_file(folder)
-    if damaged is not None:
-        return f"{os.path.basename(damaged[0])} is damaged ({damaged[1]})"
     return None
+
+
+def _damage(damaged: list[tuple[str, str]], full_paths: bool = False) -> str:
+    return "; ".join(f"{path if full_paths else os.path.basename(path)} is damaged ({why})" for path, why in damaged)
 
 
 def checkpoint_step(folder: str | os.PathLike) -> int:
@@ -167,15 +178,20 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[str]:
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest complete `checkpoint-N` folder in `output_dir` (highest N), or `None` when there is none.
 
-    Each newer, incomplete one it passes over gets an INFO line of the `hf_gradtools.checkpoints` logger that
-    says why (a WARNING when no complete one is found at all).
+    Each newer, incomplete one it passes over gets a line of the `hf_gradtools.checkpoints` logger that says why:
+    INFO for a save cut short (no whole `trainer_state.json`), WARNING for a finished save with a damaged file, and
+    for all when no complete one is found.
     """
     skipped = []
     for folder in reversed(list_checkpoints(output_dir)):
         problem = checkpoint_problem(folder)
         if problem is None:
             for path, why in skipped:
-                logger.info("Skipping incomplete checkpoint %s: %s; resuming from %s instead.", path, why, folder)
+                # A save cut short is expected after a kill; a damaged file in a finished save is not.
+                level = logging.WARNING if _state_file_problem(path) is None else logging.INFO
+                logger.log(
+                    level, "Skipping incomplete checkpoint %s: %s; resuming from %s instead.", path, why, folder
+                )
             return folder
         skipped.append((folder, problem))
     for path, why in skipped:
@@ -199,7 +215,8 @@ def resolve_resume_checkpoint(
 
     Raises:
         ValueError: `True` and no complete checkpoint in `output_dir`, with the Trainer's own message.
-        DamagedCheckpointError: the path names a checkpoint with a cut-off weights or torch file (which file, how).
+        DamagedCheckpointError: the path names a checkpoint with a damaged file that the resume loads (which file,
+            how), or an unreadable `trainer_state.json`.
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
@@ -209,12 +226,14 @@ def resolve_resume_checkpoint(
             raise ValueError(f"No valid checkpoint found in output directory ({os.fspath(output_dir)})")
         return found
     path = os.fspath(resume_from_checkpoint)
-    if os.path.isdir(path) and not os.path.islink(path):
-        damaged = damaged_file(path)
-        if damaged is not None:
+    if os.path.isdir(path):
+        damaged = damaged_files(path)
+        state_problem = _state_file_problem(path)
+        if damaged or (state_problem is not None and os.path.lexists(os.path.join(path, TRAINER_STATE_FILE))):
+            why = _damage(damaged, full_paths=True) if damaged else os.path.join(path, state_problem)
             raise DamagedCheckpointError(
-                f"Cannot resume from {path}: {damaged[0]} is damaged ({damaged[1]}). Resume from another "
-                "checkpoint, or with `resume_from_checkpoint=True` to take the newest complete one."
+                f"Cannot resume from {path}: {why}. Resume from another checkpoint, or with "
+                "`resume_from_checkpoint=True` to take the newest complete one."
             )
         problem = checkpoint_problem(path)
         if problem is not None:
@@ -249,16 +268,19 @@ def begin_checkpoint_save(folder: str | os.PathLike) -> None:
     deleted first, so that until the new one is written the folder counts as incomplete, not as the old save over
     half-written new weights. So are the temporary files of an earlier save that a kill cut short (safetensors'
     `.tmpXXXXXX`, as large as the weights, and this package's `.<name>.<pid>.<thread>.tmp`): nothing else names
-    them, and the new save writes every file again. A folder that does not exist yet is left alone.
+    them, and the new save writes every file again; and the damaged files of the earlier save (`damaged_files`),
+    which a save that does not write them (a scaler, weights of another format) would leave to mark the new one
+    damaged. A folder that does not exist yet is left alone.
     """
     folder = os.fspath(folder)
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return
+    damaged = {path for path, _ in damaged_files(folder)}
     for entry in entries:
         if entry.name == TRAINER_STATE_FILE or (
-            _INTERRUPTED_WRITE.match(entry.name) and entry.is_file(follow_symlinks=False)
+            entry.is_file(follow_symlinks=False) and (_INTERRUPTED_WRITE.match(entry.name) or entry.path in damaged)
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(entry.path)

@@ -1,11 +1,15 @@
-"""Is a checkpoint's weights or torch file whole? Read from its own structure, without loading it.
+"""Is each file a resume loads from a checkpoint whole? Read from the file's own structure, without loading it.
 
-A `*.safetensors` file is whole when its JSON header parses and the tensors it describes end where the file ends; a
-torch file (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `*.bin` in torch's zip format) when its zip directory,
-written last, is there and its entries lie inside the file. A file cut off (a copy that stopped, a full disk outside
-the Trainer's atomic saves) fails that test; torch and safetensors would otherwise fail on it later with errors that
-name no file (`PytorchStreamReader failed reading zip archive`, `incomplete metadata, file not fully covered`).
-Only the header and the zip directory are read.
+The files a resume loads: the weights (`*.safetensors`, `*.bin` but `training_args.bin`, and the index of sharded
+weights), `config.json`, and `optimizer`, `scheduler` and `scaler` `.pt`, `rng_state*.pth`. Each is whole when:
+- `*.safetensors`: its JSON header parses and the tensors it describes end where the file ends;
+- a torch file in torch's zip format: its zip directory (written last) is there and its entries lie inside the file;
+  a file in neither the zip nor torch's legacy format is not a torch file (a legacy file is not judged further);
+- `*.index.json` and `config.json`: a JSON object; every shard an index names is in the folder.
+A file cut off (a copy that stopped, a full disk outside the Trainer's saves) or overwritten fails its test; torch
+and safetensors would otherwise fail later with errors that name no file (`PytorchStreamReader failed reading zip
+archive`, `incomplete metadata, file not fully covered`, `Weights only load failed`). Only headers and the zip
+directory are read, so bytes changed inside a file of the right size and layout are not found.
 
 Example:
     >>> import torch
@@ -15,50 +19,63 @@ Example:
     >>> with open("optimizer.pt", "r+b") as f:
     ...     _ = f.truncate(100)
     >>> file_damage("optimizer.pt")
-    'cut off or not a torch file: 100 bytes, with no zip directory at the end'
+    'cut off: 100 bytes, with no zip directory at the end'
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 
-_TORCH_ENDINGS = (".pt", ".pth", ".bin")
 _ZIP_MAGIC = b"PK\x03\x04"
+# What `torch.save(..., _use_new_zipfile_serialization=False)` writes first: pickle protocol 2, then torch's magic
+# number 0x1950A86A20F9469CFC6C as a 10-byte LONG1.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
-_NOT_RESUMED = {"training_args.bin"}  # a record of the run's arguments; a resume does not load it
+_TORCH_FILE = re.compile(
+    r"^(optimizer|scheduler|scaler)\.(pt|bin)$|^rng_state(_\d+)?\.pth$|^(?!training_args\.bin$).+\.bin$"
+)
+_JSON_FILE = re.compile(r"^config\.json$|\.index\.json$")
 
 
 def file_damage(path: str | os.PathLike) -> str | None:
-    """Why the weights or torch file at `path` is not whole, or `None` when it is (or is of another kind).
-
-    A torch file in the legacy (non-zip) format is not checked; an empty one is damaged.
-    """
+    """Why the file at `path` is not whole, or `None` when it is, or is not a file a resume loads (by its name)."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    if path.endswith(".safetensors"):
+    name, size = os.path.basename(path), os.path.getsize(path)
+    if name.endswith(".safetensors"):
         return _safetensors_damage(path, size)
-    if path.endswith(_TORCH_ENDINGS):
+    if _TORCH_FILE.search(name):
         return _torch_damage(path, size)
+    if _JSON_FILE.search(name):
+        return _json_damage(path)
     return None
 
 
-def damaged_file(folder: str | os.PathLike) -> tuple[str, str] | None:
-    """The first damaged weights or torch file directly in `folder`, as `(path, why)`, or `None`.
+def damaged_files(folder: str | os.PathLike) -> list[tuple[str, str]]:
+    """The damaged files that a resume loads, directly in `folder`, as `(path, why)` by name; `[]` when none is.
 
-    Symbolic links, `folder` itself included, are passed over (a resume refuses those that leave the run folder
-    before reading them), and so is `training_args.bin`, which a resume does not load.
+    A symbolic link (`folder` itself too) is followed where it stays in the run folder, `folder`'s parent; one that
+    leads out is passed over, and a resume refuses it before reading anything.
     """
-    if os.path.islink(folder):
-        return None
+    run_folder = os.path.realpath(os.path.dirname(os.path.abspath(folder)))
+    if not _inside(folder, run_folder):
+        return []
+    found = []
     with os.scandir(folder) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if entry.is_file(follow_symlinks=False) and entry.name not in _NOT_RESUMED:
+            if entry.is_file() and _inside(entry.path, run_folder):
                 why = file_damage(entry.path)
+                if why is None and entry.name.endswith(".index.json"):
+                    why = _missing_shard(entry.path)
                 if why is not None:
-                    return entry.path, why
-    return None
+                    found.append((entry.path, why))
+    return found
+
+
+def _inside(path: str, run_folder: str) -> bool:
+    return os.path.commonpath([os.path.realpath(path), run_folder]) == run_folder
 
 
 def _safetensors_damage(path: str, size: int) -> str | None:
@@ -67,7 +84,9 @@ def _safetensors_damage(path: str, size: int) -> str | None:
         if len(head) < 8:
             return f"cut off: {size} bytes, shorter than a safetensors header"
         length = int.from_bytes(head, "little")
-        if length > min(size - 8, _MAX_HEADER):
+        if length > _MAX_HEADER:
+            return f"not a safetensors file: its first 8 bytes give a header of {length} bytes"
+        if length > size - 8:
             return f"cut off: {size} bytes, and its header alone says {length} bytes"
         try:
             header = json.loads(f.read(length))
@@ -92,17 +111,40 @@ def _torch_damage(path: str, size: int) -> str | None:
     if size == 0:
         return "empty (0 bytes)"
     with open(path, "rb") as f:
-        magic = f.read(4)
-        if len(magic) < 4:
-            return f"cut off: {size} bytes, shorter than any torch file"
-        if magic != _ZIP_MAGIC:
-            return None  # torch's legacy format (or a pickle): not checked here
+        magic = f.read(len(_LEGACY_MAGIC))
+        if magic.startswith(_LEGACY_MAGIC):
+            return None  # torch's legacy format: not judged here
+        if not magic.startswith(_ZIP_MAGIC):
+            if _ZIP_MAGIC.startswith(magic) or _LEGACY_MAGIC.startswith(magic):
+                return f"cut off: {size} bytes, shorter than any torch file"
+            return "not a torch file: it starts as neither torch's zip nor its legacy format"
         try:
             with zipfile.ZipFile(f) as archive:
                 members = archive.infolist()
         except (zipfile.BadZipFile, OSError, ValueError):
-            return f"cut off or not a torch file: {size} bytes, with no zip directory at the end"
+            return f"cut off: {size} bytes, with no zip directory at the end"
     for member in members:
         if member.header_offset + member.compress_size > size:
             return f"cut off: {member.filename!r} lies past the end of the file ({size} bytes)"
+    return None
+
+
+def _json_damage(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        return f"not JSON ({type(e).__name__}: {e}; cut off or overwritten)"
+    return None if isinstance(data, dict) else "not a JSON object"
+
+
+def _missing_shard(index_path: str) -> str | None:
+    with open(index_path, encoding="utf-8") as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return "its `weight_map` is not an object of file names"
+    folder = os.path.dirname(index_path)
+    for shard in sorted(set(weight_map.values())):
+        if os.path.basename(shard) != shard or not os.path.isfile(os.path.join(folder, shard)):
+            return f"it names the shard {shard!r}, which is not in the folder"
     return None

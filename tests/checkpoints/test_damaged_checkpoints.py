@@ -258,21 +258,81 @@ def cut_in_half(path: str) -> None:
         f.truncate(os.path.getsize(path) // 2)
 
 
-@pytest.mark.parametrize("file_name", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"])
-def test_a_cut_off_weights_or_torch_file_is_refused_by_name_before_anything_changes(run_copy, tmp_path, file_name):
-    cut_in_half(os.path.join(run_copy, "checkpoint-2", file_name))
-    message = assert_refused_and_untouched(run_copy, tmp_path, file_name, "is damaged (cut off")
+def overwrite_with_zeros(path: str) -> None:
+    with open(path, "wb") as f:
+        f.write(bytes(4096))  # what a power loss can leave of a file
+
+
+def garble_config(path: str) -> None:
+    with open(path, "w") as f:
+        f.write('{"model_type": "bert",')
+
+
+DAMAGE = {
+    "model.safetensors-cut": ("model.safetensors", cut_in_half, "is damaged (cut off: "),
+    "optimizer.pt-cut": ("optimizer.pt", cut_in_half, "is damaged (cut off: "),
+    "scheduler.pt-cut": ("scheduler.pt", cut_in_half, "is damaged (cut off: "),
+    "rng_state.pth-cut": ("rng_state.pth", cut_in_half, "is damaged (cut off: "),
+    "optimizer.pt-zeros": ("optimizer.pt", overwrite_with_zeros, "is damaged (not a torch file: it starts as neither"),
+    "model.safetensors-zeros": (
+        "model.safetensors",
+        overwrite_with_zeros,
+        "is damaged (its safetensors header is not JSON)",
+    ),
+    "config.json-cut": ("config.json", garble_config, "is damaged (not JSON (JSONDecodeError"),
+    "trainer_state.json-cut": (
+        "trainer_state.json",
+        lambda path: cut_in_half(path),
+        "trainer_state.json is unreadable (JSONDecodeError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_file_the_resume_loads_is_refused_by_name_before_anything_changes(run_copy, tmp_path, case):
+    file_name, damage, reason = DAMAGE[case]
+    damage(os.path.join(run_copy, "checkpoint-2", file_name))
+    message = assert_refused_and_untouched(run_copy, tmp_path, file_name, reason)
     assert "`resume_from_checkpoint=True`" in message
 
 
-def test_resume_true_passes_over_a_checkpoint_with_a_cut_off_file(run_copy, tmp_path, caplog):
-    cut_in_half(os.path.join(run_copy, "checkpoint-4", "optimizer.pt"))
+def resume_true(run_dir: str, tmp_path, caplog) -> tuple[GradTrainer, list[logging.LogRecord]]:
     args = grad_args(tmp_path, **{**RUN, "max_steps": 6})
-    args.output_dir = run_copy
+    args.output_dir = run_dir
     trainer = GradTrainer(model=tiny_classifier(), args=args, train_dataset=classification_data(16))
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="hf_gradtools"):
         trainer.train(resume_from_checkpoint=True)
+    return trainer, [r for r in caplog.records if r.getMessage().startswith("Skipping incomplete checkpoint")]
+
+
+def test_resume_true_passes_over_a_damaged_checkpoint_with_a_warning(run_copy, tmp_path, caplog):
+    cut_in_half(os.path.join(run_copy, "checkpoint-4", "optimizer.pt"))
+    trainer, skipped = resume_true(run_copy, tmp_path, caplog)
     assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-2")
     assert trainer.state.global_step == 6
-    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipping incomplete checkpoint")]
-    assert len(skipped) == 1 and "optimizer.pt is damaged (cut off or not a torch file" in skipped[0]
+    assert [r.levelno for r in skipped] == [logging.WARNING]
+    assert "optimizer.pt is damaged (cut off: " in skipped[0].getMessage()
+
+
+def test_a_damaged_file_the_new_save_does_not_write_is_deleted_with_the_earlier_save(run_copy, tmp_path, caplog):
+    """A stale damaged file (a scaler a CPU run never writes) would otherwise mark the new save damaged for good."""
+    stale = os.path.join(run_copy, "checkpoint-4", "scaler.pt")
+    with open(stale, "wb") as f:
+        f.write(b"PK\x03\x04 cut")
+    trainer, skipped = resume_true(run_copy, tmp_path, caplog)
+    assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-2")
+    assert not os.path.exists(stale)  # the new checkpoint-4 is whole
+    trainer, skipped = resume_true(run_copy, tmp_path, caplog)
+    assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-6") and skipped == []
+
+
+def test_a_checkpoint_linked_inside_the_run_folder_is_checked_through_the_link(run_copy, tmp_path, caplog):
+    store = os.path.join(run_copy, "store")
+    os.mkdir(store)
+    os.rename(os.path.join(run_copy, "checkpoint-4"), os.path.join(store, "checkpoint-4"))
+    os.symlink(os.path.join("store", "checkpoint-4"), os.path.join(run_copy, "checkpoint-4"))
+    cut_in_half(os.path.join(store, "checkpoint-4", "model.safetensors"))
+    trainer, skipped = resume_true(run_copy, tmp_path, caplog)
+    assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-2")
+    assert "model.safetensors is damaged (cut off: " in skipped[0].getMessage()
