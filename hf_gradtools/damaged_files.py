@@ -29,6 +29,8 @@ import os
 import re
 import zipfile
 
+from .run_folder import is_within
+
 _ZIP_MAGIC = b"PK\x03\x04"
 # What `torch.save(..., _use_new_zipfile_serialization=False)` writes first: pickle protocol 2, then torch's magic
 # number 0x1950A86A20F9469CFC6C as a 10-byte LONG1.
@@ -60,22 +62,18 @@ def damaged_files(folder: str | os.PathLike) -> list[tuple[str, str]]:
     leads out is passed over, and a resume refuses it before reading anything.
     """
     run_folder = os.path.realpath(os.path.dirname(os.path.abspath(folder)))
-    if not _inside(folder, run_folder):
+    if not is_within(os.path.realpath(folder), run_folder):
         return []
     found = []
     with os.scandir(folder) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if entry.is_file() and _inside(entry.path, run_folder):
+            if entry.is_file() and is_within(os.path.realpath(entry.path), run_folder):
                 why = file_damage(entry.path)
                 if why is None and entry.name.endswith(".index.json"):
                     why = _missing_shard(entry.path)
                 if why is not None:
                     found.append((entry.path, why))
     return found
-
-
-def _inside(path: str, run_folder: str) -> bool:
-    return os.path.commonpath([os.path.realpath(path), run_folder]) == run_folder
 
 
 def _safetensors_damage(path: str, size: int) -> str | None:

@@ -68,7 +68,8 @@ def is_finite_number(value) -> bool:
     return fits_float(value) and math.isfinite(value)
 
 
-def _is_within(path: str, folder: str) -> bool:
+def is_within(path: str, folder: str) -> bool:
+    """Whether the resolved `path` is `folder` or below it (both as `os.path.realpath` gives them)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
@@ -88,7 +89,7 @@ def inside_run_folder(run_folder: str | os.PathLike, path: str | os.PathLike, *,
     root = os.path.realpath(run_folder)
     checked = os.path.dirname(os.path.abspath(path)) if replaced else path
     target = os.path.realpath(checked)
-    if not _is_within(target, root):
+    if not is_within(target, root):
         raise OutsideRunFolderError(
             f"{path!r} leads out of the run folder {os.fspath(run_folder)!r} through a symbolic link (to "
             f"{target!r}): hf_gradtools reads, writes and deletes nothing through a link that leaves the run folder. "
