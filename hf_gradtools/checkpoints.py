@@ -77,19 +77,21 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
 
     Complete: `trainer_state.json` holds a whole JSON object (the Trainer writes it last), the folder holds
     model weights: a `*.safetensors`, `*.bin` (not `training_args.bin`) or `*.index.json` file, or a sub-folder, as
-    sharded FSDP and DeepSpeed states are; and none of its weights and torch files is cut off (`damaged_files`).
+    sharded FSDP and DeepSpeed states are; and none of the files a resume loads is damaged (`damaged_files`).
     """
     folder = os.fspath(folder)
-    problem = _state_file_problem(folder)
+    problem = _state_file_problem(folder) or _weights_problem(folder)
     if problem is not None:
         return problem
-    with os.scandir(folder) as entries:
-        if not any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
-            return "no model weights"
     damaged = damaged_files(folder)
-    if damaged:
-        return _damage(damaged)
-    return None
+    return _damage(damaged) if damaged else None
+
+
+def _weights_problem(folder: str) -> str | None:
+    with os.scandir(folder) as entries:
+        if any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
+            return None
+    return "no model weights"
 
 
 def _state_file_problem(folder: str) -> str | None:
@@ -206,9 +208,9 @@ def resolve_resume_checkpoint(
 
     Args:
         output_dir: the run's `args.output_dir`.
-        resume_from_checkpoint: `True` (the last complete checkpoint in `output_dir`; one with a damaged weights or
-            torch file is passed over), `None` / `False` (no resume: `None`), or a path, given back unchanged (a
-            warning is logged when it is incomplete).
+        resume_from_checkpoint: `True` (the last complete checkpoint in `output_dir`; one with a damaged file that
+            the resume loads is passed over), `None` / `False` (no resume: `None`), or a path, given back unchanged
+            (a warning is logged when it is incomplete).
 
     Returns:
         The checkpoint path, or `None`.
@@ -235,7 +237,7 @@ def resolve_resume_checkpoint(
                 f"Cannot resume from {path}: {why}. Resume from another checkpoint, or with "
                 "`resume_from_checkpoint=True` to take the newest complete one."
             )
-        problem = checkpoint_problem(path)
+        problem = state_problem or _weights_problem(path)
         if problem is not None:
             logger.warning("Resuming from %s, which looks incomplete: %s.", path, problem)
     return path
