@@ -2,6 +2,7 @@
 
 - `is_sharded` / `local_tensor`: FSDP2 gives DTensor gradients; in-place work acts on each local shard.
 - `agree_across_ranks`: a flag OR-ed over every process, so each decides alike (the guards' skips).
+- `broadcast_from_main_`: the main process's numbers on every process (automatic freezing's decisions).
 - `all_reduce_grads_`: average the gradients of parameters that DDP does not reduce, those unfrozen after
   wrapping.
 
@@ -54,6 +55,15 @@ def agree_across_ranks(flag: torch.Tensor) -> torch.Tensor:
     value = flag.to(torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.bool()
+
+
+def broadcast_from_main_(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` overwritten in place by the main process's (rank 0's) copy, so that every process decides from the
+    same numbers; returned. Without an initialised group, or with one process, left as it is. The tensor must be
+    on a device the backend reaches (CUDA for NCCL, CPU for gloo)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
 
 
 def all_reduce_grads_(parameters: Iterable[torch.Tensor], group=None) -> int:

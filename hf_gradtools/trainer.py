@@ -188,7 +188,7 @@ class GradTrainerMixin:
         refuse_supplied_optimizer(self.grad_settings, super().__init__, model, args, pargs, kwargs)
         if model is not None and args is not None:  # before anything is written
             check_patterns(model, self.grad_settings)
-            check_auto_freeze(model, self.grad_settings, getattr(args, "world_size", 1))
+            check_auto_freeze(model, self.grad_settings, args)
             check_activation_cache(model, self.grad_settings)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         self._window_rule = None  # the `ItemRule` of the window being accumulated

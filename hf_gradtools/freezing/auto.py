@@ -16,7 +16,9 @@ The rule (`auto_freeze=True`), on the blocks of the layer stack that freezing fi
 
 A frozen block gets `requires_grad=False` and leaves the optimizer's stepping (its optimizer state is freed); with
 `frozen_eval_mode` it trains in eval mode from the next step. `frozen_layers` (the blocks of the stack frozen now,
-whoever froze them) is logged at every training log.
+whoever froze them) is logged at every training log. Under DDP the norms are global (measured after the
+all-reduce) and every process freezes what the main one decides; DDP must look for unused parameters
+(`ddp_find_unused_parameters`, on by default for a transformers model), since a frozen block gives it no gradient.
 
 Example:
     >>> previous = {0: 10.0, 1: 10.0, 2: 10.0, 3: 10.0}
@@ -35,11 +37,13 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..atomic import write_json_atomic
 from ..clipping import grad_norms
 from ..components import ClipStep, TrainerComponent, warn_starts_afresh
-from ..distributed import is_sharded
+from ..distributed import broadcast_from_main_, is_sharded
+from ..engines import engine_of
 from ..errors import LayerStackNotFoundError
 from ..layout import find_input_embeddings, find_layer_stack
 from ..snapshots import FROZEN_PARAMETERS_FILE, GradSnapshotCallback, describe_parameters
@@ -70,9 +74,10 @@ def blocks_to_freeze(
     return chosen, ratios, tau
 
 
-def check_auto_freeze(model: nn.Module, settings, world_size: int = 1) -> None:
-    """Refuse `auto_freeze` where the rule cannot run: `auto_freeze_keep_last` not below the layer count, or
-    several processes (DDP registers the trainable parameters when it wraps the model)."""
+def check_auto_freeze(model: nn.Module, settings, args=None) -> None:
+    """Refuse `auto_freeze` where the rule cannot run: `auto_freeze_keep_last` not below the layer count, FSDP or
+    DeepSpeed (they shard and reduce the parameters they wrapped), or DDP that would wait for a frozen block's
+    gradient (no unused-parameter detection, or a static graph)."""
     if not settings.auto_freeze:
         return
     blocks = len(find_layer_stack(model).blocks)
@@ -82,11 +87,41 @@ def check_auto_freeze(model: nn.Module, settings, world_size: int = 1) -> None:
             f"`auto_freeze_keep_last`={keep} must be below the layer count of {type(model).__name__} ({blocks} "
             "blocks): it keeps that many top blocks trainable, so nothing could ever freeze."
         )
-    if world_size > 1:
+    engine = engine_of(args)
+    if engine is not None:
         raise ValueError(
-            f"`auto_freeze`=True runs on one process only (world size {world_size}): DDP and FSDP fix the trainable "
-            "parameters when they wrap the model. Train on one device, or set `freeze_first_n_layers` instead."
+            f"`auto_freeze`=True is not supported with {engine}, which shards and reduces the parameters it wrapped: "
+            "a block frozen during training would still be waited for. Train with DDP or on one device, or set "
+            "`freeze_first_n_layers` instead."
         )
+    if getattr(args, "world_size", 1) <= 1:
+        return
+    if getattr(args, "ddp_static_graph", None):
+        raise ValueError(
+            "`auto_freeze`=True cannot run with `ddp_static_graph`=True: freezing a block changes the graph DDP "
+            "recorded at the first step. Leave `ddp_static_graph` unset."
+        )
+    if not ddp_finds_unused_parameters(model, args):
+        why = (
+            "set so"
+            if args.ddp_find_unused_parameters is not None
+            else "the Trainer's choice when activation checkpointing is on"
+        )
+        raise ValueError(
+            f"`auto_freeze`=True under DDP needs `ddp_find_unused_parameters`=True, and it is False here ({why}): DDP "
+            "waits for a gradient of every parameter it wrapped, and a block frozen during training gives none. "
+            "Set `ddp_find_unused_parameters=True`."
+        )
+
+
+def ddp_finds_unused_parameters(model: nn.Module, args) -> bool:
+    """The `find_unused_parameters` the Trainer gives DDP: `ddp_find_unused_parameters` if set, else True except for
+    a transformers model with activation checkpointing on."""
+    if args.ddp_find_unused_parameters is not None:
+        return bool(args.ddp_find_unused_parameters)
+    if isinstance(model, PreTrainedModel):
+        return not (model.is_activation_checkpointing or getattr(args, "activation_checkpointing", False))
+    return True
 
 
 def heads_tied_to_trainable_embeddings(model: nn.Module, embeddings: list | None = None) -> list[str]:
@@ -195,6 +230,8 @@ class AutoFreeze(TrainerComponent):
         if step % self.interval:
             return
         unfrozen = [i for i, block in enumerate(self._blocks) if not self.block_frozen(block)]
+        if self.sums is not None:  # under DDP every process freezes what the main one decides
+            broadcast_from_main_(self.sums)
         sums = self.sums.tolist() if self.sums is not None else [0.0] * len(self._blocks)
         current = {i: sums[i] for i in unfrozen}
         self.sums = None

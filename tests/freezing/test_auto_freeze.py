@@ -15,8 +15,8 @@ import transformers as T
 
 from hf_gradtools import ChangedSettingsError, GradTrainer
 from hf_gradtools.checkpoints import check_state_components, load_training_state
-from hf_gradtools.freezing import AutoFreeze, blocks_to_freeze
-from tests.conftest import classification_data, grad_args, tiny_config
+from hf_gradtools.freezing import AutoFreeze, blocks_to_freeze, check_auto_freeze
+from tests.conftest import classification_data, grad_args, tiny_config, torchrun
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -191,6 +191,76 @@ def test_with_the_activation_cache_a_run_equals_the_uncached_one(tmp_path):
     for (name, p), q in zip(cached.model.named_parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert any(log["activation_cache_hit_rate"] > 0 for log in logs)
+
+
+def auto_run(folder, cache: bool, **fields) -> dict:
+    """3 epochs of 80 examples at a global batch of 8 (30 steps): what a process saw and ended with."""
+    args = auto_args(folder, max_steps=30, cache_frozen_activations=cache, **fields)
+    trainer = GradTrainer(model=six_layers(), args=args, train_dataset=classification_data(80))
+    trainer.train()
+    component = trainer.component(AutoFreeze)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    return {
+        "params": {name: p.detach().clone() for name, p in trainer.model.named_parameters()},
+        "frozen": list(component.frozen),
+        "steps": [d["step"] for d in component.decisions if d["froze"]],
+        "frozen_layers": [log["frozen_layers"] for log in logs],
+        "hit_rates": [log.get("activation_cache_hit_rate") for log in logs],
+    }
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_freeze_as_one_process_with_their_global_batch(tmp_path):
+    """Under DDP the rule reads the global per-layer norms, so 2 processes x batch 4 freeze the blocks one process
+    with batch 8 freezes, at the same steps, and end on its parameters; with the cache too (served whole once the
+    last decision is carried on)."""
+    alone = auto_run(tmp_path / "alone", cache=False, per_device_train_batch_size=8)
+    assert len(alone["frozen"]) >= 2 and len(alone["steps"]) >= 2, "the rule must freeze, twice, for this to say much"
+    prefix = str(tmp_path / "out" / "result")
+    torchrun(tmp_path, "ddp_auto_freeze.py", prefix)
+    ranks = [torch.load(f"{prefix}.{rank}.pt") for rank in (0, 1)]
+    for result in ranks:
+        for cache in (False, True):
+            run = result[cache]
+            assert (run["frozen"], run["steps"], run["frozen_layers"]) == (
+                alone["frozen"],
+                alone["steps"],
+                alone["frozen_layers"],
+            ), cache
+            for name, param in alone["params"].items():
+                torch.testing.assert_close(run["params"][name], param, atol=1e-5, rtol=1e-5, msg=name)
+        assert result[True]["hit_rates"][-3:] == [1.0] * 3  # the last steps of epoch 3 are served
+    for cache in (False, True):
+        for name, param in ranks[0][cache]["params"].items():
+            assert torch.equal(ranks[1][cache]["params"][name], param), name
+
+
+def ddp_args(**fields) -> SimpleNamespace:
+    defaults = dict(
+        world_size=2, ddp_find_unused_parameters=None, ddp_static_graph=None, activation_checkpointing=False
+    )
+    return SimpleNamespace(**{**defaults, **fields})
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(ddp_find_unused_parameters=False),
+            r"needs `ddp_find_unused_parameters`=True, and it is False here \(set so",
+        ),
+        (dict(activation_checkpointing=True), "the Trainer's choice when activation checkpointing is on"),
+        (dict(ddp_static_graph=True), "cannot run with `ddp_static_graph`=True"),
+        (dict(fsdp="full_shard", fsdp_config={"version": 2}), "not supported with FSDP2"),
+        (dict(world_size=1, deepspeed="ds.json"), "not supported with DeepSpeed"),
+    ],
+)
+def test_processes_that_would_wait_for_a_frozen_block_are_refused(fields, message):
+    settings = SimpleNamespace(auto_freeze=True, auto_freeze_keep_last=1)
+    with pytest.raises(ValueError, match=message):
+        check_auto_freeze(six_layers(), settings, ddp_args(**fields))
+    check_auto_freeze(six_layers(), settings, ddp_args())  # DDP as the Trainer sets it up: unused ones are found
+    check_auto_freeze(six_layers(), settings, ddp_args(activation_checkpointing=True, ddp_find_unused_parameters=True))
 
 
 def component_on(model) -> tuple[AutoFreeze, SimpleNamespace]:
