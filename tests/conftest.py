@@ -143,6 +143,16 @@ ARCHS = [
 ]
 
 
+def save_per_rank_and_end(results, prefix: str) -> None:
+    """A torchrun worker's last step: `results` to PREFIX.<rank>.pt, once every process has got this far, then the
+    process group destroyed."""
+    import torch.distributed as dist
+
+    torch.save(results, f"{prefix}.{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def exit_without_teardown() -> None:
     """End a torchrun worker at once, after its process group is destroyed and its files are written.
 

@@ -15,9 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import torch  # noqa: E402
 
-from tests.conftest import exit_without_teardown  # noqa: E402
+from tests.conftest import exit_without_teardown, save_per_rank_and_end  # noqa: E402
 from tests.freezing.test_auto_freeze import auto_run  # noqa: E402
 
 
@@ -26,9 +25,7 @@ def main(prefix: str) -> None:
     for cache in (False, True):
         folder = pathlib.Path(os.path.dirname(prefix)) / f"cache_{cache}"
         results[cache] = auto_run(folder, cache=cache, per_device_train_batch_size=4, ddp_backend="gloo")
-    torch.save(results, f"{prefix}.{torch.distributed.get_rank()}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    save_per_rank_and_end(results, prefix)
 
 
 if __name__ == "__main__":

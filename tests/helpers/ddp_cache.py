@@ -15,9 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-import torch  # noqa: E402
 
-from tests.conftest import exit_without_teardown  # noqa: E402
+from tests.conftest import exit_without_teardown, save_per_rank_and_end  # noqa: E402
 from tests.freezing.test_activation_cache import train  # noqa: E402
 
 
@@ -36,9 +35,7 @@ def main(prefix: str) -> None:
                 "epochs": epochs,
                 "hit_rates": [log["activation_cache_hit_rate"] for log in logs],
             }
-    torch.save(results, f"{prefix}.{torch.distributed.get_rank()}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    save_per_rank_and_end(results, prefix)
 
 
 if __name__ == "__main__":
