@@ -187,9 +187,7 @@ class GradTrainerMixin:
         check_engine_support(args, self.grad_settings)
         refuse_supplied_optimizer(self.grad_settings, super().__init__, model, args, pargs, kwargs)
         if model is not None and args is not None:  # before anything is written
-            check_patterns(model, self.grad_settings)
-            check_auto_freeze(model, self.grad_settings, args)
-            check_activation_cache(model, self.grad_settings)
+            self._check_model(model, args)
         self._pending_loss_weights: deque[torch.Tensor] = deque()
         self._window_rule = None  # the `ItemRule` of the window being accumulated
         self._loss_probe = LossRuleProbe(self)
@@ -294,6 +292,20 @@ class GradTrainerMixin:
             self._frozen_by_args = apply_freezing(self.model, self.grad_settings)
             self._attach_snapshot_callback()
 
+    def _check_model(self, model: nn.Module, args) -> None:
+        """Refuse the gradient fields `model` cannot honour (patterns, automatic freezing, the activation cache)."""
+        check_patterns(model, self.grad_settings)
+        check_auto_freeze(model, self.grad_settings, args)
+        check_activation_cache(model, self.grad_settings)
+
+    def call_model_init(self, trial=None):
+        """`Trainer.call_model_init`, with the model it builds checked as a model passed in is (at construction,
+        before anything is written, and at each `train()`)."""
+        model = super().call_model_init(trial)
+        if self.args is not None and getattr(self, "grad_settings", None) is not None:
+            self._check_model(model, self.args)
+        return model
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`Trainer.train`, after re-checking the gradient fields (they may have changed since construction).
 
@@ -310,7 +322,7 @@ class GradTrainerMixin:
         self._loss_probe.reset(fresh_model=self.model_init is not None)
         self._attach_snapshot_callback()
         if self.model is not None:
-            check_patterns(self.model, self.grad_settings)
+            self._check_model(self.model, self.args)
         if self.grad_settings.grad_snapshot_tensors and not any(
             cb.period(self.grad_settings) > 0 for cb in self._snapshot_callbacks()
         ):

@@ -20,7 +20,9 @@ replace their rows at the input of the block they were kept for: only the newly 
 micro-batch gives what the uncached forward gives, up to float rounding of other matrix shapes: the same loss, the
 same gradients, and the same random numbers drawn (a frozen block in eval mode draws none). Outputs at padded
 positions are not the uncached ones (the kept states hold only unpadded positions, padding gets zeros): a
-micro-batch is served only when the loss cannot read them (token labels there are -100, as collators set them).
+micro-batch is served only when the loss cannot read them (`_padding_reason`: token labels there are -100, as
+collators set them; a sequence head reads a token, not padding; no row is all padding) and when no call around the
+base model asks for every block's output. The examples are those the model's forward is called with.
 Past the memory budget new examples are computed as without the cache (one warning).
 
 The kept states are stored on the CPU by default: host memory is the larger pool, and the budget would otherwise
@@ -68,9 +70,10 @@ from .auto import heads_tied_to_trainable_embeddings
 
 GB = 1e9  # bytes in a GB, as `frozen_activation_cache_gb` counts them
 
-# Batch entries that do not change the frozen prefix's output: the labels are checked apart (`_labels_reason`).
+# Batch entries that do not change the frozen prefix's output: the labels are checked apart (`_padding_reason`).
 INERT_INPUTS = frozenset({"labels", "num_items_in_batch", "return_dict", "use_cache"})
 PREFIX_INPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids"})
+OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")  # ask for what the skipped blocks return
 
 
 @dataclass(frozen=True)
@@ -371,10 +374,10 @@ class FrozenActivationCache:
 
     def _input_reason(self, inputs: Mapping[str, Any]) -> str | None:
         config = getattr(self.model, "config", None)
-        for flag in ("output_hidden_states", "output_attentions"):
+        for flag in OUTPUT_FLAGS:
             if inputs.get(flag) or getattr(config, flag, False):
                 return f"`{flag}` asks for the skipped blocks' outputs"
-        others = sorted(set(inputs) - PREFIX_INPUTS - INERT_INPUTS)
+        others = sorted({k for k, v in inputs.items() if v is not None} - PREFIX_INPUTS - INERT_INPUTS)
         if others:
             listed = ", ".join(f"`{k}`" for k in others)
             return f"the batch holds {listed}, which the cache does not know to leave the frozen prefix unchanged"
@@ -434,12 +437,17 @@ class FrozenActivationCache:
         device_mask = None if mask_cpu is None else mask_cpu.to(self._model_device())
         return keys, device_mask
 
-    def _labels_reason(self, inputs: Mapping[str, Any], mask: torch.Tensor | None) -> str | None:
-        """Why the loss could read a padded position (whose output the cache does not reproduce), or None."""
+    def _padding_reason(self, inputs: Mapping[str, Any], labels: Any, mask: torch.Tensor | None) -> str | None:
+        """Why the loss could read a padded position (whose output the cache does not reproduce), or None.
+
+        Token labels must be -100 at and next to padded positions; a sequence head reads position 0 (an encoder's
+        first token) or the last token (a decoder's: the last one that is not `pad_token_id`, or the last position
+        when that is not set), which must not be padding; no row may be all padding."""
         if mask is None:
             return None
         padded = ~mask
-        labels = inputs.get("labels")
+        if not bool(mask.any(1).all()):
+            return "a row is all padding (the head would read a padded position)"
         if isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
             read = labels.to(mask.device) != -100
             # a causal LM predicts the label at t + 1 from position t
@@ -447,19 +455,25 @@ class FrozenActivationCache:
             read_shifted[:, :-1] = read[:, 1:]
             if bool(((read | read_shifted) & padded).any()):
                 return "token labels at or next to padded positions are not -100 (the loss would read padding)"
+        elif not self.architecture.pads_with_pad_id and not bool(mask[:, 0].all()):
+            return "a row's first position is padding (left padding), and the head reads the first position"
         pad_id = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        if self.architecture.pads_with_pad_id and pad_id is None and not bool(mask[:, -1].all()):
+            return "`pad_token_id` is not set, so the head reads the last position, which is padding in a row"
         if self.architecture.pads_with_pad_id and pad_id is not None:
             if bool((inputs["input_ids"].to(padded.device)[padded] != pad_id).any()):
                 return "a masked position holds a token other than `pad_token_id` (the head would read it)"
         return None
 
-    def _plan(self, inputs: Mapping[str, Any]) -> _Plan | None:
+    def _plan(self, inputs: Mapping[str, Any], labels: Any) -> _Plan | None:
+        """What to do with the micro-batch the model is called with (`inputs`: its forward's keyword arguments;
+        `labels`: those the loss reads)."""
         if self._k == 0:
             return None
         reason = self._input_reason(inputs) or self._prefix_reason()
         if reason is None:
             keys, mask = self._keys(inputs)
-            reason = self._labels_reason(inputs, mask)
+            reason = self._padding_reason(inputs, labels, mask)
         if reason is not None:
             self._warn_once(reason)
             return None
@@ -498,14 +512,17 @@ class FrozenActivationCache:
     def serving(self, inputs: Mapping[str, Any]) -> Iterator[None]:
         """Serve one training micro-batch (its forward and backward inside) from the cache where it can.
 
-        `inputs` is the batch dict the model is called with. The decision is taken when the model's forward starts
-        (so after a trainer has put the frozen modules in eval mode): when the prefix is frozen and in eval mode and
-        every example is kept, the embeddings and blocks 0..K-1 are not called; otherwise the micro-batch is
-        computed normally and its examples' states at block K are kept (within the budget). A condition that
-        prevents serving (a trainable or train-mode module in the prefix, an input the cache does not know, labels
-        at padded positions) is said once per kind, as a warning. A second forward inside the same `serving` is
-        computed normally.
+        `inputs` is the trainer's batch; the examples are recognised by what the model's forward is called with
+        (a `compute_loss` may change the batch), and the labels are those of the call, or else of `inputs` as it
+        is now (a label smoother takes them out before the call). The decision is taken when the model's forward
+        starts (so after a trainer has put the frozen modules in eval mode): when the prefix is frozen and in eval
+        mode and every example is kept, the embeddings and blocks 0..K-1 are not called; otherwise the micro-batch
+        is computed normally and its examples' states at block K are kept (within the budget). A condition that
+        prevents serving (a trainable or train-mode module in the prefix, an input the cache does not know, a head
+        or labels that read padded positions, an inner call asking for every block's output) is said once per
+        kind, as a warning. A second forward inside the same `serving` is computed normally.
         """
+        labels = inputs.get("labels")
         with contextlib.ExitStack() as undo:
             calls = []
 
@@ -514,14 +531,19 @@ class FrozenActivationCache:
                 if len(calls) > 1:  # not the micro-batch the plan is for
                     undo.close()
                     return
-                plan = self._plan(inputs)
-                batch = inputs["input_ids"].shape[0] if isinstance(inputs.get("input_ids"), torch.Tensor) else 0
+                ids = kwargs.get("input_ids")
+                batch = ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() > 0 else 0
                 self._seen += batch
+                if args:
+                    self._warn_once("the model is called with positional arguments, which the cache does not read")
+                    return
+                plan = self._plan(kwargs, kwargs.get("labels", labels))
                 if plan is None:
                     return
                 if plan.depth:
                     self._hits += batch
                     self._stand_in(plan, undo)
+                    self._watch_inner_calls(batch, undo)
                 if plan.keep_rows:
                     self._capture(plan, undo)
 
@@ -530,6 +552,31 @@ class FrozenActivationCache:
                 yield
             finally:
                 handle.remove()
+
+    def _watch_inner_calls(self, batch: int, undo: contextlib.ExitStack) -> None:
+        """Compute normally after all if the base model (the module holding the embeddings and the stack), or a
+        module between it and the model, is called asking for every block's output (a head of the user's that
+        combines several layers): the stand-ins' outputs are not those. Calls inside the base model are the
+        architecture's own (DeBERTa's encoder always returns every layer; the model passes on only the last)."""
+        path = self.stack.name.split(".")
+        for name, _ in self._embeddings:
+            shared = 0
+            for a, b in zip(path, name.split("."), strict=False):
+                if a != b:
+                    break
+                shared += 1
+            path = path[:shared]
+        inner = [self.model.get_submodule(".".join(path[: i + 1])) for i in range(len(path))]
+
+        def check(module, args, kwargs):
+            asked = next((flag for flag in OUTPUT_FLAGS if kwargs.get(flag)), None)
+            if asked is not None:
+                self._hits -= batch
+                undo.close()  # the modules back in place, no state fed
+                self._warn_once(f"`{type(module).__name__}` is called with `{asked}`, asking for every block's output")
+
+        for module in inner:
+            undo.callback(module.register_forward_pre_hook(check, with_kwargs=True).remove)
 
     def _swap(self, parent: nn.Module, attribute: str, stand_in: nn.Module, undo: contextlib.ExitStack) -> None:
         original = parent._modules[attribute]

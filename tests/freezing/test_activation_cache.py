@@ -519,7 +519,7 @@ def test_a_prefix_that_is_not_fixed_is_computed(arch, spoil, message):
     "change, message",
     [
         (lambda b: b["labels"].__setitem__((0, -1), 1), "token labels at or next to padded positions are not -100"),
-        (lambda b: b.__setitem__("head_mask", None), "the batch holds `head_mask`"),
+        (lambda b: b.__setitem__("head_mask", torch.ones(2, 2)), "the batch holds `head_mask`"),
         (lambda b: b.__setitem__("output_hidden_states", True), "`output_hidden_states` asks for"),
     ],
     ids=["labels-at-padding", "unknown-input", "hidden-states"],
@@ -591,6 +591,118 @@ def test_left_padding_positions_are_part_of_the_example():
     with cache.serving(shuffled):
         assert_same(step(model, shuffled), step(reference, shuffled))
     assert calls[0] == 0
+
+
+def left_padded(batch: dict) -> dict:
+    """`batch` with its padding moved to the start of each row (and its token labels with it)."""
+    lengths = batch["attention_mask"].sum(1)
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask") + (("labels",) if batch["labels"].dim() == 2 else ()):
+        out[key] = torch.stack(
+            [row.roll(int(batch[key].shape[1] - n)) for row, n in zip(batch[key], lengths, strict=True)]
+        )
+    return out
+
+
+def with_an_empty_row(batch: dict) -> dict:
+    out = {key: value.clone() for key, value in batch.items()}
+    out["attention_mask"][0] = 0
+    out["input_ids"][0] = 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "arch, make, message",
+    [
+        ("bert", left_padded, "a row's first position is padding"),
+        ("modernbert", left_padded, "a row's first position is padding"),
+        ("distilbert", left_padded, "a row's first position is padding"),
+        ("bert", with_an_empty_row, "a row is all padding"),
+        ("llama", with_an_empty_row, "a row is all padding"),
+    ],
+)
+def test_a_head_that_would_read_padding_is_computed(arch, make, message):
+    """The padded positions' outputs are not the uncached ones: a sequence head that reads the first position of a
+    left-padded row, or any head on an all-padding row, is computed, with the uncached result."""
+    model, reference = frozen_model(arch, 2), frozen_model(arch, 2)
+    batch = make(batch_of(rows(), 10, pad_id(model)))
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with pytest.warns(UserWarning, match=message):
+        skipped, result = served(model, cache, batch, 2)
+    assert not skipped and len(cache) == 0
+    assert_same(result, step(reference, batch))
+
+
+def test_a_decoder_head_without_a_pad_token_reads_the_last_position():
+    """Without `pad_token_id` the decoders' sequence head reads the last position: a row padded at its end is
+    computed; padded at its start (the last position is a token) it is served, with the uncached result."""
+    model, reference = frozen_model("llama", 2), frozen_model("llama", 2)
+    for m in (model, reference):
+        m.config.pad_token_id = None
+    right = batch_of(rows()[:1], 10, 0)  # one row: the head refuses a larger batch without a pad token
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with pytest.warns(UserWarning, match="`pad_token_id` is not set, so the head reads the last position"):
+        skipped, result = served(model, cache, right, 2)
+    assert not skipped
+    assert_same(result, step(reference, right))
+    left = left_padded(right)
+    skipped, result = served(model, cache, left, 2)
+    assert skipped
+    assert_same(result, step(reference, left))
+
+
+class LastLayersClassifier(T.BertPreTrainedModel):
+    """A user's head over the mean of the last two layers' first token: it asks its encoder for every layer."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = T.BertModel(config, add_pooling_layer=False)
+        self.head = torch.nn.Linear(config.hidden_size, 3)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        logits = self.head(torch.stack(out.hidden_states[-2:]).mean(0)[:, 0])
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return T.modeling_outputs.SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def test_a_head_that_asks_for_every_layer_is_computed():
+    def build():
+        torch.manual_seed(0)
+        model = LastLayersClassifier(config("bert"))
+        freeze_prefix(model, 2)
+        return model
+
+    model, reference = build(), build()
+    batch = batch_of(rows(), 10, 0)
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with pytest.warns(UserWarning, match="`BertModel` is called with `output_hidden_states`"):
+        skipped, result = served(model, cache, batch, 2)
+    assert not skipped
+    assert cache.stats()["activation_cache_hit_rate"] == 0.0
+    assert_same(result, step(reference, batch))
+
+
+def test_examples_are_recognised_by_what_the_model_is_called_with():
+    """A `compute_loss` may change the batch before calling the model (word dropout, say): the examples are those
+    of the call, not of the trainer's batch."""
+    model, reference = frozen_model("bert", 2), frozen_model("bert", 2)
+    batch = batch_of(rows(), 10, 0)
+    changed = {**batch, "input_ids": batch["input_ids"].where(batch["input_ids"] % 4 > 0, 3), "head_mask": None}
+    cache = FrozenActivationCache.from_model(model, 2, budget_bytes=10**8)
+    with cache.serving(batch):
+        step(model, batch)
+    calls = prefix_calls(model, 2)
+    with cache.serving(batch):  # the trainer's batch, its examples kept; the model gets others
+        result = step(model, changed)
+    assert calls[0] > 0
+    assert_same(result, step(reference, changed))
+    before = calls[0]
+    with cache.serving(batch):  # kept now, and served (an input given as None changes nothing)
+        result = step(model, changed)
+    assert calls[0] == before and cache.stats()["activation_cache_hit_rate"] == pytest.approx(1 / 3)
+    assert_same(result, step(reference, changed))
 
 
 def test_frozen_weights_changed_in_place_drop_the_kept_states():

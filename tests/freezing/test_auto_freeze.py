@@ -176,6 +176,30 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, fields, m
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_model_from_model_init_and_fields_changed_later_are_checked(tmp_path):
+    """The model-dependent checks run on a model `model_init` builds (at construction, before anything is written)
+    and again at `train()` on fields changed since."""
+    t5 = lambda: T.T5ForSequenceClassification(T.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=2))  # noqa: E731
+    for model_init, fields, message in [
+        (
+            lambda: six_layers(),
+            dict(auto_freeze_keep_last=6),
+            "`auto_freeze_keep_last`=6 must be below the layer count",
+        ),
+        (t5, dict(cache_frozen_activations=True), "does not support T5ForSequenceClassification"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            GradTrainer(
+                model_init=model_init, args=auto_args(tmp_path, **fields), train_dataset=classification_data(8)
+            )
+        assert not os.path.exists(tmp_path / "out")
+    trainer = GradTrainer(model=six_layers(), args=auto_args(tmp_path), train_dataset=classification_data(8))
+    trainer.args.auto_freeze_keep_last = 6
+    with pytest.raises(ValueError, match="`auto_freeze_keep_last`=6 must be below the layer count"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_with_the_activation_cache_a_run_equals_the_uncached_one(tmp_path):
     data = classification_data(24)  # 6 steps an epoch: an example kept in one epoch is served in the next
     plain = GradTrainer(model=six_layers(), args=auto_args(tmp_path / "plain", max_steps=24), train_dataset=data)
