@@ -1,7 +1,8 @@
 """Is each file a resume loads from a checkpoint whole? Read from the file's own structure, without loading it.
 
-The files a resume loads: the weights (`*.safetensors`, `*.bin` but `training_args.bin`, and the index of sharded
-weights), `config.json`, and `optimizer`, `scheduler` and `scaler` `.pt`, `rng_state*.pth`. Each is whole when:
+The files a resume loads: the weights (`*.safetensors`, `pytorch_model*.bin` and `adapter_model*.bin`, the index of
+sharded weights and every shard it names), `config.json`, and `optimizer`, `scheduler` and `scaler` `.pt`,
+`rng_state*.pth`. Each is whole when:
 - `*.safetensors`: its JSON header parses and the tensors it describes end where the file ends;
 - a torch file in torch's zip format: its zip directory (written last) is there and its entries lie inside the file;
   a file in neither the zip nor torch's legacy format is not a torch file (a legacy file is not judged further);
@@ -36,19 +37,23 @@ _ZIP_MAGIC = b"PK\x03\x04"
 # number 0x1950A86A20F9469CFC6C as a 10-byte LONG1.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
+# The torch files a resume loads, by the names transformers and accelerate give them (FSDP: `_fsdp`, `_<rank>`);
+# shards named by a `*.index.json` are weights whatever their names. Other `.bin` files (a callback's own) are not.
 _TORCH_FILE = re.compile(
-    r"^(optimizer|scheduler|scaler)\.(pt|bin)$|^rng_state(_\d+)?\.pth$|^(?!training_args\.bin$).+\.bin$"
+    r"^(optimizer|scheduler|scaler)(_\d+)?\.(pt|bin)$|^rng_state(_\d+)?\.pth$"
+    r"|^(pytorch_model|adapter_model)(_fsdp)?(_\d+)?(-\d+-of-\d+)?\.bin$"
 )
 _JSON_FILE = re.compile(r"^config\.json$|\.index\.json$")
 
 
-def file_damage(path: str | os.PathLike) -> str | None:
-    """Why the file at `path` is not whole, or `None` when it is, or is not a file a resume loads (by its name)."""
+def file_damage(path: str | os.PathLike, shard: bool = False) -> str | None:
+    """Why the file at `path` is not whole, or `None` when it is, or is not a file a resume loads (by its name, or
+    `shard`: an index names it)."""
     path = os.fspath(path)
     name, size = os.path.basename(path), os.path.getsize(path)
     if name.endswith(".safetensors"):
         return _safetensors_damage(path, size)
-    if _TORCH_FILE.search(name):
+    if _TORCH_FILE.search(name) or shard:
         return _torch_damage(path, size)
     if _JSON_FILE.search(name):
         return _json_damage(path)
@@ -66,13 +71,15 @@ def damaged_files(folder: str | os.PathLike) -> list[tuple[str, str]]:
         return []
     found = []
     with os.scandir(folder) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.is_file() and is_within(os.path.realpath(entry.path), run_folder):
-                why = file_damage(entry.path)
-                if why is None and entry.name.endswith(".index.json"):
-                    why = _missing_shard(entry.path)
-                if why is not None:
-                    found.append((entry.path, why))
+        entries = sorted(entries, key=lambda e: e.name)
+    shards = {name for entry in entries if entry.name.endswith(".index.json") for name in _shards(entry.path)}
+    for entry in entries:
+        if entry.is_file() and is_within(os.path.realpath(entry.path), run_folder):
+            why = file_damage(entry.path, shard=entry.name in shards)
+            if why is None and entry.name.endswith(".index.json"):
+                why = _missing_shard(entry.path)
+            if why is not None:
+                found.append((entry.path, why))
     return found
 
 
@@ -134,6 +141,16 @@ def _json_damage(path: str) -> str | None:
     except (UnicodeDecodeError, ValueError) as e:
         return f"not JSON ({type(e).__name__}: {e}; cut off or overwritten)"
     return None if isinstance(data, dict) else "not a JSON object"
+
+
+def _shards(index_path: str) -> set[str]:
+    """The file names a readable, in-run-folder index's `weight_map` names (none for a damaged index)."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return set()
+    return {v for v in weight_map.values() if isinstance(v, str)} if isinstance(weight_map, dict) else set()
 
 
 def _missing_shard(index_path: str) -> str | None:

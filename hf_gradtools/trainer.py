@@ -279,7 +279,11 @@ class GradTrainerMixin:
             cb.fed_by_trainer = True
 
     def call_model_init(self, trial=None) -> nn.Module:
+        """`Trainer.call_model_init`: the model it builds is checked as one passed in is (at construction, before
+        anything is written, and at each `train()`), then frozen as the fields say."""
         model = super().call_model_init(trial)
+        if self.args is not None:
+            self._check_model(model, self.args)
         if trial is None:
             self._frozen_by_args = apply_freezing(model, self.grad_settings)
         # With a trial, `_hp_search_setup` applies the trial's arguments afterwards, and freezes then.
@@ -297,14 +301,6 @@ class GradTrainerMixin:
         check_patterns(model, self.grad_settings)
         check_auto_freeze(model, self.grad_settings, args)
         check_activation_cache(model, self.grad_settings)
-
-    def call_model_init(self, trial=None):
-        """`Trainer.call_model_init`, with the model it builds checked as a model passed in is (at construction,
-        before anything is written, and at each `train()`)."""
-        model = super().call_model_init(trial)
-        if self.args is not None and getattr(self, "grad_settings", None) is not None:
-            self._check_model(model, self.args)
-        return model
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`Trainer.train`, after re-checking the gradient fields (they may have changed since construction).
@@ -403,13 +399,16 @@ class GradTrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         # For this step only (the subclass's own `compute_loss`, whether or not it calls `super()`, weighted): the
         # weighted loss is already scaled for accumulation.
-        self.compute_loss = weighted_loss(self.compute_loss, weight)
+        own = {
+            name: self.__dict__[name] for name in ("compute_loss", "loss_is_scaled_for_ga") if name in self.__dict__
+        }
+        self.compute_loss = weighted_loss(self.compute_loss, weight)  # a `compute_loss` set on the instance too
         self.loss_is_scaled_for_ga = True
         try:
             return super().training_step(model, inputs, None)
         finally:
-            del self.compute_loss
-            del self.loss_is_scaled_for_ga
+            del self.compute_loss, self.loss_is_scaled_for_ga
+            self.__dict__.update(own)  # what the user set on the instance, back as it was
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training and self.grad_settings.frozen_eval_mode:

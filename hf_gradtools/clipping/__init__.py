@@ -50,6 +50,7 @@ from .norm import (
     ClipResult,
     NormClip,
     TotalNormClipAlgorithm,
+    as_torch_totals_them,
     check_norm_type,
     clip_gradients,
     grad_norms,
@@ -118,7 +119,8 @@ def clip_by(
     result = clip_gradients(params, max_norm=None, norm_type=norm_type, clip_value=clip_value)
     post = algorithm.clip_with_norm(named, norm_type, result.total_norm_post_clip)
     if post is None:
-        post = total_norm(grad_norms([p.grad for p in params], norm_type), norm_type)
+        grads = [p.grad for p in params]
+        post = total_norm(as_torch_totals_them(grad_norms(grads, norm_type), grads), norm_type)
     return ClipResult(param_norms=result.param_norms, total_norm=result.total_norm, total_norm_post_clip=post)
 
 

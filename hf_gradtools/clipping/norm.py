@@ -28,12 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from ..distributed import is_sharded, local_tensor
 from .registry import ClipAlgorithm, register_clip_algorithm
@@ -149,6 +151,21 @@ def grad_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tenso
     return torch.stack([n.to(device, torch.float32) for n in norms])
 
 
+def as_torch_totals_them(param_norms: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """`param_norms` (float32, in the order of `grads`) as torch's `clip_grad_norm_` combines them, so that the
+    total norm, the clipping coefficient and the clipped gradients are torch's to the bit: in the gradients' dtype
+    (bf16 or fp16 when all are; the norms are such values already, only the total's rounding changes), and, with
+    several devices or dtypes, grouped by them as torch sums them."""
+    if not grads or is_sharded(grads):
+        return param_norms
+    if len(_grouped(grads)) > 1:  # torch's own grouping, whose order is not the order of first appearance
+        groups = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
+        order = [i for _, indices in groups.values() for i in indices]
+        param_norms = param_norms[torch.tensor(order, device=param_norms.device)]
+    dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads})
+    return param_norms.to(dtype) if dtype in (torch.float16, torch.bfloat16) else param_norms
+
+
 def total_norm(param_norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
     """Combine per-tensor norms into the norm of all tensors taken as one vector."""
     if param_norms.numel() == 0:
@@ -197,14 +214,14 @@ def clip_gradients(
     max_norm = norm_cap(max_norm)
     grads = [p.grad for p in parameters if p.grad is not None]
     param_norms = grad_norms(grads, norm_type)
-    pre_clip = total_norm(param_norms, norm_type)
+    pre_clip = total_norm(as_torch_totals_them(param_norms, grads), norm_type)
     post_clip = pre_clip
     # Element-wise work on DTensors acts on their local shards; `grad_norms` still gets the DTensors to reduce.
     local = local_tensor(grads) if is_sharded(grads) else grads
     if clip_value is not None:
         for grad in local:
             grad.clamp_(-clip_value, clip_value)
-        post_clip = total_norm(grad_norms(grads, norm_type), norm_type)
+        post_clip = total_norm(as_torch_totals_them(grad_norms(grads, norm_type), grads), norm_type)
     if max_norm is not None:
         coef = torch.clamp(max_norm / (post_clip + _EPS), max=1.0)
         _scale_(local, coef)
@@ -218,7 +235,8 @@ class TotalNormClipAlgorithm(ClipAlgorithm):
 
     def clip(self, named_parameters, norm_type):
         grads = [p.grad for _, p in named_parameters if p.grad is not None]
-        return self.clip_with_norm(named_parameters, norm_type, total_norm(grad_norms(grads, norm_type), norm_type))
+        norms = as_torch_totals_them(grad_norms(grads, norm_type), grads)
+        return self.clip_with_norm(named_parameters, norm_type, total_norm(norms, norm_type))
 
     def clip_with_norm(self, named_parameters, norm_type, norm):
         raise NotImplementedError(

@@ -84,9 +84,20 @@ def test_json_files_and_shard_indexes(tmp_path):
 
 
 def test_files_a_resume_does_not_load_are_not_judged(tmp_path):
-    for name in ("training_args.bin", "my_callback_state.pt", "notes.json"):
-        (tmp_path / name).write_bytes(b"")
+    for name in ("training_args.bin", "my_callback_state.pt", "notes.json", "running_stats.bin"):
+        (tmp_path / name).write_bytes(b"")  # a callback's own files, in any format
     assert damaged_files(tmp_path) == []
+
+
+def test_torch_weights_by_their_names_and_shards_named_by_an_index(tmp_path):
+    names = ["pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "adapter_model.bin", "pytorch_model_fsdp_0.bin"]
+    names += ["optimizer_0.bin", "weights-part-a.bin"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"numpy, not torch")
+    index = {"weight_map": {"a": "weights-part-a.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    not_torch = "not a torch file: it starts as neither torch's zip nor its legacy format"
+    assert damaged_files(tmp_path) == [(str(tmp_path / name), not_torch) for name in sorted(names)]
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")

@@ -64,6 +64,68 @@ def test_default_grad_trainer_is_the_trainer(tmp_path):
     assert "frozen_parameters.json" not in os.listdir(tmp_path / "grad")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "mixed"])
+def test_low_precision_parameters_clip_as_the_trainer_does(tmp_path, dtype):
+    """bf16 or fp16 parameters (a model loaded in half precision), or some blocks in bf16: torch's
+    `clip_grad_norm_` sums the norms in the gradients' dtype and by dtype group; the package's clipping gives the
+    same norm and coefficient to the bit, so the logged norms and the weights are the Trainer's."""
+
+    def model():
+        m = tiny_classifier()
+        if dtype == "mixed":  # the head in bf16, trained under autocast: two dtype groups
+            return m.classifier.to(torch.bfloat16) and m
+        return m.to(getattr(torch, dtype))
+
+    data = classification_data(16)
+    runs = []
+    for cls, name in ((T.Trainer, "plain"), (GradTrainer, "grad")):
+        args = T.TrainingArguments(
+            output_dir=str(tmp_path / name), **{**COMMON, "max_grad_norm": 0.05, "bf16": dtype == "mixed"}
+        )
+        trainer = cls(model=model(), args=args, train_dataset=data)
+        trainer.train()
+        runs.append(trainer)
+    norms = [h["grad_norm"] for h in runs[0].state.log_history if "grad_norm" in h]
+    assert all(n > 0.05 for n in norms), norms  # every step clips
+    assert_same_run(*runs, tmp_path / "plain", tmp_path / "grad")
+
+
+def penalised(loss, model):
+    return loss + 0.5 * sum(p.square().sum() for p in model.classifier.parameters())
+
+
+class PenaltyTrainer(GradTrainer):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return penalised(super().compute_loss(model, inputs, *args, **kwargs), model)
+
+
+def test_a_compute_loss_set_on_the_instance_stays_and_is_used(tmp_path):
+    """A user's `trainer.compute_loss = ...` (a penalty added) is used at every micro-batch, accumulated as a
+    subclass's `compute_loss` is, and is still there after training, as with the Trainer."""
+    data = classification_data(16)
+    args = lambda name: T.TrainingArguments(  # noqa: E731
+        output_dir=str(tmp_path / name), **{**COMMON, "gradient_accumulation_steps": 2}
+    )
+    runs = {}
+    for cls in (T.Trainer, GradTrainer):
+        trainer = cls(model=tiny_classifier(), args=args(cls.__name__), train_dataset=data)
+        original, calls = trainer.compute_loss, []
+
+        def with_penalty(model, inputs, *args, original=original, calls=calls, **kwargs):
+            calls.append(None)
+            return penalised(original(model, inputs, *args, **kwargs), model)
+
+        trainer.compute_loss = with_penalty
+        trainer.train()
+        assert trainer.compute_loss is with_penalty
+        runs[cls] = (trainer, len(calls))
+    assert runs[GradTrainer][1] >= runs[T.Trainer][1] == 8  # every micro-batch (and the first window's probe)
+    subclass = PenaltyTrainer(model=tiny_classifier(), args=args("subclass"), train_dataset=data)
+    subclass.train()
+    for (name, p), q in zip(subclass.model.named_parameters(), runs[GradTrainer][0].model.parameters(), strict=True):
+        assert torch.equal(q, p), name
+
+
 def test_snapshot_callback_only_when_something_is_recorded(tmp_path):
     frozen = GradTrainer(model=tiny_classifier(), args=grad_args(tmp_path, freeze_first_n_layers=1))
     snapshots = GradTrainer(model=tiny_classifier(), args=grad_args(tmp_path, grad_snapshot_steps=2))
