@@ -409,13 +409,22 @@ def save_run_settings(folder: str | os.PathLike, settings: dict) -> None:
     write_json_atomic(os.path.join(os.fspath(folder), RUN_SETTINGS_FILE), settings)
 
 
+def has_optimizer_state(folder: str) -> bool:
+    """Whether `folder` holds an optimizer state file (`optimizer.pt`, or accelerate's `optimizer*.bin`)."""
+    return os.path.isdir(folder) and any(
+        name.startswith("optimizer") and os.path.isfile(os.path.join(folder, name)) for name in os.listdir(folder)
+    )
+
+
 def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
     """Refuse to resume from `folder` with other freeze settings than it was saved with; warn on another world size
     or global batch.
 
     A checkpoint without `grad_settings.json` (a default run's, or a plain Trainer's) counts as saved with the
-    default freeze settings. A record that cannot be read, or holds anything else than what `save_run_settings`
-    writes, is refused: it is never passed over.
+    default freeze settings when it holds an optimizer state (which then covers every parameter), and is not
+    compared otherwise (a folder of weights only, or no checkpoint at all: the Trainer says so when loading it).
+    A record that cannot be read, or holds anything else than what `save_run_settings` writes, is refused: it is
+    never passed over.
 
     Args:
         folder: the checkpoint to resume from.
@@ -426,23 +435,32 @@ def check_resume_settings(folder: str | os.PathLike, settings: dict) -> None:
         DamagedCheckpointError: the record is unreadable or damaged; the message names the file and the field.
     """
     folder = os.fspath(folder)
+    recorded = True
     try:
         saved = read_json_record(os.path.join(folder, RUN_SETTINGS_FILE), check_run_settings)
     except (FileNotFoundError, NotADirectoryError):
         # Written only by runs that freeze (so a default run's checkpoints hold the Trainer's files alone).
+        if not has_optimizer_state(folder):
+            return  # no optimizer state to mismatch (or no checkpoint at all: the Trainer says so when loading)
         logger.info(
             "%s records no gradient-tool settings (%s): it was saved without freezing by hf_gradtools (or by a "
             "plain Trainer), and is compared as such.",
             folder,
             RUN_SETTINGS_FILE,
         )
-        saved = GradSettings().freezing()
+        saved, recorded = GradSettings().freezing(), False
     if any(saved[name] != settings[name] for name in FROZEN_SETTINGS):
         then = ", ".join(f"`{name}`={saved[name]!r}" for name in FROZEN_SETTINGS)
-        now = ", ".join(f"`{name}`={settings[name]!r}" for name in FROZEN_SETTINGS)
+        now = ", ".join(f"`{name}`={settings[name]!r}" for name in FROZEN_SETTINGS if settings[name] != saved[name])
+        how = (
+            f"it was saved with {then}, and this run has {now}. Its optimizer state covers only the parameters "
+            "trainable then"
+            if recorded
+            else f"it records no freeze settings ({RUN_SETTINGS_FILE}: a plain Trainer's checkpoint, or one saved "
+            f"without freezing), so its optimizer state covers every parameter, and this run has {now}"
+        )
         raise ChangedSettingsError(
-            f"Cannot resume from {folder}: it was saved with {then}, and this run has {now}. Its optimizer state "
-            "covers only the parameters trainable then. Resume with the checkpoint's settings, or start a new run "
+            f"Cannot resume from {folder}: {how}. Resume with the checkpoint's settings, or start a new run "
             "from its weights (load the model from the folder, no `resume_from_checkpoint`)."
         )
     if saved.get("world_size", settings["world_size"]) != settings["world_size"]:

@@ -159,8 +159,8 @@ def test_checkpoints_record_freeze_settings_only_when_something_is_frozen(run_di
 @pytest.mark.parametrize(
     "changed, now",
     [
-        ({"freeze_embeddings": True}, "`freeze_embeddings`=True, `freeze_first_n_layers`=0"),
-        ({"freeze_first_n_layers": 1}, "`freeze_embeddings`=False, `freeze_first_n_layers`=1"),
+        ({"freeze_embeddings": True}, "`freeze_embeddings`=True"),
+        ({"freeze_first_n_layers": 1}, "`freeze_first_n_layers`=1"),
     ],
 )
 def test_resume_with_other_freeze_settings_is_refused_before_anything_changes(run_dir, args_factory, changed, now):
@@ -170,11 +170,28 @@ def test_resume_with_other_freeze_settings_is_refused_before_anything_changes(ru
     with open(later, "w") as f:
         json.dump({"step": 3, "norms": {}}, f)
     before = sorted(os.listdir(os.path.join(run_dir, "checkpoint-2")))
-    then = "`freeze_embeddings`=False, `freeze_first_n_layers`=0"
-    with pytest.raises(ChangedSettingsError, match=rf"checkpoint-2: it was saved with {then}, and this run has {now}"):
+    record = "it records no freeze settings \\(grad_settings.json: a plain Trainer's checkpoint, or one saved without"
+    covers = f"freezing\\), so its optimizer state covers every parameter, and this run has {now}\\."
+    with pytest.raises(ChangedSettingsError, match=rf"checkpoint-2: {record} {covers}"):
         train(args_factory, resume=True, **changed)
     assert os.path.exists(later) and sorted(os.listdir(os.path.join(run_dir, "checkpoint-2"))) == before
     assert not os.path.exists(os.path.join(run_dir, "checkpoint-4", "trainer_state.json"))
+
+
+@pytest.mark.parametrize("what", ["missing", "empty folder", "file", "weights only"])
+def test_a_folder_that_is_no_checkpoint_gets_the_trainers_own_error(tmp_path, args_factory, what):
+    """Not a checkpoint (or one without an optimizer state): nothing to compare the freeze settings with, so the
+    Trainer loads what is there or says it found no checkpoint, never that the folder "was saved with" settings."""
+    folder = tmp_path / "elsewhere" / "checkpoint-5"
+    if what != "missing":
+        folder.parent.mkdir()
+        folder.write_text("") if what == "file" else folder.mkdir()
+    if what == "weights only":
+        tiny_classifier().save_pretrained(folder)
+        check_resume_settings(folder, run_settings(args_factory(freeze_first_n_layers=1)))  # nothing to compare
+        return
+    with pytest.raises(ValueError, match="Can't find a valid checkpoint at"):
+        train(args_factory, resume=str(folder), freeze_first_n_layers=1)
 
 
 def test_checkpoint_without_settings_resumes_unchecked(run_dir, args_factory, caplog):
