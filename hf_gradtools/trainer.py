@@ -332,8 +332,10 @@ class GradTrainerMixin:
         if self.args.save_strategy != "no":  # a save of the same step, or the rotation, would go through a link out
             for folder in list_checkpoints(self.args.output_dir):
                 check_checkpoint_links(self.args.output_dir, folder)
-        # SIGTERM exits after the queued snapshots are written (`signals.py`); with none to write, signals stay alone.
-        on_sigterm = exit_cleanly_on_sigterm() if self._snapshot_callbacks() else contextlib.nullcontext()
+        # SIGTERM exits after the queued snapshots are written (`signals.py`); with none to write (no snapshot
+        # period, no record that automatic freezing rewrites), signals stay alone, as with the Trainer.
+        writes = self.grad_settings.auto_freeze or any(cb.period(self.args) > 0 for cb in self._snapshot_callbacks())
+        on_sigterm = exit_cleanly_on_sigterm() if writes else contextlib.nullcontext()
         with on_sigterm:
             try:
                 output = super().train(resume_from_checkpoint, *args, **kwargs)

@@ -12,7 +12,7 @@ import time
 import pytest
 from transformers import TrainerCallback
 
-from hf_gradtools import GradTrainer
+from hf_gradtools import GradTrainer, freeze_embeddings
 from hf_gradtools.signals import TrainingTerminated, exit_cleanly_on_sigterm
 from tests.conftest import classification_data, tiny_classifier
 
@@ -82,15 +82,21 @@ class SeeSigterm(TrainerCallback):
             raise RuntimeError("a step failed")
 
 
+def frozen_by_hand():
+    model = tiny_classifier()
+    freeze_embeddings(model)  # a frozen-parameter record to write at train begin, and no snapshot
+    return model
+
+
 @pytest.mark.parametrize(
-    "settings, handled",
-    [({"grad_snapshot_steps": 1}, True), ({}, False)],
-    ids=["with-snapshots", "defaults"],
+    "settings, model, handled",
+    [({"grad_snapshot_steps": 1}, tiny_classifier, True), ({}, tiny_classifier, False), ({}, frozen_by_hand, False)],
+    ids=["with-snapshots", "defaults", "frozen-by-hand"],
 )
-def test_gradtrainer_handles_sigterm_only_while_it_trains_snapshots(args_factory, settings, handled):
+def test_gradtrainer_handles_sigterm_only_while_it_trains_snapshots(args_factory, settings, model, handled):
     see = SeeSigterm()
     trainer = GradTrainer(
-        model=tiny_classifier(), args=args_factory(**settings), train_dataset=classification_data(), callbacks=[see]
+        model=model(), args=args_factory(**settings), train_dataset=classification_data(), callbacks=[see]
     )
     trainer.train()
     assert len(see.seen) == 3
