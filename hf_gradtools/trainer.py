@@ -38,7 +38,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .accumulation import Accumulation, micro_batch_loss_weights, weighted_loss, window_count
+from .accumulation import Accumulation, micro_batch_loss_divisors, weighted_loss, window_count
 from .accumulation.probe import LossRuleProbe
 from .checkpoints import (
     FROZEN_SETTINGS,
@@ -188,7 +188,7 @@ class GradTrainerMixin:
         refuse_supplied_optimizer(self.grad_settings, super().__init__, model, args, pargs, kwargs)
         if model is not None and args is not None:  # before anything is written
             self._check_model(model, args)
-        self._pending_loss_weights: deque[torch.Tensor] = deque()
+        self._pending_loss_divisors: deque[torch.Tensor] = deque()
         self._window_rule = None  # the `ItemRule` of the window being accumulated
         self._loss_probe = LossRuleProbe(self)
         self._user_components: list[TrainerComponent] = []
@@ -374,29 +374,29 @@ class GradTrainerMixin:
         probe = self._loss_probe
         plan: Accumulation | None = probe.rule_for(batch_samples, num_items_in_batch)
         rule = self._window_rule = plan.rule if plan is not None else None
-        self._pending_loss_weights = deque()
+        self._pending_loss_divisors = deque()
         self._count_carries_weights = plan is not None and plan.takes_count
         if rule is None:
             return batch_samples, num_items_in_batch
         if plan.takes_count and rule != probe.trainer_count_rule():
             num_items_in_batch = probe.share_count(window_count(batch_samples, rule), device)
         if not plan.takes_count or self.component(NoiseScaleLog) is not None:  # the meter reads the weights
-            weights = micro_batch_loss_weights(
+            divisors = micro_batch_loss_divisors(
                 batch_samples,
                 rule,
                 world_size=self.accelerator.num_processes,
                 gather_sum=lambda t: self.accelerator.gather(t.reshape(1)).sum(),
             )
-            self._pending_loss_weights = deque(weights.unbind())
+            self._pending_loss_divisors = deque(divisors.unbind())
         # A weighted loss must be the micro-batch's own normalisation: it gets no count; the weights do the rest.
         return batch_samples, num_items_in_batch if plan.takes_count else None
 
     _count_carries_weights = False
 
     def _weighted_training_step(self, model, inputs, num_items_in_batch=None):
-        if not self._pending_loss_weights:
+        if not self._pending_loss_divisors:
             return super().training_step(model, inputs, num_items_in_batch)
-        weight = self._pending_loss_weights.popleft()
+        divisor = self._pending_loss_divisors.popleft()
         if self._count_carries_weights:  # the count weights the loss already; the weight was the meter's
             return super().training_step(model, inputs, num_items_in_batch)
         # For this step only (the subclass's own `compute_loss`, whether or not it calls `super()`, weighted): the
@@ -404,7 +404,7 @@ class GradTrainerMixin:
         own = {
             name: self.__dict__[name] for name in ("compute_loss", "loss_is_scaled_for_ga") if name in self.__dict__
         }
-        self.compute_loss = weighted_loss(self.compute_loss, weight)  # a `compute_loss` set on the instance too
+        self.compute_loss = weighted_loss(self.compute_loss, divisor)  # a `compute_loss` set on the instance too
         self.loss_is_scaled_for_ga = True
         try:
             return super().training_step(model, inputs, None)

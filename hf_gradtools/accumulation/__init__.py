@@ -2,7 +2,7 @@
 
 | module | what |
 |---|---|
-| `weights.py` | `ItemRule`, `count_items`, `micro_batch_loss_weights`: what a loss averages over, and each micro-batch's weight |
+| `weights.py` | `ItemRule`, `count_items`, `micro_batch_loss_divisors`: what a loss averages over, and what each micro-batch's loss is divided by |
 | `loss_probe.py` | `probe_loss_normalization`, `probe_count_response`, `split_gradient_error`: measuring a loss's normalisation |
 | `probe.py` | `LossRuleProbe`: the probes run on a trainer's first window, deciding how its loss is accumulated |
 """  # noqa: E501
@@ -32,6 +32,7 @@ from .weights import (
     batch_rows,
     count_items,
     label_tensor,
+    micro_batch_loss_divisors,
     micro_batch_loss_weights,
     weighted_loss,
     window_count,
@@ -56,6 +57,7 @@ __all__ = [
     "describe_error",
     "join_rows",
     "label_tensor",
+    "micro_batch_loss_divisors",
     "micro_batch_loss_weights",
     "probe_count_response",
     "probe_loss_normalization",

@@ -10,7 +10,8 @@ in one of a few ways, each an `ItemRule`:
 - `element`: the mean over the elements of a float label tensor (regression, multi-label);
 - `sum`: not normalised (CTC with `ctc_loss_reduction="sum"`).
 
-For the mean rules, weighting each micro-batch's loss by `items_in_micro_batch / items_in_window` turns the sum of
+For the mean rules, weighting each micro-batch's loss by `items_in_micro_batch / items_in_window` (dividing it by
+the reciprocal, which is exactly N for N equal micro-batches, as the Trainer divides) turns the sum of
 the micro-batch losses into the mean over the whole window, whatever the micro-batch sizes, and so the accumulated
 gradient into the gradient of that mean. A summed loss is already additive: its weight is 1. Under data
 parallelism the window spans all processes and every weight is multiplied by the world size, because DDP
@@ -134,13 +135,14 @@ def window_count(batches: Sequence[Mapping], rule: ItemRule) -> torch.Tensor:
     ).sum()
 
 
-def micro_batch_loss_weights(
+def micro_batch_loss_divisors(
     batches: Sequence[Mapping],
     rule: ItemRule = TOKEN,
     world_size: int = 1,
     gather_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The weight of each micro-batch's loss so that their sum is the loss of the whole window as one batch.
+    """What each micro-batch's loss is divided by so that their sum is the loss of the whole window as one batch:
+    `items_in_window / (items_in_micro_batch * world_size)`, the reciprocal of its weight.
 
     Args:
         batches: the micro-batches of one optimizer step on this process.
@@ -149,14 +151,15 @@ def micro_batch_loss_weights(
         gather_sum: sums a 0-d tensor over the processes; required when `world_size > 1` for a mean rule.
 
     Returns:
-        A float32 tensor of one weight per micro-batch, on the batches' device. Nothing is read back to the host,
-        so a GPU never waits for it. A window without any item gets weights 0.
+        A float64 tensor of one divisor per micro-batch, on the batches' device: `inf` for a micro-batch without
+        items (it adds nothing). Micro-batches of equal counts on one process get exactly N, the Trainer's divisor,
+        so a loss divided by it is the Trainer's to the bit. Nothing is read back to the host.
     """
     if not batches:
-        return torch.zeros(0)
+        return torch.zeros(0, dtype=torch.float64)
     device = next((v.device for v in batches[0].values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
     if rule.kind == "sum":
-        return torch.full((len(batches),), float(world_size), device=device)
+        return torch.full((len(batches),), 1.0 / world_size, device=device, dtype=torch.float64)
     counts = [count_items(b, rule) for b in batches]
     # Python counts become device scalars through a fill kernel rather than a blocking host-to-device copy.
     counts_t = torch.stack(
@@ -172,18 +175,29 @@ def micro_batch_loss_weights(
         if gather_sum is None:
             raise ValueError("`gather_sum` is required when `world_size` > 1.")
         window = gather_sum(window)
-    return (counts_t * world_size / window.clamp_min(1)).float()
+    return window.clamp_min(1) / (counts_t * world_size)
 
 
-def weighted_loss(compute_loss, weight: torch.Tensor):
-    """`compute_loss` (a Trainer's, any signature) with its loss multiplied by `weight`; a micro-batch with no item
-    (every label ignored) has a NaN mean and weight 0: it adds 0, not NaN."""
+def micro_batch_loss_weights(
+    batches: Sequence[Mapping],
+    rule: ItemRule = TOKEN,
+    world_size: int = 1,
+    gather_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The weight of each micro-batch's loss (its share of the window's items, times `world_size`): the float32
+    reciprocal of `micro_batch_loss_divisors` (same arguments); 0 for a micro-batch without items."""
+    return micro_batch_loss_divisors(batches, rule, world_size, gather_sum).reciprocal().float()
+
+
+def weighted_loss(compute_loss, divisor: torch.Tensor):
+    """`compute_loss` (a Trainer's, any signature) with its loss divided by `divisor` (`micro_batch_loss_divisors`);
+    a micro-batch with no item (every label ignored) has a NaN mean and divisor `inf`: it adds 0, not NaN."""
 
     def weighted(*args, **kwargs):
         result = compute_loss(*args, **kwargs)
         loss, outputs = result if kwargs.get("return_outputs") else (result, None)
-        w = weight.to(loss.device, loss.dtype)
-        loss = torch.where(w > 0, loss * w, torch.zeros_like(loss))
+        d = divisor.to(loss.device, loss.dtype)
+        loss = torch.where(torch.isfinite(d), loss / d, torch.zeros_like(loss))
         return (loss, outputs) if kwargs.get("return_outputs") else loss
 
     return weighted

@@ -291,7 +291,7 @@ def loss_scale(accelerator) -> Number:
 class NoiseScaleLog(TrainerComponent):
     """`log_grad_noise_scale`: a `WindowNoiseMeter` fed by the trainer's windows; logs `grad_noise_scale`.
 
-    It reads the trainer's accumulation weights of the window (`_pending_loss_weights`, `_window_rule`): a window
+    It reads the trainer's accumulation divisors of the window (`_pending_loss_divisors`, `_window_rule`): a window
     whose loss is not a mean over known items is skipped, with one warning.
     """
 
@@ -310,7 +310,7 @@ class NoiseScaleLog(TrainerComponent):
     def before_micro_batch(self, trainer, inputs: dict) -> None:
         """The loss weight and item count of a window's first micro-batch, when it can be measured."""
         self._first = None
-        steps, weights, rule = trainer.current_gradient_accumulation_steps, trainer._pending_loss_weights, None
+        steps, weights, rule = trainer.current_gradient_accumulation_steps, trainer._pending_loss_divisors, None
         if steps < 2:
             return
         rule = trainer._window_rule
@@ -324,7 +324,7 @@ class NoiseScaleLog(TrainerComponent):
                 )
             return
         if len(weights) == steps:
-            self._first = (weights[0], count_items(inputs, rule))
+            self._first = (weights[0].reciprocal().float(), count_items(inputs, rule))
 
     def after_micro_batch(self, trainer, inputs: dict, loss: torch.Tensor) -> None:
         if self._first is not None:

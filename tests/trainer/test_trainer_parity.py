@@ -93,7 +93,7 @@ def assert_same_model(grad_model, plain_model) -> None:
         assert torch.equal(a, b), f"{name}: {a.tolist()} (GradTrainer) != {b.tolist()} (Trainer)"
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [1, 2, 3])
 def test_probe_leaves_buffers_as_the_trainer_leaves_them(tmp_path, accumulation):
     plain = make(T.Trainer, tmp_path / "plain", gradient_accumulation_steps=accumulation, save_strategy="epoch")
     grad = make(GradTrainer, tmp_path / "grad", gradient_accumulation_steps=accumulation, save_strategy="epoch")
@@ -103,6 +103,9 @@ def test_probe_leaves_buffers_as_the_trainer_leaves_them(tmp_path, accumulation)
     assert plain.model.rows_seen.tolist() == [2] * ROWS
     assert plain.model.calls.item() == 2 * ROWS // BATCH
     assert_same_model(grad.model, plain.model)
+    # A mean over rows divided by the window's micro-batches (3, then 2): the Trainer's divisor, so its losses.
+    logged = lambda t: [(h["step"], h.get("loss"), h.get("grad_norm")) for h in t.state.log_history]  # noqa: E731
+    assert logged(grad) == logged(plain)
     last = f"checkpoint-{plain.state.global_step}"
     saved_plain = load_file(os.path.join(tmp_path / "plain", last, "model.safetensors"))
     saved_grad = load_file(os.path.join(tmp_path / "grad", last, "model.safetensors"))
