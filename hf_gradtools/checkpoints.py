@@ -39,6 +39,7 @@ Example (`checkpoint-20/` was cut short by a kill, no `trainer_state.json`: resu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -48,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 from safetensors import SafetensorError
+from transformers import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import write_json_atomic
@@ -57,7 +59,15 @@ from .errors import ChangedSettingsError, CheckpointSaveError, DamagedCheckpoint
 from .freezing.auto import AutoFreeze
 from .guards import NonFiniteGuard, SkipSpikes
 from .monitoring.noise_scale import GradientNoiseScale
-from .run_folder import MAX_COUNT, inside_run_folder, is_count, is_finite_number, is_number
+from .run_folder import (
+    MAX_COUNT,
+    inside_run_folder,
+    is_count,
+    is_finite_number,
+    is_number,
+    is_within,
+    not_a_regular_file,
+)
 from .schedules.unfreezing import GradualUnfreezer
 from .settings import GradSettings
 from .state_fields import FieldReader, read_json_record, shown
@@ -88,16 +98,26 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
 
 
 def _weights_problem(folder: str) -> str | None:
+    def weights(entry) -> bool:
+        try:
+            return entry.is_dir() or (entry.name.endswith(_WEIGHTS_ENDINGS) and entry.name not in _NOT_WEIGHTS)
+        except OSError:  # a link loop
+            return False
+
     with os.scandir(folder) as entries:
-        if any(e.is_dir() or (e.name.endswith(_WEIGHTS_ENDINGS) and e.name not in _NOT_WEIGHTS) for e in entries):
+        if any(weights(e) for e in entries):
             return None
     return "no model weights"
 
 
 def _state_file_problem(folder: str) -> str | None:
-    """Why `trainer_state.json` in `folder` does not mark a finished save, or `None`."""
+    """Why `trainer_state.json` in `folder` does not mark a finished save, or `None`: also a step other than the
+    `checkpoint-N` folder's N (a copy under another name: resuming it would give the wrong step)."""
+    path = os.path.join(folder, TRAINER_STATE_FILE)
+    if not_a_regular_file(path):
+        return f"{TRAINER_STATE_FILE} is not a regular file (a folder, pipe or device)"
     try:
-        with open(os.path.join(folder, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             state = json.load(f)
     except FileNotFoundError:
         return f"no {TRAINER_STATE_FILE} (the save did not finish)"
@@ -105,6 +125,9 @@ def _state_file_problem(folder: str) -> str | None:
         return f"{TRAINER_STATE_FILE} is unreadable ({type(e).__name__}: {e}; the save was cut off)"
     if not isinstance(state, dict) or "global_step" not in state:
         return f"{TRAINER_STATE_FILE} is not a Trainer state"
+    named = _CHECKPOINT_DIR.match(os.path.basename(os.path.normpath(folder)))
+    if named is not None and is_count(state["global_step"]) and state["global_step"] != int(named.group(1)):
+        return f"{TRAINER_STATE_FILE} is of step {state['global_step']}, not of the folder's step {named.group(1)}"
     return None
 
 
@@ -148,7 +171,26 @@ _STATE_FIELDS = {
 
 def check_trainer_state_fields(path: str, state: dict) -> None:
     """Refuse (`DamagedCheckpointError`, naming the file and field) a `trainer_state.json` whose fields the resumed
-    Trainer would fail on after its first step (a `log_history` that is not a list, a count that is text)."""
+    Trainer would fail on (a `log_history` that is not a list, a count that is text, a field this transformers'
+    `TrainerState` does not have), or that would lead it out of the run folder (a `best_model_checkpoint`
+    elsewhere, which `load_best_model_at_end` would load and the checkpoint rotation would keep in place of this
+    run's)."""
+    unknown = sorted(set(state) - {f.name for f in dataclasses.fields(TrainerState)})
+    if unknown:
+        raise DamagedCheckpointError(
+            f"{path} is damaged or of another transformers version: {', '.join(f'`{k}`' for k in unknown)} is not a "
+            "field of this version's `TrainerState`. The checkpoint cannot be resumed from: resume from another one."
+        )
+    best = state.get("best_model_checkpoint")
+    run_folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if best is not None and (
+        not isinstance(best, str) or not is_within(os.path.realpath(best), os.path.realpath(run_folder))
+    ):
+        raise DamagedCheckpointError(
+            f"{path} is damaged: `best_model_checkpoint` is {shown(best)}, not a checkpoint of this run folder "
+            f"({run_folder}; a run folder that was moved keeps its old path there: correct it, or set it to null). "
+            "The checkpoint cannot be resumed from as it is."
+        )
     for name, (ok, allowed) in _STATE_FIELDS.items():
         if name in state and not ok(state[name]):
             raise DamagedCheckpointError(
@@ -243,6 +285,31 @@ def resolve_resume_checkpoint(
     return path
 
 
+def check_checkpoint_entries(output_dir: str | os.PathLike) -> None:
+    """Refuse, before training, what a `checkpoint-N` entry of `output_dir` would make go wrong later: a link out of
+    the run folder (also a dangling one, and anything such a checkpoint holds, `check_checkpoint_links`), or a file
+    or other entry where the Trainer would save a checkpoint folder (`FileExistsError` at that save).
+
+    Raises:
+        OutsideRunFolderError: a link leads out of `output_dir`.
+        DamagedCheckpointError: an entry named as a checkpoint is not a folder.
+    """
+    try:
+        entries = sorted(os.scandir(output_dir), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if _CHECKPOINT_DIR.match(entry.name) is None:
+            continue
+        inside_run_folder(output_dir, entry.path)
+        if not os.path.isdir(entry.path):
+            raise DamagedCheckpointError(
+                f"{entry.path} is not a folder (a file, or a link to nothing), where the Trainer saves a checkpoint: "
+                "move it out of the run folder."
+            )
+        check_checkpoint_links(output_dir, entry.path)
+
+
 def check_checkpoint_links(run_folder: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Refuse (`OutsideRunFolderError`) a checkpoint `folder` that is, or holds, a symbolic link leading out of
     `run_folder`: nothing of a checkpoint is read, loaded or written through such a link. A missing folder passes.
@@ -272,19 +339,28 @@ def begin_checkpoint_save(folder: str | os.PathLike) -> None:
     `.tmpXXXXXX`, as large as the weights, and this package's `.<name>.<pid>.<thread>.tmp`): nothing else names
     them, and the new save writes every file again; and the damaged files of the earlier save (`damaged_files`),
     which a save that does not write them (a scaler, weights of another format) would leave to mark the new one
-    damaged. A folder that does not exist yet is left alone.
+    damaged. Links (symbolic, or hard: a file with other names) are removed too, so that the save writes files of
+    its own rather than through them into another checkpoint's, or a file outside the run; a folder that is a link
+    is removed (the link only), and the save makes a folder. A folder that does not exist yet is left alone.
     """
     folder = os.fspath(folder)
+    if os.path.islink(folder):  # a link to another checkpoint: the save makes a folder of its own
+        os.remove(folder)
+        return
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return
     damaged = {path for path, _ in damaged_files(folder)}
     for entry in entries:
-        if entry.name == TRAINER_STATE_FILE or (
-            entry.is_file(follow_symlinks=False) and (_INTERRUPTED_WRITE.match(entry.name) or entry.path in damaged)
+        regular = entry.is_file(follow_symlinks=False)
+        shared = entry.is_symlink() or (regular and entry.stat(follow_symlinks=False).st_nlink > 1)
+        if (
+            entry.name == TRAINER_STATE_FILE
+            or shared  # a link (symbolic or hard): written through, the save would change another file
+            or (regular and (_INTERRUPTED_WRITE.match(entry.name) or entry.path in damaged))
         ):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.remove(entry.path)
 
 

@@ -74,13 +74,28 @@ def damaged_files(folder: str | os.PathLike) -> list[tuple[str, str]]:
         entries = sorted(entries, key=lambda e: e.name)
     shards = {name for entry in entries if entry.name.endswith(".index.json") for name in _shards(entry.path)}
     for entry in entries:
-        if entry.is_file() and is_within(os.path.realpath(entry.path), run_folder):
+        try:
+            inside = is_within(os.path.realpath(entry.path), run_folder)
+            regular, folder_entry = entry.is_file(), entry.is_dir()
+        except OSError as error:  # a link loop
+            found.append((entry.path, f"unreadable ({type(error).__name__}: {error.strerror})"))
+            continue
+        if not inside:
+            continue
+        if not regular and not folder_entry and _loaded(entry.name, shards) and os.path.exists(entry.path):
+            found.append((entry.path, "not a regular file (a pipe or device)"))  # reading it would block
+        if regular:
             why = file_damage(entry.path, shard=entry.name in shards)
             if why is None and entry.name.endswith(".index.json"):
                 why = _missing_shard(entry.path)
             if why is not None:
                 found.append((entry.path, why))
     return found
+
+
+def _loaded(name: str, shards: set[str]) -> bool:
+    """Whether a resume loads a file of this name."""
+    return bool(name.endswith(".safetensors") or _TORCH_FILE.search(name) or _JSON_FILE.search(name) or name in shards)
 
 
 def _safetensors_damage(path: str, size: int) -> str | None:

@@ -68,6 +68,15 @@ def is_finite_number(value) -> bool:
     return fits_float(value) and math.isfinite(value)
 
 
+def not_a_regular_file(path: str | os.PathLike) -> bool:
+    """Whether `path` exists (after links) but is not a regular file: a pipe, socket or device would block or
+    mislead a reader, a folder fails it. A missing path or a link loop is not this (the caller's open says so)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_within(path: str, folder: str) -> bool:
     """Whether the resolved `path` is `folder` or below it (both as `os.path.realpath` gives them)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import DamagedCheckpointError, StateFieldError, shown
-from .run_folder import inside_run_folder
+from .run_folder import inside_run_folder, not_a_regular_file
 
 # The largest finite float32: a value above it (e.g. 1e308) would load into a float32 tensor as inf.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -158,6 +158,8 @@ def read_json_record(path: str | os.PathLike, check: Callable[[Any], Any]) -> An
     """
     path = os.fspath(path)
     inside_run_folder(os.path.dirname(path) or ".", path)  # a link out of the checkpoint folder is not read
+    if not_a_regular_file(path):  # a pipe would block the read for good
+        raise DamagedCheckpointError(f"{path} is not a regular file (a folder, pipe or device). {_WHAT_TO_DO}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -43,12 +43,12 @@ from .accumulation.probe import LossRuleProbe
 from .checkpoints import (
     FROZEN_SETTINGS,
     begin_checkpoint_save,
+    check_checkpoint_entries,
     check_checkpoint_links,
     check_resume_settings,
     check_state_components,
     checkpoint_save_error,
     checkpoint_step,
-    list_checkpoints,
     load_training_state,
     resolve_resume_checkpoint,
     run_settings,
@@ -328,10 +328,11 @@ class GradTrainerMixin:
             )
         self._components, self._no_grad_reported = None, False  # a fresh set per run
         self._device_skips = []
+        # Before anything is read or deleted: a save of the same step or the rotation would go through a link out
+        # (or trip on a file in a checkpoint's place), and `True` reads the checkpoints to choose one.
+        if self.args.save_strategy != "no" or resume_from_checkpoint is True:
+            check_checkpoint_entries(self.args.output_dir)
         resume_from_checkpoint = self._resume_checkpoint(resume_from_checkpoint)
-        if self.args.save_strategy != "no":  # a save of the same step, or the rotation, would go through a link out
-            for folder in list_checkpoints(self.args.output_dir):
-                check_checkpoint_links(self.args.output_dir, folder)
         # SIGTERM exits after the queued snapshots are written (`signals.py`); with none to write (no snapshot
         # period, no record that automatic freezing rewrites), signals stay alone, as with the Trainer.
         writes = self.grad_settings.auto_freeze or any(cb.period(self.args) > 0 for cb in self._snapshot_callbacks())
@@ -565,15 +566,17 @@ class GradTrainerMixin:
         the checkpoint's step (in `grad_snapshots/` and in every attached callback's folder) are deleted by the
         main process, so each step the resumed run does again ends up with one snapshot, its own.
         """
+        named = resume_from_checkpoint not in (None, False, True)
+        self.resumed_checkpoint = None
+        if named and not os.path.isdir(resume_from_checkpoint):
+            return resume_from_checkpoint  # no checkpoint there: the Trainer says so when loading it
+        if named:  # trusted as named; what it holds stays in the run folder it is in (checked before it is read)
+            check_checkpoint_links(os.path.dirname(os.path.realpath(resume_from_checkpoint)), resume_from_checkpoint)
         checkpoint = self.resumed_checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
         if checkpoint is None:
             return None
-        # Found in `output_dir`, it stays inside it. Named by the caller, it is trusted, and what it holds stays in
-        # the run folder it is in.
-        named = resume_from_checkpoint is not True
-        check_checkpoint_links(
-            os.path.dirname(os.path.realpath(checkpoint)) if named else self.args.output_dir, checkpoint
-        )
+        if not named:  # found in `output_dir`, it stays inside it
+            check_checkpoint_links(self.args.output_dir, checkpoint)
         check_resume_settings(checkpoint, run_settings(self.args))
         # A damaged state file is refused here, before anything is deleted or loaded; so is a resume that would
         # train blocks automatic freezing had frozen.

@@ -186,8 +186,12 @@ def folder_contents(folder: str) -> dict[str, bytes]:
     contents = {}
     for root, _, names in os.walk(folder):
         for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                contents[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+            path = os.path.join(root, name)
+            if not os.path.isfile(path):  # a pipe, or a link to nothing: its kind, not its bytes
+                contents[os.path.relpath(path, folder)] = f"<{os.lstat(path).st_mode:o}>".encode()
+                continue
+            with open(path, "rb") as f:
+                contents[os.path.relpath(path, folder)] = f.read()
     return contents
 
 

@@ -135,7 +135,7 @@ def test_unreadable_state_file_is_refused(run_copy, tmp_path):
     assert_refused_and_untouched(run_copy, tmp_path, TRAINING_STATE_FILE, "cannot be read (UnicodeDecodeError")
     os.remove(path)
     os.mkdir(path)  # a folder where the file should be
-    assert_refused_and_untouched(run_copy, tmp_path, TRAINING_STATE_FILE, "cannot be read (IsADirectoryError")
+    assert_refused_and_untouched(run_copy, tmp_path, TRAINING_STATE_FILE, "is not a regular file (a folder, pipe")
 
 
 SETTINGS_CASES = {
@@ -336,3 +336,66 @@ def test_a_checkpoint_linked_inside_the_run_folder_is_checked_through_the_link(r
     trainer, skipped = resume_true(run_copy, tmp_path, caplog)
     assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-2")
     assert "model.safetensors is damaged (cut off: " in skipped[0].getMessage()
+
+
+@pytest.mark.parametrize("file_name", ["trainer_state.json", TRAINING_STATE_FILE, RUN_SETTINGS_FILE])
+def test_a_pipe_where_a_record_should_be_is_refused_without_reading_it(run_copy, tmp_path, file_name):
+    path = os.path.join(run_copy, "checkpoint-2", file_name)
+    os.remove(path)
+    os.mkfifo(path)  # opening it to read would wait for a writer for good
+    assert_refused_and_untouched(run_copy, tmp_path, file_name, "is not a regular file (a folder, pipe or device)")
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda d: {**d, "best_model_checkpoint": "/tmp"}, "`best_model_checkpoint` is '/tmp', not a checkpoint of"),
+        (lambda d: {**d, "best_model_checkpoint": 3}, "`best_model_checkpoint` is 3, not a checkpoint of"),
+        (lambda d: {**d, "field_of_another_version": 1}, "`field_of_another_version` is not a field of this"),
+        (lambda d: {**d, "global_step": 3}, "trainer_state.json is of step 3, not of the folder's step 2"),
+    ],
+    ids=["best-outside", "best-number", "unknown-field", "other-step"],
+)
+def test_trainer_state_fields_that_would_mislead_the_trainer_are_refused(run_copy, tmp_path, edit, field):
+    """A best checkpoint elsewhere would be loaded at the end (`load_best_model_at_end`) and kept by the rotation in
+    place of this run's; a field this transformers does not know fails `TrainerState`; a copy under another
+    step's name would resume at the wrong step."""
+    edit_json(os.path.join(run_copy, "checkpoint-2", "trainer_state.json"), edit)
+    assert_refused_and_untouched(run_copy, tmp_path, "trainer_state.json", field)
+
+
+@pytest.mark.parametrize("entry", ["file", "dangling link out", "link out"])
+def test_a_checkpoint_entry_that_would_fail_a_later_save_is_refused_before_training(run_copy, tmp_path, entry):
+    """A file where a checkpoint folder is saved, or a link out of the run folder (dangling too), is refused when
+    training starts, before `True` reads a checkpoint or deletes a snapshot: not at the save that meets it."""
+    where = os.path.join(run_copy, "checkpoint-6")
+    if entry == "file":
+        open(where, "w").close()
+    else:
+        os.symlink(str(tmp_path / ("nothing" if entry == "dangling link out" else "")), where)
+    before = folder_contents(run_copy)
+    error = DamagedCheckpointError if entry == "file" else OutsideRunFolderError
+    with pytest.raises(error, match="checkpoint-6"):
+        GradTrainer(
+            model=tiny_classifier(),
+            args=grad_args(tmp_path, **{**RUN, "max_steps": 8}),
+            train_dataset=classification_data(16),
+        ).train(resume_from_checkpoint=True)
+    assert folder_contents(run_copy) == before
+
+
+def test_a_save_replaces_links_rather_than_writing_through_them(run_copy, tmp_path):
+    """checkpoint-4 saved again by a run resumed from checkpoint-2: its optimizer state, a hard link to a file
+    outside the run, and its scheduler state, a symbolic link to checkpoint-2's, get files of their own."""
+    folder, earlier = os.path.join(run_copy, "checkpoint-4"), os.path.join(run_copy, "checkpoint-2")
+    outside = tmp_path / "outside-optimizer.pt"
+    shutil.copy(os.path.join(folder, "optimizer.pt"), outside)
+    os.remove(os.path.join(folder, "optimizer.pt"))
+    os.link(outside, os.path.join(folder, "optimizer.pt"))
+    os.remove(os.path.join(folder, "scheduler.pt"))
+    os.symlink(os.path.join("..", "checkpoint-2", "scheduler.pt"), os.path.join(folder, "scheduler.pt"))
+    kept = outside.read_bytes(), open(os.path.join(earlier, "scheduler.pt"), "rb").read()
+    resume_from_checkpoint_2(run_copy, tmp_path)
+    assert (outside.read_bytes(), open(os.path.join(earlier, "scheduler.pt"), "rb").read()) == kept
+    assert not os.path.islink(os.path.join(folder, "scheduler.pt"))
+    assert os.stat(os.path.join(folder, "optimizer.pt")).st_nlink == 1

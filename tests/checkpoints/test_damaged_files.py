@@ -116,3 +116,13 @@ def test_links_are_followed_inside_the_run_folder_only(tmp_path):
     (tmp_path / "other").mkdir()
     os.symlink(folder, tmp_path / "other" / "checkpoint-6")  # its target is not in its parent: not walked into
     assert damaged_files(tmp_path / "other" / "checkpoint-6") == []
+
+
+def test_a_pipe_or_a_link_loop_with_a_name_a_resume_loads_is_damage(tmp_path):
+    os.mkfifo(tmp_path / "optimizer.pt")  # torch.load would wait on it for good
+    os.symlink("config.json", tmp_path / "config.json")  # a loop
+    os.mkfifo(tmp_path / "a_callbacks_pipe")  # not loaded: not judged
+    found = dict(damaged_files(tmp_path))
+    assert found[str(tmp_path / "optimizer.pt")] == "not a regular file (a pipe or device)"
+    assert found[str(tmp_path / "config.json")].startswith("unreadable (OSError: Too many levels of symbolic links")
+    assert len(found) == 2
