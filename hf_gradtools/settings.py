@@ -38,6 +38,24 @@ from .patterns import compile_patterns
 PATTERN_FIELDS = ("agc_exclude", "grad_snapshot_tensors")
 
 
+def check_trainer_fields(args: Any) -> None:
+    """Refuse the Trainer's own fields that accumulation and the step count rest on, where the Trainer would fail
+    inside `train()` or silently train nothing: `gradient_accumulation_steps` and `per_device_train_batch_size`
+    (integers of at least 1; -1 accumulation steps gives 0 optimizer steps) and `learning_rate` (finite, not
+    negative).
+
+    Raises:
+        ValueError: naming the field, the value and what is allowed.
+    """
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size"):
+        value = getattr(args, name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer of at least 1, got {shown_setting(value)}.")
+    rate = getattr(args, "learning_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < math.inf:
+        raise ValueError(f"`learning_rate` must be a finite number of at least 0, got {shown_setting(rate)}.")
+
+
 @dataclass(frozen=True)
 class GradSettings:
     """The fields of `GradArgumentsMixin` (documented there), with their defaults, and the arguments they came from.
@@ -102,6 +120,7 @@ class GradSettings:
             raise ValueError(
                 f"`max_grad_norm` must be a number (0 or less turns norm clipping off), got {shown_setting(max_norm)}."
             )
+        check_trainer_fields(args)
         for name in PATTERN_FIELDS:
             if getattr(args, name, []) is None:
                 setattr(args, name, [])

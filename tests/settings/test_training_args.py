@@ -75,6 +75,16 @@ def test_json_round_trip(tmp_path):
         ("clip_grad_value", -1.0, "`clip_grad_value` must be a positive finite number or None.*got -1.0"),
         ("clip_grad_value", math.inf, "`clip_grad_value` must be a positive finite number or None.*got inf"),
         ("freeze_embeddings", "yes", "`freeze_embeddings` must be True or False, got 'yes'"),
+        # The Trainer's own fields that accumulation rests on: it fails inside `train()`, or trains 0 steps (-1).
+        ("gradient_accumulation_steps", 0, "`gradient_accumulation_steps` must be an integer of at least 1, got 0"),
+        ("gradient_accumulation_steps", -1, "`gradient_accumulation_steps` must be an integer of at least 1, got -1"),
+        (
+            "gradient_accumulation_steps",
+            2.5,
+            "`gradient_accumulation_steps` must be an integer of at least 1, got 2.5",
+        ),
+        ("per_device_train_batch_size", 0, "`per_device_train_batch_size` must be an integer of at least 1, got 0"),
+        ("learning_rate", -1.0, "`learning_rate` must be a finite number of at least 0, got -1.0"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, field, value, message):
