@@ -328,6 +328,8 @@ class FrozenActivationCache:
         for name, module in self._prefix_modules():
             also = " (the frozen blocks use it too)" if id(module) in shared else ""
             for sub_name, sub in module.named_modules(prefix=name):
+                if sub.training and getattr(sub, "neftune_noise_alpha", None):
+                    return f"NEFTune adds noise to the output of `{sub_name}` (`neftune_noise_alpha`)"
                 if sub.training and not _inert_in_training(sub):
                     return f"`{sub_name}` ({type(sub).__name__}) is in train mode{also}"
             for param_name, param in module.named_parameters(prefix=name):

@@ -71,7 +71,9 @@ def set_frozen_eval_mode(model: nn.Module) -> list[str]:
     """Put the outermost frozen modules of `model` (and so all under them) in eval mode; return their names.
 
     Cheap enough for every micro-batch: the frozen modules are searched again only when some parameter's
-    `requires_grad` has changed since the last call on this model.
+    `requires_grad` has changed since the last call on this model. An embedding that NEFTune adds noise to
+    (`neftune_noise_alpha`, frozen embeddings under LoRA, say) stays in train mode while `model` trains: its noise
+    acts only there, and an `nn.Embedding` does nothing else differently in train mode.
     """
     flags = tuple(param.requires_grad for param in model.parameters())
     cached = _found.get(model)
@@ -80,4 +82,7 @@ def set_frozen_eval_mode(model: nn.Module) -> list[str]:
         _found[model] = cached
     for _, module in cached[1]:
         module.eval()
+        for sub in module.modules():  # NEFTune's noise on frozen embeddings acts in train mode only: it stays on
+            if getattr(sub, "neftune_noise_alpha", None) and model.training:
+                sub.train()
     return [name for name, _ in cached[1]]

@@ -92,3 +92,34 @@ def test_a_partly_frozen_module_stays_in_train_mode():
     freeze(model[0][0])  # the Linear, not the BatchNorm's affine parameters
     assert set_frozen_eval_mode(model.train()) == ["0.0"]
     assert model[0].training and model[0][1].training and model[0][2].training
+
+
+def neftune_run(tmp_path, name, **fields):
+    from hf_gradtools import GradTrainer
+    from tests.conftest import classification_data, grad_args, tiny_classifier
+
+    torch.manual_seed(0)
+    model = tiny_classifier()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # so that eval mode changes nothing but NEFTune
+    settings = dict(freeze_embeddings=True, freeze_first_n_layers=1, max_steps=4, **fields)
+    trainer = GradTrainer(
+        model=model, args=grad_args(tmp_path / name, **settings), train_dataset=classification_data()
+    )
+    trainer.train()
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def test_neftune_noise_on_frozen_embeddings_stays_on_in_frozen_eval_mode(tmp_path):
+    """NEFTune adds noise to the input embeddings in train mode only; frozen (as under LoRA) and with
+    `frozen_eval_mode`, they keep it: the run is the one without `frozen_eval_mode` (dropout is 0), not the one
+    without NEFTune. The activation cache then serves nothing (the prefix's output is not fixed), and says so."""
+    noised = neftune_run(tmp_path, "train-mode", neftune_noise_alpha=5.0)
+    without = neftune_run(tmp_path, "no-neftune", frozen_eval_mode=True)
+    assert neftune_run(tmp_path, "eval-mode", neftune_noise_alpha=5.0, frozen_eval_mode=True) == noised != without
+    with pytest.warns(UserWarning, match="NEFTune adds noise to the output of `bert.embeddings.word_embeddings`"):
+        cached = neftune_run(
+            tmp_path, "cached", neftune_noise_alpha=5.0, frozen_eval_mode=True, cache_frozen_activations=True
+        )
+    assert cached == noised
