@@ -69,6 +69,14 @@ class LossRuleProbe:
         if setting == "trainer" or not batch_samples:
             return None
         declared = setting if setting in DECLARED_RULES else None
+        if declared == "shifted_token":
+            labels = label_tensor(batch_samples[0], self._label_key())
+            if labels is not None and labels.dim() < 2:
+                raise ValueError(
+                    "`loss_normalization`='shifted_token' declares a causal LM's per-token mean after the one-token "
+                    f"shift, but the labels are one per row (shape {tuple(labels.shape)}): the shift would drop a "
+                    "row. Declare 'sample' (one label a row), or leave it 'auto'."
+                )
         if self._probed_rule and self._probed_rule.declared != declared:
             self._probed_rule = False  # `loss_normalization` changed since the last `train()`
         if self._probed_rule is False:

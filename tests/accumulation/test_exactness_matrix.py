@@ -361,3 +361,19 @@ def test_seq2seq_through_grad_seq2seq_trainer(arch, tmp_path, caplog):
     plain = train_one_step(T.Seq2SeqTrainer, T.Seq2SeqTrainingArguments, factory(), rows_of(batch), 1, ROWS, tmp_path)
     check_row(arch, grad, plain, expected, caplog.text)
     assert FALLBACK not in caplog.text
+
+
+def test_a_shifted_token_rule_declared_for_one_label_a_row_is_refused(tmp_path):
+    """The shift would drop the first row's label: refused before the first step, naming the field."""
+    factory, batch = CASES["bert-sequence-classification"]
+    with pytest.raises(ValueError, match="`loss_normalization`='shifted_token' .* the labels are one per row"):
+        train_one_step(
+            GradTrainer,
+            GradTrainingArguments,
+            factory(),
+            rows_of(batch),
+            1,
+            ROWS,
+            tmp_path,
+            loss_normalization="shifted_token",
+        )
