@@ -114,6 +114,8 @@ def _safetensors_damage(path: str, size: int) -> str | None:
             return "its safetensors header is not JSON"
     if not isinstance(header, dict):
         return "its safetensors header is not a JSON object"
+    if not any(name != "__metadata__" for name in header):
+        return "it holds no tensors (the resumed model would keep its fresh weights)"
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":

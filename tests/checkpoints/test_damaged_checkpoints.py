@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+from safetensors.torch import save_file
 
 from hf_gradtools import DamagedCheckpointError, GradToolsError, GradTrainer, OutsideRunFolderError
 from hf_gradtools.checkpoints import RUN_SETTINGS_FILE, TRAINING_STATE_FILE, check_resume_settings, load_training_state
@@ -280,6 +281,11 @@ DAMAGE = {
         "is damaged (its safetensors header is not JSON)",
     ),
     "config.json-cut": ("config.json", garble_config, "is damaged (not JSON (JSONDecodeError"),
+    "model.safetensors-empty": (
+        "model.safetensors",
+        lambda path: save_file({}, path),  # a whole file of no tensors: the model would keep its fresh weights
+        "is damaged (it holds no tensors",
+    ),
     "trainer_state.json-cut": (
         "trainer_state.json",
         lambda path: cut_in_half(path),
