@@ -441,16 +441,25 @@ def parse_args(argv: Sequence[str] | None):
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     with setup_step():
-        if not argv or not argv[0].endswith(".json"):
+        if not argv or not argv[0].lower().endswith(".json"):
             return parser.parse_args_into_dataclasses(args=argv)
         if not os.path.isfile(argv[0]):
             raise GlueSetupError(f"Config file {argv[0]!r} does not exist.")
-        if len(argv) == 1:
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        with open(argv[0], encoding="utf-8") as f:
-            values = json.load(f)
+        try:
+            with open(argv[0], encoding="utf-8") as f:
+                values = json.load(f)
+        except (UnicodeDecodeError, ValueError) as error:
+            raise GlueSetupError(f"Config file {argv[0]!r} is not valid JSON: {error}.") from None
         if not isinstance(values, dict):
             raise GlueSetupError(f"Config file {argv[0]!r} holds {type(values).__name__}, not an object of flags.")
+        empty = sorted(name for name, value in values.items() if value is None)
+        if empty:
+            raise GlueSetupError(
+                f"Config file {argv[0]!r} sets {', '.join(f'`{n}`' for n in empty)} to null: leave the flag out for "
+                "its default, or give it a value."
+            )
+        if len(argv) == 1:
+            return parser.parse_dict(values)
         given = build_parser()  # the same flags, but only those on the command line land in the namespace
         for action in given._actions:
             action.default = argparse.SUPPRESS
@@ -474,9 +483,10 @@ def resume_checkpoint(training_args) -> str | bool | None:
                 "train without the flag, or point `--output_dir` at the run to continue."
             )
         return True
-    if not os.path.isdir(checkpoint):
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        what = "is not a folder" if not os.path.isdir(checkpoint) else "holds no trainer_state.json (not a checkpoint)"
         raise GlueSetupError(
-            f"`resume_from_checkpoint` {checkpoint!r} is not a folder: pass a checkpoint folder (e.g. "
+            f"`resume_from_checkpoint` {checkpoint!r} {what}: pass a checkpoint folder (e.g. "
             f"{os.path.join(training_args.output_dir, 'checkpoint-500')}), or `true` for the last complete one in "
             "`output_dir`."
         )

@@ -296,7 +296,7 @@ def test_a_null_max_grad_norm_is_refused_before_loading(encoder, tmp_path):
     out = str(tmp_path / "out")
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"task_name": "sst2", "do_train": True, "max_grad_norm": None}))
-    _assert_setup_error([str(config)] + _common(encoder, out), out, r"`max_grad_norm` must be a number .*got None")
+    _assert_setup_error([str(config)] + _common(encoder, out), out, r"sets `max_grad_norm` to null: leave the flag")
 
 
 def test_missing_column(encoder, tmp_path):
@@ -899,13 +899,28 @@ def test_flags_after_a_json_config_override_its_values(tmp_path):
         run_glue.parse_args([recipe, "--bogus", "1"])
 
 
-@pytest.mark.parametrize("value", ["nowhere", "out/checkpoint-9"])
+def test_a_config_file_that_is_not_valid_json_or_sets_null_is_named(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"task_name": "sst2",\n}')
+    with pytest.raises(run_glue.GlueSetupError, match=r"Config file '.*broken.json' is not valid JSON: Expecting"):
+        run_glue.parse_args([str(broken)])
+    null = tmp_path / "NULL.JSON"  # the extension in any case
+    null.write_text(json.dumps({"task_name": "sst2", "output_dir": "out", "clip_norm_type": None}))
+    with pytest.raises(run_glue.GlueSetupError, match=r"sets `clip_norm_type` to null: leave the flag out"):
+        run_glue.parse_args([str(null), "--seed", "1"])
+
+
+@pytest.mark.parametrize("value", ["nowhere", "out/checkpoint-9", "empty"])
 def test_a_checkpoint_that_is_not_a_folder_is_refused_before_loading(encoder, tmp_path, value):
     out = str(tmp_path / "out")
+    if value == "empty":
+        value = str(tmp_path / "empty")
+        os.mkdir(value)
+    what = "holds no trainer_state.json \\(not a checkpoint\\)" if "empty" in value else "is not a folder"
     _assert_setup_error(
         _common(encoder, out) + ["--task_name", "sst2", "--do_train", "--resume_from_checkpoint", value],
         out,
-        rf"`resume_from_checkpoint` '{value}' is not a folder: pass a checkpoint folder .* or `true` for the last",
+        rf"`resume_from_checkpoint` '{value}' {what}: pass a checkpoint folder .* or `true` for the last",
     )
 
 
@@ -922,6 +937,7 @@ def test_true_or_last_resumes_from_the_last_checkpoint(tmp_path):
     missing = SimpleNamespace(resume_from_checkpoint="true", do_train=True, output_dir=str(tmp_path / "none"))
     with pytest.raises(run_glue.GlueSetupError, match=r"holds no checkpoint to resume from"):
         run_glue.resume_checkpoint(missing)
+    (tmp_path / "trainer_state.json").write_text("{}")  # a checkpoint folder (its files are checked at train())
     args = SimpleNamespace(resume_from_checkpoint=str(tmp_path), do_train=True, output_dir=str(tmp_path))
     assert run_glue.resume_checkpoint(args) == str(tmp_path)
     assert run_glue.resume_checkpoint(SimpleNamespace(resume_from_checkpoint=None, do_train=True)) is None
