@@ -1,7 +1,7 @@
 """`hf-gradtools`: look at what the gradients of a GradTrainer run did, from its `output_dir`.
 
     hf-gradtools plot outputs/sst2                 # per-layer gradient norms over steps -> outputs/sst2/grad_norms.png
-    hf-gradtools plot outputs/sst2 --output a.png  # a logged noise scale goes to ./grad_noise_scale.png, beside it
+    hf-gradtools plot outputs/sst2 --output a.png  # a logged noise scale goes to ./a_noise_scale.png, beside it
     hf-gradtools plot outputs/sst2 --params attention --params ^classifier   # chosen parameters, not groups
     hf-gradtools summary outputs/sst2 --top 5      # frozen/trainable counts, largest gradients of the last snapshot
     hf-gradtools summary outputs/sst2 --mean       # ... averaged over every snapshot instead
@@ -11,8 +11,9 @@
 
 When the run logged `grad_noise_scale` (`log_grad_noise_scale`) and its `trainer_state.json` is there
 (`trainer.save_state()`, as `examples/run_glue.py` does), `plot` also draws it over the logging steps to
-`grad_noise_scale.png` in the folder of the gradient-norm PNG; a run that logged it but took no snapshots gets that
-figure alone, with a note on stderr.
+`grad_noise_scale.png` in the run folder (with `--output FILE.png`: `FILE_noise_scale.png`, so that two runs plotted
+into one folder keep their own); a run that logged it but took no snapshots gets that figure alone, with a note on
+stderr.
 
 `python -m hf_gradtools ...` does the same. A folder without `frozen_parameters.json` or without snapshots, a
 damaged or foreign file (named, with the field at fault) and a link that leads out of the run folder (not
@@ -223,7 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"draw per-layer gradient norms over steps to a PNG (and a logged noise scale to {NOISE_PLOT_FILE})",
     )
     plot.add_argument("output_dir", help="the run's output_dir (holding frozen_parameters.json and grad_snapshots/)")
-    plot.add_argument("--output", "-o", default=None, help=f"PNG to write (default: <output_dir>/{PLOT_FILE})")
+    plot.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help=f"PNG to write (default: <output_dir>/{PLOT_FILE}); a logged noise scale goes to <name>_noise_scale.png",
+    )
     plot.add_argument(
         "--params",
         action="append",
@@ -254,12 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_png_output(path: str) -> None:
+    """Refuse an `--output` that cannot be the PNG asked for: another extension, or an existing folder."""
+    if not path.lower().endswith(".png"):
+        raise ValueError(f"--output {path!r}: the plots are PNG files; give a name ending in .png")
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path!r} is a folder; give a file name ending in .png")
+
+
 def _plot(args: argparse.Namespace) -> None:
     """`plot`: the gradient norms, and the noise scale beside them when the run logged it.
 
     Every file the command draws from is read and checked first: a damaged one is refused before any PNG is written.
     """
-    noise_output = os.path.join(os.path.dirname(args.output), NOISE_PLOT_FILE) if args.output else None
+    noise_output = None
+    if args.output:
+        check_png_output(args.output)
+        noise_output = os.path.splitext(args.output)[0] + "_noise_scale.png"
     try:
         run, missing = load_run(args.output_dir), None
     except FileNotFoundError as error:
@@ -283,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plot":
             _plot(args)
         elif args.command == "hist":
+            if args.output:
+                check_png_output(args.output)
             path = plot_grad_histogram(args.output_dir, args.param, step=args.step, output=args.output, bins=args.bins)
             print(f"wrote {path}")
         else:

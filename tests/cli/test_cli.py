@@ -353,11 +353,16 @@ def test_plot_draws_the_logged_noise_scale(hand_run, tmp_path, capsys):
     assert list(line.get_xdata()) == [2, 4, 6, 8] and list(line.get_ydata()) == [-3.5, 40.0, 25.0, 31.25]
     assert ax.get_yscale() == "linear" and "4 logging steps; last 31.2" in ax.get_title()
 
-    # --output elsewhere: the noise figure goes beside it.
+    # --output elsewhere: the noise figure goes beside it, under its name.
     target = tmp_path / "plots" / "norms.png"
     assert main(["plot", hand_run, "-o", str(target)]) == 0
-    assert (tmp_path / "plots" / "grad_noise_scale.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (tmp_path / "plots" / "norms_noise_scale.png").read_bytes()[:8] == PNG_SIGNATURE
     capsys.readouterr()
+    for bad, said in ((tmp_path / "plots" / "norms.jpg", "ending in .png"), (tmp_path / "plots.png", "is a folder")):
+        if said == "is a folder":
+            bad.mkdir()
+        assert main(["plot", hand_run, "-o", str(bad)]) == 1
+        assert said in capsys.readouterr().err
 
     # Logged but no snapshots: the noise figure alone, and a note.
     shutil.rmtree(os.path.join(hand_run, "grad_snapshots"))
