@@ -140,3 +140,22 @@ def test_probe_leaves_numpy_and_python_generators_alone(tmp_path):
         results[name] = (trainer.model.fc, np.random.rand(), random.random())
     assert_same_model(results["grad"][0], results["plain"][0])  # the weights: the buffers are the test above
     assert results["grad"][1:] == results["plain"][1:]
+
+
+class StatisticInAParameter(RowRecorder):
+    """Keeps a running count in a frozen parameter rather than a buffer: the probe cannot put it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, inputs, labels=None):
+        self.seen.add_(inputs.shape[0])
+        return super().forward(inputs, labels)
+
+
+def test_a_parameter_the_probe_changes_in_place_is_said(tmp_path):
+    trainer = make(GradTrainer, tmp_path, gradient_accumulation_steps=2)
+    trainer.model = trainer.model_wrapped = StatisticInAParameter()
+    with pytest.warns(UserWarning, match="changed the parameters seen in place"):
+        trainer.train()
