@@ -653,11 +653,15 @@ class GradTrainerMixin:
             save_training_state(output_dir, state)
 
     def _warn_missing_optimizer_files(self, checkpoint: str | None) -> None:
-        """One warning for a checkpoint without `optimizer.pt` or `scheduler.pt`: the Trainer then starts that part
-        afresh without a word, and the resumed run no longer equals an uninterrupted one."""
+        """One warning for a checkpoint without `optimizer.pt`, `scheduler.pt` or `rng_state*.pth`: the Trainer then
+        starts that part afresh without a word, and the resumed run no longer equals an uninterrupted one."""
         if not checkpoint or self.is_deepspeed_enabled or self.is_fsdp_enabled:  # those engines keep their own files
             return
-        files = {"optimizer": ("optimizer.pt", "optimizer.bin"), "scheduler": ("scheduler.pt",)}
+        files = {
+            "optimizer": ("optimizer.pt", "optimizer.bin"),
+            "scheduler": ("scheduler.pt",),
+            "random-number": ("rng_state.pth", f"rng_state_{self.args.process_index}.pth"),  # dropout, sampling
+        }
         present = {name for name in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, name))}
         missing = [what for what, names in files.items() if not present.intersection(names)]
         if missing:

@@ -243,7 +243,9 @@ def test_a_record_linked_out_of_its_checkpoint_is_not_read(run_copy, tmp_path, f
     assert folder_contents(run_copy) == before and outside.read_bytes() == kept
 
 
-@pytest.mark.parametrize("missing", [["optimizer.pt"], ["scheduler.pt"], ["optimizer.pt", "scheduler.pt"]])
+@pytest.mark.parametrize(
+    "missing", [["optimizer.pt"], ["scheduler.pt"], ["optimizer.pt", "scheduler.pt"], ["rng_state.pth"]]
+)
 def test_a_checkpoint_without_optimizer_or_scheduler_state_resumes_with_a_warning(run_copy, tmp_path, caplog, missing):
     for name in missing:
         os.remove(os.path.join(run_copy, "checkpoint-2", name))
