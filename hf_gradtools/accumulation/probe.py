@@ -214,9 +214,10 @@ class LossRuleProbe:
         if one_batch and kind != "divides":
             return None  # the host's own scaling, exact for one micro-batch
         host_scaling = self._host_scaling(num_items_in_batch, response)
+        window_scaling = self._host_scaling(num_items_in_batch, response, micro_batches=len(batch_samples))
         if response is not None and response.kind == "unknown":
             why = "no micro-batch gave a finite, non-zero loss with `num_items_in_batch`"
-            return self._measure_again(name, why, host_scaling)
+            return self._measure_again(name, why, host_scaling, window_scaling)
         if response is not None and response.kind == "divides":
             unmeasured = "one micro-batch a step is the batch itself" if one_batch else self._unmeasured
             return self._count_passed(name, result.rule, errors.get("count"), unmeasured)
@@ -239,7 +240,7 @@ class LossRuleProbe:
             return Accumulation(result.rule)
 
         if not result.conclusive:
-            return self._measure_again(name, result.reason, host_scaling)
+            return self._measure_again(name, result.reason, host_scaling, window_scaling)
         if result.rule is None:
             return self._keep_host_scaling(name, result.reason, host_scaling)
         logger.info(
@@ -283,7 +284,7 @@ class LossRuleProbe:
             error = None if math.isinf(error.item()) else error.item()
         return error
 
-    def _measure_again(self, name: str, reason: str, host_scaling: str) -> bool | None:
+    def _measure_again(self, name: str, reason: str, host_scaling: str, window_scaling: str) -> bool | None:
         """A window that settles nothing (no labels in it, say): it keeps the host's scaling, and the next windows
         are measured again, up to `MAX_PROBE_WINDOWS`; then the host's scaling stays, with a warning."""
         self._probe_windows += 1
@@ -296,7 +297,7 @@ class LossRuleProbe:
                 name,
                 reason,
                 self._host_name(),
-                host_scaling,
+                window_scaling,
                 MAX_PROBE_WINDOWS,
             )
         return False  # the host's scaling for this window; measure again on the next one
@@ -313,19 +314,25 @@ class LossRuleProbe:
         )
         return None
 
-    def _host_scaling(self, num_items_in_batch, response) -> str:
-        """What the host's own scaling does to this loss, in words, for the log line that says it is kept."""
-        n = self.trainer.args.gradient_accumulation_steps
+    def _host_scaling(self, num_items_in_batch, response, micro_batches: int | None = None) -> str:
+        """What the host's own scaling does to this loss, in words, for the log line that says it is kept: over a
+        window of `micro_batches` (default: `gradient_accumulation_steps`)."""
+        n = self.trainer.args.gradient_accumulation_steps if micro_batches is None else micro_batches
+        one = "one micro-batch, its loss as it is: exact for a loss that is a mean over it"
         if self.trainer.loss_is_scaled_for_ga is None and (
             self.trainer.compute_loss_func is not None
             or (self.trainer.model_accepts_loss_kwargs and num_items_in_batch is not None)
         ):
             if response is not None and response.kind == "ignores":
+                if n == 1:
+                    return f"it passes `num_items_in_batch`, which this loss ignores; {one}"
                 return (
                     f"it passes `num_items_in_batch`, which this loss ignores, and so adds the {n} micro-batch losses "
                     f"without dividing them by {n}: each step's gradient is about {n} times one batch's"
                 )
             return "it passes `num_items_in_batch` and adds the micro-batch losses"
+        if n == 1:
+            return one
         return f"each micro-batch loss divided by {n}: exact only when the micro-batches weigh alike"
 
     def join_rows(self, a: dict, b: dict) -> dict | None:

@@ -94,3 +94,25 @@ def test_the_gradient_check_sees_what_the_loss_values_do_not():
     assert torch.equal(project_on_random_signs(grads), project_on_random_signs(grads))
     assert torch.equal(project_on_random_signs(grads), project_on_random_signs([grads[0], torch.zeros(4), grads[2]]))
     assert project_on_random_signs([None, None]).tolist() == [0.0] * 4
+
+
+def test_the_host_scaling_is_described_for_the_window_at_hand():
+    """A resumed run may start on an epoch's last window of one micro-batch: the host is exact there, and the log
+    line for that window says so, where the run-wide one describes a whole window."""
+    from types import SimpleNamespace
+
+    from hf_gradtools.accumulation.probe import LossRuleProbe
+
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(gradient_accumulation_steps=3),
+        loss_is_scaled_for_ga=None,
+        compute_loss_func=None,
+        model_accepts_loss_kwargs=True,
+    )
+    probe, ignores = LossRuleProbe(trainer), SimpleNamespace(kind="ignores")
+    assert "adds the 3 micro-batch losses without dividing them by 3" in probe._host_scaling(8, ignores)
+    assert probe._host_scaling(8, ignores, micro_batches=1).endswith(
+        "one micro-batch, its loss as it is: exact for a loss that is a mean over it"
+    )
+    trainer.model_accepts_loss_kwargs = False
+    assert probe._host_scaling(None, None, micro_batches=2).startswith("each micro-batch loss divided by 2")
