@@ -9,6 +9,7 @@ the file or split, the column, and what was expected.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import datasets
@@ -176,6 +177,12 @@ def describe_task(raw, data_args, training_args) -> TaskData:
             )
 
     labelled = [split for split, _ in needed if LABEL in raw[split].column_names]
+    for split in labelled:
+        if split not in test_names and None in raw[split].unique(LABEL):  # test labels are optional
+            empty = sum(v is None for v in raw[split][LABEL])
+            raise ValueError(
+                f"{_source(data_args, split)} has {empty} row(s) with an empty `label` cell; fill or drop them."
+            )
     feature = raw[labelled[0]].features[LABEL] if labelled else None
     if task is not None:
         is_regression = task.is_regression
@@ -200,6 +207,15 @@ def describe_task(raw, data_args, training_args) -> TaskData:
             else:
                 label_list = [str(v) for v in values]
                 label_to_id = {v: i for i, v in enumerate(values)}
+            if "train" in labelled:
+                trained = set(raw["train"].unique(LABEL))
+                unseen = sorted(str(v) for v in values if v not in trained)
+                if unseen:
+                    warnings.warn(
+                        f"The labels {unseen} occur outside the training data ({_source(data_args, 'train')}): the "
+                        "model gets a class for each, which it never trains on.",
+                        stacklevel=2,
+                    )
             if expected and len(label_list) != expected:
                 raise ValueError(
                     f"Task {data_args.task_name!r} has {expected} labels but the data's `label` column holds "

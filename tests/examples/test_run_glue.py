@@ -21,7 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer  # noqa: E402
 
-from hf_gradtools import load_grad_snapshots  # noqa: E402
+from hf_gradtools import GradTrainingArguments, load_grad_snapshots  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -297,6 +297,33 @@ def test_a_null_max_grad_norm_is_refused_before_loading(encoder, tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"task_name": "sst2", "do_train": True, "max_grad_norm": None}))
     _assert_setup_error([str(config)] + _common(encoder, out), out, r"sets `max_grad_norm` to null: leave the flag")
+
+
+def test_an_empty_label_cell_is_named_before_loading_the_model(encoder, tmp_path):
+    rows = _rows("single", 8, seed=7)
+    rows[3]["label"] = ""  # read back as a missing value
+    train = _write(str(tmp_path / "train.csv"), rows)
+    out = str(tmp_path / "out")
+    _assert_setup_error(
+        _common(encoder, out) + ["--train_file", train, "--do_train"],
+        out,
+        r"`train_file` '.*train.csv' has 1 row\(s\) with an empty `label` cell; fill or drop them",
+    )
+
+
+def test_labels_seen_only_outside_training_are_warned_about(encoder, tmp_path):
+    from datasets import load_dataset
+    from glue_data import describe_task
+
+    rows = [{**row, "label": ["pos", "neg"][row["label"]]} for row in _rows("single", 8, seed=7)]
+    train = _write(str(tmp_path / "train.csv"), rows)
+    validation = _write(str(tmp_path / "validation.csv"), rows[:3] + [{**rows[0], "label": "neutral"}])
+    raw = load_dataset("csv", data_files={"train": train, "validation": validation})
+    data_args = run_glue.DataTrainingArguments(train_file=train, validation_file=validation)
+    args = GradTrainingArguments(output_dir=str(tmp_path / "out"), do_train=True, do_eval=True)
+    with pytest.warns(UserWarning, match=r"The labels \['neutral'\] occur outside the training data"):
+        task = describe_task(raw, data_args, args)
+    assert task.label_list == ["neg", "neutral", "pos"]
 
 
 def test_missing_column(encoder, tmp_path):
