@@ -25,10 +25,11 @@ this module), read back as untrusted input before a resume deletes or loads anyt
 
 Example (`checkpoint-20/` was cut short by a kill, no `trainer_state.json`: resuming takes `checkpoint-10/`):
     >>> from pathlib import Path
+    >>> import torch
     >>> from safetensors.torch import save_file
     >>> for step in (10, 20):
     ...     Path(f"out/checkpoint-{step}").mkdir(parents=True)
-    ...     save_file({}, f"out/checkpoint-{step}/model.safetensors")
+    ...     save_file({"w": torch.zeros(1)}, f"out/checkpoint-{step}/model.safetensors")
     >>> _ = Path("out/checkpoint-10/trainer_state.json").write_text('{"global_step": 10}')
     >>> path = resolve_resume_checkpoint("out", True)
     >>> path
