@@ -359,7 +359,8 @@ def begin_checkpoint_save(folder: str | os.PathLike) -> None:
         if (
             entry.name == TRAINER_STATE_FILE
             or shared  # a link (symbolic or hard): written through, the save would change another file
-            or (regular and (_INTERRUPTED_WRITE.match(entry.name) or entry.path in damaged))
+            or (regular and _INTERRUPTED_WRITE.match(entry.name))
+            or (entry.path in damaged and not entry.is_dir(follow_symlinks=False))  # a pipe too: a save would block
         ):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.remove(entry.path)

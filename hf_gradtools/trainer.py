@@ -660,7 +660,7 @@ class GradTrainerMixin:
         files = {
             "optimizer": ("optimizer.pt", "optimizer.bin"),
             "scheduler": ("scheduler.pt",),
-            "random-number": ("rng_state.pth", f"rng_state_{self.args.process_index}.pth"),  # dropout, sampling
+            "RNG": ("rng_state.pth", f"rng_state_{self.args.process_index}.pth"),  # dropout, sampling
         }
         present = {name for name in os.listdir(checkpoint) if os.path.isfile(os.path.join(checkpoint, name))}
         missing = [what for what, names in files.items() if not present.intersection(names)]

@@ -407,3 +407,14 @@ def test_a_save_replaces_links_rather_than_writing_through_them(run_copy, tmp_pa
     assert (outside.read_bytes(), open(os.path.join(earlier, "scheduler.pt"), "rb").read()) == kept
     assert not os.path.islink(os.path.join(folder, "scheduler.pt"))
     assert os.stat(os.path.join(folder, "optimizer.pt")).st_nlink == 1
+
+
+def test_a_save_into_a_folder_passed_over_for_a_pipe_does_not_block(run_copy, tmp_path, caplog):
+    """`True` passes checkpoint-4 over (its optimizer state is a pipe); the save of step 4 replaces the pipe."""
+    path = os.path.join(run_copy, "checkpoint-4", "optimizer.pt")
+    os.remove(path)
+    os.mkfifo(path)
+    trainer, skipped = resume_true(run_copy, tmp_path, caplog)
+    assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-2")
+    assert "optimizer.pt is damaged (not a regular file" in skipped[0].getMessage()
+    assert os.path.isfile(path)
