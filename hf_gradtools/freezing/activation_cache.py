@@ -515,8 +515,8 @@ class FrozenActivationCache:
         """Serve one training micro-batch (its forward and backward inside) from the cache where it can.
 
         `inputs` is the trainer's batch; the examples are recognised by what the model's forward is called with
-        (a `compute_loss` may change the batch), and the labels are those of the call, or else of `inputs` as it
-        is now (a label smoother takes them out before the call). The decision is taken when the model's forward
+        (a `compute_loss` may change the batch), and the labels are those of the call, or else those `inputs` held
+        on entry (a label smoother takes them out before the call). The decision is taken when the model's forward
         starts (so after a trainer has put the frozen modules in eval mode): when the prefix is frozen and in eval
         mode and every example is kept, the embeddings and blocks 0..K-1 are not called; otherwise the micro-batch
         is computed normally and its examples' states at block K are kept (within the budget). A condition that
