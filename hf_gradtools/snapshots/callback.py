@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -46,8 +47,8 @@ class GradSnapshotCallback(TrainerCallback):
             each write (`prune_grad_snapshots`); default `args.grad_snapshot_total_limit` (None: keep all).
     """
 
-    # The snapshot folder, links resolved -> `(id of the TrainerState of the run, callback)`: who writes where.
-    _claims: dict[str, tuple[int, int]] = {}
+    # The snapshot folder, links resolved -> weak references to `(the TrainerState of the run, the callback)`.
+    _claims: dict[str, tuple[weakref.ref, weakref.ref]] = {}
 
     def __init__(
         self,
@@ -116,13 +117,13 @@ class GradSnapshotCallback(TrainerCallback):
             if os.path.lexists(path) and not os.path.isdir(path):
                 raise NotADirectoryError(f"The gradient snapshot folder {path!r} is a file, not a folder.")
         key = os.path.realpath(path)
-        holder = self._claims.get(key)
-        if holder is not None and holder[0] == id(state) and holder[1] != id(self):
+        holder = self._claims.get(key)  # weak references: an id is reused once its object is collected
+        if holder is not None and holder[0]() is state and holder[1]() not in (None, self):
             raise ValueError(
                 f"Two GradSnapshotCallbacks would write the same snapshots to {self.folder!r}. Give each a "
                 "distinct `name`, e.g. GradSnapshotCallback(every_n_steps=2, norm_type=1, name='l1')."
             )
-        self._claims[key] = (id(state), id(self))
+        self._claims[key] = (weakref.ref(state), weakref.ref(self))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._run_settings = None  # a field changed between runs is read (and checked) again
