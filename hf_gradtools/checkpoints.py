@@ -86,12 +86,13 @@ _INTERRUPTED_WRITE = re.compile(r"^\.tmp[A-Za-z0-9]{6}$|^\..+\.\d+\.\d+\.tmp$")
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     """Why `folder` is not a complete checkpoint, or `None` when it is.
 
-    Complete: `trainer_state.json` holds a whole JSON object (the Trainer writes it last), the folder holds
+    Complete: `trainer_state.json` holds a whole JSON object (the Trainer writes it last) of the step the folder's
+    name says, the folder holds
     model weights: a `*.safetensors`, `*.bin` (not `training_args.bin`) or `*.index.json` file, or a sub-folder, as
     sharded FSDP and DeepSpeed states are; and none of the files a resume loads is damaged (`damaged_files`).
     """
     folder = os.fspath(folder)
-    problem = _state_file_problem(folder) or _weights_problem(folder)
+    problem = _state_file_problem(folder) or _step_problem(folder) or _weights_problem(folder)
     if problem is not None:
         return problem
     damaged = damaged_files(folder)
@@ -112,8 +113,7 @@ def _weights_problem(folder: str) -> str | None:
 
 
 def _state_file_problem(folder: str) -> str | None:
-    """Why `trainer_state.json` in `folder` does not mark a finished save, or `None`: also a step other than the
-    `checkpoint-N` folder's N (a copy under another name: resuming it would give the wrong step)."""
+    """Why `trainer_state.json` in `folder` does not mark a finished save, or `None`."""
     path = os.path.join(folder, TRAINER_STATE_FILE)
     if not_a_regular_file(path):
         return f"{TRAINER_STATE_FILE} is not a regular file (a folder, pipe or device)"
@@ -126,9 +126,19 @@ def _state_file_problem(folder: str) -> str | None:
         return f"{TRAINER_STATE_FILE} is unreadable ({type(e).__name__}: {e}; the save was cut off)"
     if not isinstance(state, dict) or "global_step" not in state:
         return f"{TRAINER_STATE_FILE} is not a Trainer state"
+    return None
+
+
+def _step_problem(folder: str) -> str | None:
+    """A finished save's step other than its `checkpoint-N` folder's N (a copy under another name: resuming it
+    would give the wrong step), or `None`."""
     named = _CHECKPOINT_DIR.match(os.path.basename(os.path.normpath(folder)))
-    if named is not None and is_count(state["global_step"]) and state["global_step"] != int(named.group(1)):
-        return f"{TRAINER_STATE_FILE} is of step {state['global_step']}, not of the folder's step {named.group(1)}"
+    if named is None:
+        return None
+    with open(os.path.join(folder, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        step = json.load(f)["global_step"]
+    if is_count(step) and step != int(named.group(1)):
+        return f"{TRAINER_STATE_FILE} is of step {step}, not of the folder's step {named.group(1)}"
     return None
 
 
@@ -274,6 +284,8 @@ def resolve_resume_checkpoint(
     if os.path.isdir(path):
         damaged = damaged_files(path)
         state_problem = _state_file_problem(path)
+        if state_problem is None:
+            state_problem = _step_problem(path)
         if damaged or (state_problem is not None and os.path.lexists(os.path.join(path, TRAINER_STATE_FILE))):
             why = _damage(damaged, full_paths=True) if damaged else os.path.join(path, state_problem)
             raise DamagedCheckpointError(

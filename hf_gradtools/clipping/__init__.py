@@ -50,7 +50,7 @@ from .norm import (
     ClipResult,
     NormClip,
     TotalNormClipAlgorithm,
-    as_torch_totals_them,
+    norms_as_torch_combines,
     check_norm_type,
     clip_gradients,
     grad_norms,
@@ -120,7 +120,7 @@ def clip_by(
     post = algorithm.clip_with_norm(named, norm_type, result.total_norm_post_clip)
     if post is None:
         grads = [p.grad for p in params]
-        post = total_norm(as_torch_totals_them(grad_norms(grads, norm_type), grads), norm_type)
+        post = total_norm(norms_as_torch_combines(grad_norms(grads, norm_type), grads), norm_type)
     return ClipResult(param_norms=result.param_norms, total_norm=result.total_norm, total_norm_post_clip=post)
 
 

@@ -151,7 +151,7 @@ def grad_norms(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tenso
     return torch.stack([n.to(device, torch.float32) for n in norms])
 
 
-def as_torch_totals_them(param_norms: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+def norms_as_torch_combines(param_norms: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     """`param_norms` (float32, in the order of `grads`) as torch's `clip_grad_norm_` combines them, so that the
     total norm, the clipping coefficient and the clipped gradients are torch's to the bit: in the gradients' dtype
     (bf16 or fp16 when all are; the norms are such values already, only the total's rounding changes), and, with
@@ -214,14 +214,14 @@ def clip_gradients(
     max_norm = norm_cap(max_norm)
     grads = [p.grad for p in parameters if p.grad is not None]
     param_norms = grad_norms(grads, norm_type)
-    pre_clip = total_norm(as_torch_totals_them(param_norms, grads), norm_type)
+    pre_clip = total_norm(norms_as_torch_combines(param_norms, grads), norm_type)
     post_clip = pre_clip
     # Element-wise work on DTensors acts on their local shards; `grad_norms` still gets the DTensors to reduce.
     local = local_tensor(grads) if is_sharded(grads) else grads
     if clip_value is not None:
         for grad in local:
             grad.clamp_(-clip_value, clip_value)
-        post_clip = total_norm(as_torch_totals_them(grad_norms(grads, norm_type), grads), norm_type)
+        post_clip = total_norm(norms_as_torch_combines(grad_norms(grads, norm_type), grads), norm_type)
     if max_norm is not None:
         coef = torch.clamp(max_norm / (post_clip + _EPS), max=1.0)
         _scale_(local, coef)
@@ -235,7 +235,7 @@ class TotalNormClipAlgorithm(ClipAlgorithm):
 
     def clip(self, named_parameters, norm_type):
         grads = [p.grad for _, p in named_parameters if p.grad is not None]
-        norms = as_torch_totals_them(grad_norms(grads, norm_type), grads)
+        norms = norms_as_torch_combines(grad_norms(grads, norm_type), grads)
         return self.clip_with_norm(named_parameters, norm_type, total_norm(norms, norm_type))
 
     def clip_with_norm(self, named_parameters, norm_type, norm):

@@ -418,3 +418,12 @@ def test_a_save_into_a_folder_passed_over_for_a_pipe_does_not_block(run_copy, tm
     assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-2")
     assert "optimizer.pt is damaged (not a regular file" in skipped[0].getMessage()
     assert os.path.isfile(path)
+
+
+def test_resume_true_passes_over_a_copy_under_another_steps_name_with_a_warning(run_copy, tmp_path, caplog):
+    """A finished save whose step is not its folder's is not a save cut short: passed over with a WARNING."""
+    shutil.copytree(os.path.join(run_copy, "checkpoint-2"), os.path.join(run_copy, "checkpoint-6"))
+    trainer, skipped = resume_true(run_copy, tmp_path, caplog)
+    assert trainer.resumed_checkpoint == os.path.join(run_copy, "checkpoint-4")
+    assert [r.levelno for r in skipped] == [logging.WARNING]
+    assert "trainer_state.json is of step 2, not of the folder's step 6" in skipped[0].getMessage()
