@@ -50,10 +50,10 @@ from .norm import (
     ClipResult,
     NormClip,
     TotalNormClipAlgorithm,
-    norms_as_torch_combines,
     check_norm_type,
     clip_gradients,
     grad_norms,
+    norms_as_torch_combines,
     total_norm,
 )
 from .registry import (
